@@ -1,0 +1,1 @@
+"""mcserve clients: CLI chat and load generator."""

@@ -1,0 +1,1 @@
+"""mcserve kernels: pure-torch reference paths (CPU/GPU) and Triton kernels (GPU)."""

@@ -1,0 +1,1 @@
+"""mcserve server: model, engine, HTTP front end."""

@@ -1,0 +1,59 @@
+"""The contract between the HTTP layer and the engine.
+
+The HTTP layer sees only this protocol, so it can be tested against a fake engine and the engine
+can be tested without HTTP. `AsyncEngine` (server/async_engine.py) implements it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mcserve.server.outputs import Delta
+from mcserve.server.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    priority: int = 0  # lower runs first (vLLM's convention); FCFS among equals
+    session_id: str | None = None  # explicit session: its cache is reachable only with the same key
+    api_key: str | None = None
+    arrival_time: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    state_slots_used: int
+    state_slots_total: int
+    checkpoint_blocks_used: int
+    checkpoint_blocks_total: int
+
+
+class EngineClient(Protocol):
+    """What a front end may do with an engine.
+
+    `generate` validates the request against the model (context length, token ids) and raises
+    `InvalidRequestError`/`ContextLengthError` before yielding anything, `QueueFullError` when
+    the waiting queue is full. It yields `Delta`s until every choice has a finish_reason.
+    Cancelling the iterator (client disconnect) aborts the request and frees its resources
+    within one engine step.
+    """
+
+    model_name: str
+    max_model_len: int
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def is_ready(self) -> bool: ...

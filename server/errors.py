@@ -1,0 +1,78 @@
+"""Errors that reach a user. Each carries what the HTTP layer needs for an OpenAI-style body.
+
+Internal invariants use `assert`; everything a user or a config can get wrong raises one of these,
+with the offending value in the message.
+"""
+
+from __future__ import annotations
+
+
+class MCServeError(Exception):
+    """Base of user-facing errors: `message`, OpenAI `type`, `param`, `code` and HTTP status."""
+
+    http_status: int = 400
+    error_type: str = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.code}}
+
+
+class InvalidRequestError(MCServeError):
+    """A request field is invalid (400)."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt (+ max_tokens) exceeds the model's context limit (400)."""
+
+    def __init__(self, message: str, *, param: str | None = "messages") -> None:
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class AuthenticationError(MCServeError):
+    http_status = 401
+    error_type = "authentication_error"
+
+
+class NotFoundError(MCServeError):
+    http_status = 404
+    error_type = "not_found_error"
+
+
+class QueueFullError(MCServeError):
+    """The waiting queue is full: 503 with Retry-After."""
+
+    http_status = 503
+    error_type = "server_overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, code="queue_full")
+        self.retry_after_s = retry_after_s
+
+
+class EngineDeadError(MCServeError):
+    """The engine loop died; every request fails with 503 until restart."""
+
+    http_status = 503
+    error_type = "server_error"
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint directory cannot be served. The message names the file and the field."""
+
+    def __init__(self, file: str, field: str | None, problem: str) -> None:
+        where = f"{file}" + (f": field '{field}'" if field else "")
+        super().__init__(f"{where}: {problem}")
+        self.file = file
+        self.field = field
+        self.problem = problem
+
+
+class ConfigError(ValueError):
+    """An engine/server setting is invalid or cannot be satisfied (e.g. memory budget)."""

@@ -1,0 +1,1 @@
+"""The Gated DeltaNet + Memory Caching language model."""

@@ -1,0 +1,191 @@
+"""Torch modules of the Gated DeltaNet block, with parameter names exactly as fla 0.6 saves them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from mcserve.server.model.config import ModelConfig
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype != torch.float64 else x
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm over the head dim, then multiplied by act(gate) (fla's FusedRMSNormGated)."""
+
+    def __init__(self, size: int, eps: float, activation: str) -> None:
+        super().__init__(size, eps)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        xf = x.float() if x.dtype != torch.float64 else x
+        gf = gate.to(xf.dtype)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
+        act = torch.sigmoid(gf) if self.activation == "sigmoid" else F.silu(gf)
+        return (y * act).to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv + SiLU. Weight [D, 1, W] as nn.Conv1d stores it."""
+
+    def __init__(self, dim: int, width: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, 1, width))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward_seq(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D], state [D, W-1] (the previous W-1 inputs) -> (y [T, D], padded input [T+W-1, D])."""
+        w = self.weight[:, 0, :].float()
+        xx = torch.cat([state.transpose(0, 1).to(x.dtype), x], dim=0)  # [T+W-1, D]
+        win = xx.float().unfold(0, w.shape[1], 1)  # [T, D, W]
+        y = (win * w).sum(-1)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return F.silu(y).to(x.dtype), xx
+
+    def forward_step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, D], state [B, D, W-1] -> (y [B, D], new state [B, D, W-1])."""
+        win = torch.cat([state.to(x.dtype), x[..., None]], dim=-1)  # [B, D, W]
+        y = (win.float() * self.weight[:, 0, :].float()).sum(-1)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return F.silu(y).to(x.dtype), win[..., 1:]
+
+
+class GatedDeltaNetAttention(nn.Module):
+    """Projections and output of one GDN layer; the recurrence itself lives in mcserve.kernels."""
+
+    def __init__(self, cfg: ModelConfig, learned_router: bool) -> None:
+        super().__init__()
+        d, kd, vd, hv = cfg.hidden_size, cfg.key_dim, cfg.value_dim, cfg.num_v_heads_
+        self.cfg = cfg
+        self.q_proj = nn.Linear(d, kd, bias=False)
+        self.k_proj = nn.Linear(d, kd, bias=False)
+        self.v_proj = nn.Linear(d, vd, bias=False)
+        self.a_proj = nn.Linear(d, hv, bias=False)
+        self.b_proj = nn.Linear(d, hv, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(hv))
+        self.dt_bias = nn.Parameter(torch.zeros(hv))
+        if cfg.use_short_conv:
+            self.q_conv1d = ShortConv(kd, cfg.conv_size, cfg.conv_bias)
+            self.k_conv1d = ShortConv(kd, cfg.conv_size, cfg.conv_bias)
+            self.v_conv1d = ShortConv(vd, cfg.conv_size, cfg.conv_bias)
+        if cfg.use_gate:
+            self.g_proj = nn.Linear(d, vd, bias=False)
+            self.o_norm: RMSNorm = GatedRMSNorm(cfg.head_v_dim, cfg.norm_eps, cfg.output_gate_activation)
+        else:
+            self.o_norm = RMSNorm(cfg.head_v_dim, cfg.norm_eps)
+        self.o_proj = nn.Linear(vd, d, bias=False)
+        self.u_proj = nn.Linear(d, kd, bias=False) if learned_router else None
+
+    @property
+    def conv_width(self) -> int:
+        """Inputs the conv state keeps (W-1); 0 without short convolutions."""
+        return self.cfg.conv_size - 1 if self.cfg.use_short_conv else 0
+
+    def _qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+
+    def _convs(self) -> list[ShortConv]:
+        return [self.q_conv1d, self.k_conv1d, self.v_conv1d]
+
+    def conv_seq(self, x: torch.Tensor, conv_state: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One sequence: x [T, d], conv_state [conv_dim, W-1] -> ([q, k, v] activated, padded inputs
+        [T+W-1, conv_dim] from which the conv state after any token can be read)."""
+        raw = self._qkv(x)
+        if not self.cfg.use_short_conv:
+            return [F.silu(r) for r in raw], torch.cat(raw, dim=-1)
+        outs, pads = [], []
+        for conv, r, st in zip(self._convs(), raw, self._split(conv_state, 0), strict=True):
+            y, xx = conv.forward_seq(r, st)
+            outs.append(y)
+            pads.append(xx)
+        return outs, torch.cat(pads, dim=-1)
+
+    def conv_step(self, x: torch.Tensor, conv_state: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """A batch of single tokens: x [B, d], conv_state [B, conv_dim, W-1] -> ([q, k, v], new state)."""
+        raw = self._qkv(x)
+        if not self.cfg.use_short_conv:
+            return [F.silu(r) for r in raw], conv_state
+        outs, states = [], []
+        for conv, r, st in zip(self._convs(), raw, self._split(conv_state, 1), strict=True):
+            y, ns = conv.forward_step(r, st)
+            outs.append(y)
+            states.append(ns)
+        return outs, torch.cat(states, dim=1)
+
+    def _split(self, t: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        kd, vd = self.cfg.key_dim, self.cfg.value_dim
+        return list(torch.split(t, [kd, kd, vd], dim=dim))
+
+    def heads(self, x: torch.Tensor, qkv: list[torch.Tensor], state_dtype: torch.dtype):
+        """Per-head core inputs for rows x [R, d]: q, k (L2-normalised) [R, H, dk], v [R, HV, dv],
+        g (log-decay), beta [R, HV] and router queries u [R, H, dk], all in `state_dtype`."""
+        cfg = self.cfg
+        R, H, dk = x.shape[0], cfg.num_heads, cfg.head_dim
+        q, k, v = (t.to(state_dtype) for t in qkv)
+        q = _l2norm(q.view(R, H, dk))
+        k = _l2norm(k.view(R, H, dk))
+        v = v.view(R, cfg.num_v_heads_, cfg.head_v_dim)
+        a = self.a_proj(x).to(state_dtype) + self.dt_bias.to(state_dtype)
+        g = -torch.exp(self.A_log.to(state_dtype)) * F.softplus(a)
+        beta = torch.sigmoid(self.b_proj(x).to(state_dtype))
+        if cfg.allow_neg_eigval:
+            beta = beta * 2.0
+        u = self.u_proj(x).to(state_dtype).view(R, H, dk) if self.u_proj is not None else q
+        return q, k, v, g, beta, u
+
+    def output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x [R, d] the layer input (for the output gate), y [R, HV, dv] the core output -> [R, d]."""
+        y = y.to(x.dtype)
+        if self.cfg.use_gate:
+            gate = self.g_proj(x).view_as(y)
+            o = self.o_norm(y, gate)
+        else:
+            o = self.o_norm(y)
+        return self.o_proj(o.reshape(x.shape[0], -1))
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.mlp_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.mlp_size, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        act = (F.silu(gate.float()) * self.up_proj(x).float()).to(x.dtype) if x.dtype != torch.float64 \
+            else F.silu(gate) * self.up_proj(x)
+        return self.down_proj(act)
+
+
+class GatedDeltaNetBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, learned_router: bool) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = GatedDeltaNetAttention(cfg, learned_router)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = GatedMLP(cfg)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, learned_router: bool) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GatedDeltaNetBlock(cfg, learned_router) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
