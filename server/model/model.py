@@ -95,7 +95,8 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         """Run tokens at positions start_pos.. of the sequence whose online state is in `slot`.
 
         read_blocks: the sequence's blocks for segments < start_pos // C (-1 for a dropped one);
-        write_blocks: one block per segment boundary completed inside this chunk, in order.
+        write_blocks: one block per segment boundary completed inside this chunk, in order (-1: don't
+        keep that checkpoint, e.g. when the pool is full; later tokens then see it as dropped).
         Returns (logits [T or 1, V], router weight per read block [len(read_blocks)]).
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
@@ -123,6 +124,8 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
             if w:
                 states.conv[li, slot] = padded[T:].transpose(0, 1)
             for e, b, (c, key) in zip(boundaries, write_blocks, new, strict=True):
+                if b < 0:
+                    continue
                 ckpts.ssm[b, li] = c
                 ckpts.key[b, li] = key
                 if w:

@@ -1,0 +1,162 @@
+"""Streaming token ids -> text: never half a character, stop strings matched across token boundaries.
+
+Decoding the whole sequence on every step is O(n^2) over a generation. Instead only a short window
+is decoded: a few already-emitted "context" tokens (so decoders that drop a leading space, e.g.
+Metaspace, see what came before) followed by the tokens not yet emitted. The new text is the decode
+of the window minus the decode of the context.
+
+Byte-level BPE tokens can end in the middle of a multi-byte UTF-8 character; the decoder then
+yields U+FFFD for the incomplete tail. Such a tail is held back until later tokens complete it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+REPLACEMENT_CHAR = "\ufffd"
+# Emitted tokens kept as decoding context before the first unemitted token.
+CONTEXT_TOKENS = 4
+# A UTF-8 character is at most 4 bytes and every byte-level token is at least one byte, so if the text
+# is valid, one of the last 4 token boundaries is a character boundary.
+CUT_SEARCH = 4
+# Past this many unemitted tokens with no clean boundary, the U+FFFD are real (invalid bytes, e.g. an
+# untrained model repeating a lead byte): emit them so the window, and the cost per step, stay bounded.
+MAX_PENDING = 16
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into a stream of text.
+
+    `decode(ids) -> str` decodes a list of ids (special-token skipping is decided by the caller).
+    `prompt_ids`: the prompt, used only as decoding context for the first generated tokens.
+    `stop`: strings that end the text. Text that could be the start of a stop string is held back
+    until it is known not to be one. When a stop string completes, `push` returns the text before it
+    (and the stop string itself with `include_stop_str_in_output`), then `stopped` is True and
+    `stop_reason` is the stop string; later pushes return "".
+    The stop string that completes first (earliest end, then longest) wins.
+
+    Invariant: the concatenation of all `push` results and `flush()` equals decoding all pushed ids
+    at once (when no stop string hit and no prompt context was given).
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        *,
+        prompt_ids: Sequence[int] | None = None,
+        stop: Iterable[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self._stops = tuple(stop)
+        for s in self._stops:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        self._decode = decode
+        # _tokens = context tokens (already emitted) + pending tokens; _read is where pending starts.
+        self._tokens: list[int] = [int(i) for i in prompt_ids[-CONTEXT_TOKENS:]] if prompt_ids is not None else []
+        self._read = len(self._tokens)
+        self._context_text = decode(self._tokens) if self._tokens else ""
+        self._max_stop_len = max((len(s) for s in self._stops), default=0)
+        self._stop_first_chars = frozenset(s[0] for s in self._stops)
+        self._include_stop = include_stop_str_in_output
+        # Text examined for stop strings but not yet matched: held back (not emitted) normally;
+        # already emitted with include_stop_str_in_output, kept only to match across pushes.
+        self._tail = ""
+        self.stopped = False
+        self.stop_reason: str | None = None
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        """Adds token ids; returns the text they complete (possibly "")."""
+        if self.stopped:
+            return ""
+        if isinstance(ids, int):
+            self._tokens.append(ids)
+        else:
+            self._tokens.extend(ids)
+        return self._match_stops(self._read_text(final=False), final=False)
+
+    def flush(self) -> str:
+        """Returns all held-back text; call once when the sequence ended for a reason other than a stop."""
+        if self.stopped:
+            return ""
+        return self._match_stops(self._read_text(final=True), final=True)
+
+    def _read_text(self, final: bool) -> str:
+        end = len(self._tokens)
+        if end == self._read:
+            return ""
+        cut, text = end, None
+        if final:
+            text = self._decode(self._tokens)
+        else:
+            for cut in range(end, max(self._read, end - CUT_SEARCH), -1):
+                candidate = self._decode(self._tokens[:cut])
+                if not candidate.endswith(REPLACEMENT_CHAR):
+                    text = candidate
+                    break
+            if text is None:
+                if end - self._read <= MAX_PENDING:
+                    return ""
+                cut, text = end, self._decode(self._tokens)
+        context = self._context_text
+        if text.startswith(context):
+            delta = text[len(context) :]
+        else:
+            # The context itself ended inside a character (only possible for caller-given prompt ids or
+            # forced output): emit what follows the part both decodes share.
+            delta = text[_common_prefix_len(context, text) :]
+        start = max(0, cut - CONTEXT_TOKENS)
+        del self._tokens[:start]
+        self._read = cut - start
+        self._context_text = self._decode(self._tokens[: self._read])
+        return delta
+
+    def _match_stops(self, delta: str, final: bool) -> str:
+        if not self._stops:
+            return delta
+        buf = self._tail + delta
+        hit = self._find_stop(buf)
+        if hit is not None:
+            start, stop = hit
+            self.stopped = True
+            self.stop_reason = stop
+            if self._include_stop:
+                # _tail was already emitted; everything up to the end of the stop string is new.
+                return buf[len(self._tail) : start + len(stop)]
+            self._tail = ""
+            return buf[:start]
+        if self._include_stop:
+            self._tail = buf[len(buf) - (self._max_stop_len - 1) :] if self._max_stop_len > 1 else ""
+            return delta
+        if final:
+            self._tail = ""
+            return buf
+        keep = self._partial_stop_len(buf)
+        self._tail = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
+
+    def _find_stop(self, buf: str) -> tuple[int, str] | None:
+        best: tuple[int, int, str] | None = None  # (end, -len, stop)
+        for s in self._stops:
+            i = buf.find(s)
+            if i >= 0 and (best is None or (i + len(s), -len(s)) < best[:2]):
+                best = (i + len(s), -len(s), s)
+        return None if best is None else (best[0] + best[1], best[2])
+
+    def _partial_stop_len(self, buf: str) -> int:
+        """Length of the longest suffix of `buf` that is a proper prefix of some stop string."""
+        first = max(0, len(buf) - (self._max_stop_len - 1))
+        for i in range(first, len(buf)):
+            if buf[i] in self._stop_first_chars:
+                tail = buf[i:]
+                if any(s.startswith(tail) for s in self._stops):
+                    return len(buf) - i
+        return 0
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
