@@ -1,0 +1,331 @@
+"""Iteration-level scheduling: which sequences run this step, with how many tokens, in which state
+slots and checkpoint blocks. Pure CPU bookkeeping; the runner executes the StepPlan it returns.
+
+Engine step: `plan = scheduler.schedule(); out = runner.execute(plan); seqs = scheduler.update(plan,
+out)`; the engine then checks stop conditions of `seqs` and calls `finish`. `abort`/`finish` must be
+called between steps (the engine loop serializes them).
+
+Each step, in (priority, arrival) order:
+1. decode: every running sequence past its prefill gets one token;
+2. prefill: running sequences still in prefill get a chunk;
+3. admission: waiting sequences, strictly in order, while max_num_seqs and the budget allow.
+
+Chunk rule: a prefill chunk ends on a segment boundary or at the end of the prefill (then it samples).
+The budget cuts a chunk only at a boundary; a sequence whose next boundary (or end) does not fit the
+remaining budget waits for the next step. Since max_num_batched_tokens >= segment_size, a step with no
+decode rows always fits one whole segment, so prefill always progresses.
+
+Memory: a new checkpoint block comes from the cache (free, else evicting idle blocks). For the block
+it needs to progress at all (a decode's boundary, a prefill chunk's first segment) a running sequence
+may also take checkpoints that running sequences hold (offload/drop, see checkpoint_cache) and,
+failing that, preempt the worst sequence not yet scheduled this step, possibly itself (recompute:
+its slot is parked as a snapshot or freed, its checkpoints released -- they stay cached -- and it
+goes back to the waiting queue). Further segments of a chunk use free or idle blocks only: the chunk
+gets shorter instead. Admissions use free or idle blocks only and never preempt. Slots never force
+preemption: num_state_slots >= max_num_seqs and parked snapshots are evicted on demand.
+
+Prefix reuse on admission: the deepest cached boundary b*C <= num_tokens - 1 (one token must be
+computed to produce logits) is restored from checkpoint b-1; a parked snapshot at a later position of
+the same segment is taken over instead. A sequence reaching max_model_len finishes with "length".
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+
+from mcserve.server.checkpoint_cache import CheckpointCache
+from mcserve.server.engine_client import EngineStats
+from mcserve.server.engine_config import EngineConfig
+from mcserve.server.errors import ContextLengthError, QueueFullError
+from mcserve.server.plan import DecodeRow, PrefillChunk, SlotRestore, StepOutput, StepPlan
+from mcserve.server.sequence import FINISH_REASONS, Sequence, SequenceStatus
+from mcserve.server.state_pool import StatePool
+
+RUNNING = SequenceStatus.RUNNING
+
+
+def _key(seq: Sequence) -> tuple[int, float, int]:
+    return seq.sort_key
+
+
+@dataclass
+class _Step:
+    """What one schedule() call has decided so far."""
+
+    budget: int
+    scheduled: set[int] = field(default_factory=set)
+    decode: list[Sequence] = field(default_factory=list)
+    chunks: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, end)
+    resets: list[int] = field(default_factory=list)
+    restores: list[SlotRestore] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.counters: Counter[str] = Counter()
+        self.pool = StatePool(config.num_state_slots, self.counters)
+        self.cache = CheckpointCache(config.num_checkpoint_blocks, config.num_host_blocks,
+                                     config.utility_decay, self.counters)
+        self.waiting: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []  # sorted by sort_key
+        self._seqs: dict[int, Sequence] = {}
+        self._step = 0
+
+    def get(self, seq_id: int) -> Sequence | None:
+        return self._seqs.get(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            state_slots_used=self.pool.num_slots - self.pool.num_free, state_slots_total=self.pool.num_slots,
+            checkpoint_blocks_used=self.cache.num_used_blocks, checkpoint_blocks_total=self.cache.num_blocks)
+
+    def add_request(self, seq: Sequence) -> None:
+        """Queue a new sequence. Raises ContextLengthError / QueueFullError."""
+        cfg = self.config
+        if seq.num_tokens >= cfg.max_model_len:
+            raise ContextLengthError(f"the prompt has {seq.num_tokens} tokens but max_model_len is "
+                                     f"{cfg.max_model_len} (room for at least one generated token is needed)")
+        if len(self.waiting) >= cfg.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({cfg.max_waiting} requests); retry later")
+        assert seq.status is SequenceStatus.WAITING and seq.seq_id not in self._seqs, seq
+        self._seqs[seq.seq_id] = seq
+        bisect.insort(self.waiting, seq, key=_key)
+
+    def finish(self, seq_id: int, reason: str) -> Sequence | None:
+        """End a sequence in any state and free what it holds at once. reason: stop/length/abort/error.
+        A normally finished sequence leaves its state parked as an end-of-turn snapshot. Returns the
+        sequence, or None if it is unknown (already finished)."""
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"finish reason must be one of {FINISH_REASONS}, got {reason!r}")
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return None
+        if seq.status is RUNNING:
+            self.running.remove(seq)
+            self._drop_slot(seq, park=reason in ("stop", "length"))
+            self.cache.release(seq.seq_id)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus(reason)
+        self.counters[f"finish_{reason}"] += 1
+        return seq
+
+    def abort(self, seq_id: int) -> bool:
+        return self.finish(seq_id, "abort") is not None
+
+    def schedule(self) -> StepPlan:
+        cfg = self.config
+        self._step += 1
+        self.cache.begin_step(self._step)
+        st = _Step(budget=cfg.max_num_batched_tokens)
+        for seq in [s for s in self.running if not s.is_prefilling]:
+            if seq.status is RUNNING:
+                self._schedule_decode(seq, st)
+        for seq in [s for s in self.running if s.is_prefilling]:
+            if seq.status is RUNNING and st.budget > 0:
+                self._schedule_prefill(seq, st)
+        while self.waiting and len(self.running) < cfg.max_num_seqs and st.budget > 0:
+            if not self._admit(self.waiting[0], st):
+                break
+        return self._build(st)
+
+    def update(self, plan: StepPlan, output: StepOutput) -> list[Sequence]:
+        """Apply a step's results: advance positions, append sampled tokens, index the checkpoints
+        written, feed SSC utilities. Returns the sequences that got a token (some may have just
+        finished with "length" at max_model_len)."""
+        C = self.config.segment_size
+        self.cache.add_weights(output.block_weights)
+        updated = []
+        for row in plan.decode:
+            seq = self._live(row.seq_id, row.slot)
+            if seq is None:
+                continue
+            assert seq.num_computed_tokens == row.position, (seq, row)
+            seq.num_computed_tokens += 1
+            if row.write_block >= 0:
+                self._register(seq, row.position // C)
+            seq.append_token(output.token_ids[seq.seq_id])
+            updated.append(seq)
+        for chunk in plan.prefill:
+            seq = self._live(chunk.seq_id, chunk.slot)
+            if seq is None:
+                continue
+            assert seq.num_computed_tokens == chunk.start_pos, (seq, chunk.start_pos)
+            seq.num_computed_tokens = chunk.end_pos
+            for segment in range(chunk.start_pos // C, chunk.end_pos // C):
+                self._register(seq, segment)
+            if chunk.sample:
+                seq.append_token(output.token_ids[seq.seq_id])
+                updated.append(seq)
+        for seq in updated:
+            if seq.num_tokens >= self.config.max_model_len:
+                self.finish(seq.seq_id, "length")
+        return updated
+
+    def _schedule_decode(self, seq: Sequence, st: _Step) -> None:
+        C, pos = self.config.segment_size, seq.num_computed_tokens
+        assert pos == seq.num_tokens - 1 and pos < self.config.max_model_len, seq
+        if pos % C == C - 1 and self._grow(seq, pos // C + 1, pos // C + 1, st) is None:
+            return
+        self.cache.onload_holes(seq.seq_id)
+        st.decode.append(seq)
+        st.budget -= 1
+        st.scheduled.add(seq.seq_id)
+
+    def _schedule_prefill(self, seq: Sequence, st: _Step) -> None:
+        C, start = self.config.segment_size, seq.num_computed_tokens
+        end = self._chunk_end(start, seq.num_prefill_tokens, st.budget)
+        if end == start:
+            return
+        want = end // C
+        reached = self._grow(seq, want, min(want, start // C + 1), st)
+        if reached is None:
+            return
+        end = min(end, reached * C) if reached < want else end
+        self.cache.onload_holes(seq.seq_id)
+        self._add_chunk(seq, start, end, st)
+
+    def _admit(self, seq: Sequence, st: _Step) -> bool:
+        cfg, C = self.config, self.config.segment_size
+        target = seq.num_tokens
+        hashes, hits = [], []
+        if cfg.enable_prefix_caching:
+            hashes = seq.prefix_hashes(C)
+            hits = self.cache.match(hashes, (target - 1) // C)
+        n = self.cache.attach(seq.seq_id, hits)
+        start, snap = n * C, None
+        if cfg.snapshots:
+            snap = self.pool.find(hashes[n], seq.token_ids, start, target - 1)
+            if snap is not None and snap.num_tokens > start:
+                start = snap.num_tokens
+            else:
+                snap = None
+        end = self._chunk_end(start, target, st.budget)
+        if end > start:
+            reached = self._grow(seq, end // C, 0, st)
+            end = min(end, reached * C) if reached < end // C else end
+        if end <= start:
+            self.cache.release(seq.seq_id)  # what it attached stays cached
+            return False
+        slot = self.pool.take(snap) if snap is not None else self.pool.alloc()
+        assert slot is not None, "num_state_slots >= max_num_seqs guarantees a slot"
+        if start == 0:
+            st.resets.append(slot)
+        elif snap is None:
+            st.restores.append(SlotRestore(slot, self.cache.block_ids(seq.seq_id, n - 1, n)[0]))
+        self.waiting.remove(seq)
+        seq.status, seq.slot = RUNNING, slot
+        seq.num_computed_tokens, seq.num_prefill_tokens = start, target
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = start
+        bisect.insort(self.running, seq, key=_key)
+        self.counters["prefix_queries"] += 1
+        self.counters["prefix_query_tokens"] += target
+        self.counters["prefix_hit_tokens"] += start
+        self._add_chunk(seq, start, end, st)
+        return True
+
+    def _chunk_end(self, start: int, target: int, budget: int) -> int:
+        """Furthest allowed chunk end: the prefill's end if it fits, else the last boundary that does."""
+        if target - start <= budget:
+            return target
+        C = self.config.segment_size
+        return max(start, (start + budget) // C * C)
+
+    def _grow(self, seq: Sequence, want: int, need: int, st: _Step) -> int | None:
+        """Extend seq's checkpoint table towards `want` blocks. Up to `need` blocks, a running sequence
+        may take held checkpoints (offload/drop) and then preempt the worst unscheduled running
+        sequence; beyond `need` (a longer prefill chunk) it takes only free or idle blocks. Returns the
+        table length reached, or None if `seq` itself was preempted."""
+        evict_running = self.config.evict_running_checkpoints and seq.status is RUNNING
+        while (have := self.cache.table_len(seq.seq_id)) < want:
+            if self.cache.allocate(seq.seq_id, evict_running and have < need):
+                continue
+            if have >= need:
+                return have
+            victim = max((s for s in self.running if s.seq_id not in st.scheduled), key=_key)
+            self._preempt(victim, st)
+            if victim is seq:
+                return None
+        return want
+
+    def _add_chunk(self, seq: Sequence, start: int, end: int, st: _Step) -> None:
+        assert start < end <= seq.num_prefill_tokens, (seq, start, end)
+        assert end % self.config.segment_size == 0 or end == seq.num_prefill_tokens, (start, end)
+        st.chunks.append((seq, start, end))
+        st.budget -= end - start
+        st.scheduled.add(seq.seq_id)
+
+    def _preempt(self, seq: Sequence, st: _Step) -> None:
+        self.running.remove(seq)
+        self._drop_slot(seq, park=True)
+        self.cache.release(seq.seq_id)
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_computed_tokens = seq.num_prefill_tokens = 0
+        seq.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=_key)
+        self.counters["preempt"] += 1
+        st.preempted.append(seq.seq_id)
+
+    def _drop_slot(self, seq: Sequence, park: bool) -> None:
+        """Give back seq's slot, parked as a snapshot when it can be resumed from: its exact state at
+        q = num_computed_tokens plus the cached checkpoints of every whole segment before q."""
+        q, C = seq.num_computed_tokens, self.config.segment_size
+        if park and self.config.snapshots and q > 0:
+            k, hashes = q // C, seq.prefix_hashes(C)
+            if len(self.cache.match(hashes, k)) == k:
+                self.pool.park(seq.slot, hashes[k], seq.token_ids[k * C:q], q)
+                seq.slot = None
+                return
+        self.pool.free(seq.slot)
+        seq.slot = None
+
+    def _register(self, seq: Sequence, segment: int) -> None:
+        if self.config.enable_prefix_caching:
+            hashes = seq.prefix_hashes(self.config.segment_size)
+            self.cache.register(seq.seq_id, segment, hashes[segment + 1], hashes[segment])
+
+    def _live(self, seq_id: int, slot: int) -> Sequence | None:
+        """The running sequence a plan row was for; None if it finished or was aborted meanwhile."""
+        seq = self._seqs.get(seq_id)
+        return seq if seq is not None and seq.status is RUNNING and seq.slot == slot else None
+
+    def _build(self, st: _Step) -> StepPlan:
+        # Built last: evictions while planning may have moved checkpoints of rows planned earlier.
+        C, ids = self.config.segment_size, self.cache.block_ids
+        decode = []
+        for seq in st.decode:
+            p, sid = seq.num_computed_tokens, seq.seq_id
+            write = ids(sid, p // C, p // C + 1)[0] if p % C == C - 1 else -1
+            decode.append(DecodeRow(sid, seq.slot, p, seq.token_ids[p], ids(sid, 0, p // C), write))
+        prefill = []
+        for seq, start, end in st.chunks:
+            writes = ids(seq.seq_id, start // C, end // C)
+            prefill.append(PrefillChunk(seq.seq_id, seq.slot, start, tuple(seq.token_ids[start:end]),
+                                        ids(seq.seq_id, 0, start // C), writes, end == seq.num_prefill_tokens))
+            assert min(writes, default=0) >= 0, writes
+        assert all(r.write_block >= 0 for r in decode if r.position % C == C - 1)
+        offloads, onloads = self.cache.take_transfers()
+        return StepPlan(self._step, tuple(decode), tuple(prefill), tuple(st.resets), tuple(st.restores),
+                        offloads, onloads, tuple(st.preempted))
+
+    def check(self) -> None:
+        """Invariants between steps (tests): ownership is consistent and nothing leaked."""
+        self.pool.check({s.slot for s in self.running})
+        self.cache.check()
+        C = self.config.segment_size
+        assert all(s.status is RUNNING for s in self.running)
+        assert all(s.status in (SequenceStatus.WAITING, SequenceStatus.PREEMPTED) for s in self.waiting)
+        assert len(self.running) + len(self.waiting) == len(self._seqs)
+        assert self.waiting == sorted(self.waiting, key=_key) and self.running == sorted(self.running, key=_key)
+        for s in self.running:
+            assert self.cache.table_len(s.seq_id) == s.num_computed_tokens // C, s
+        assert self.cache.num_tables == len(self.running)

@@ -1,0 +1,103 @@
+"""One generation stream (one choice of a request) and its life cycle in the scheduler.
+
+WAITING -> RUNNING -> FINISHED_*; RUNNING -> PREEMPTED (back in the waiting queue, recomputed from
+its prefix on re-admission) -> RUNNING; any state -> FINISHED_ABORTED.
+
+Positions: `token_ids` = prompt + output; `num_computed_tokens` of them are absorbed in the state
+slot. While decoding, the last token is sampled but not yet computed (num_computed == num_tokens - 1);
+the next decode row feeds it at position num_computed.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from mcserve.server.errors import InvalidRequestError
+from mcserve.server.prefix_index import extend_chain, namespace_root
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.value in FINISH_REASONS
+
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class Sequence:
+    _next_id = itertools.count()
+
+    def __init__(self, prompt_token_ids: Seq[int], *, seq_id: int | None = None, request_id: str = "",
+                 priority: int = 0, arrival_time: float = 0.0, session_id: str | None = None,
+                 api_key: str | None = None, params: Any = None) -> None:
+        if len(prompt_token_ids) == 0:
+            raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
+        self.seq_id = next(Sequence._next_id) if seq_id is None else seq_id
+        self.request_id = request_id
+        self.params = params  # opaque to the scheduler (the engine's SamplingParams)
+        self.priority = priority  # lower runs first; FCFS by arrival among equals
+        self.arrival_time = arrival_time
+        self.session_id = session_id
+        self.namespace = namespace_root(session_id, api_key)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_prefill_tokens = 0  # prefill target set at (re)admission: every token known then
+        self.num_cached_tokens = 0  # prompt tokens reused from the cache at the first admission
+        self.num_preemptions = 0
+        self.slot: int | None = None
+        self._hashes: list[bytes] = [self.namespace]
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, {self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, slot={self.slot})")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prefill_tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.is_finished else None
+
+    @property
+    def sort_key(self) -> tuple[int, float, int]:
+        """Scheduling order: priority, then arrival (FCFS), then id."""
+        return (self.priority, self.arrival_time, self.seq_id)
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def prefix_hashes(self, segment_size: int) -> list[bytes]:
+        """[h_0 .. h_n] for the n whole segments of token_ids (see prefix_index). Cached: tokens only
+        ever get appended, so earlier hashes never change. The list is shared: do not modify it."""
+        return extend_chain(self._hashes, self.token_ids, segment_size)
