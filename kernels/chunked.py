@@ -14,6 +14,7 @@ Within a chunk with cumulative log-decay G_t and deltas d_t = beta_t (v_t - e^{G
 from __future__ import annotations
 
 import torch
+
 from mcserve.kernels.mc_mix import chosen_mask, mc_gamma
 from mcserve.kernels.mc_spec import MCSpec
 

@@ -8,6 +8,7 @@ shape of the engine's step; the Triton kernel (GPU) computes the same function.
 from __future__ import annotations
 
 import torch
+
 from mcserve.kernels.mc_mix import chosen_mask, mc_gamma
 from mcserve.kernels.mc_spec import MCSpec
 

@@ -8,6 +8,7 @@ so the tests compare two independent implementations.
 from __future__ import annotations
 
 import torch
+
 from mcserve.kernels.mc_spec import MCSpec
 
 

@@ -8,6 +8,7 @@ projections, short convolutions and activations.
 from __future__ import annotations
 
 import torch
+
 from mcserve.kernels.mc_spec import MCSpec
 
 

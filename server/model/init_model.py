@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from mcserve.server.model.config import ModelConfig
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
-from torch import nn
 
 # Sizes: tiny/small are for tests and demos; 370m and 1.3b follow fla's GDN presets
 # (q/k width 0.75 x hidden, dk 256, dv = 2 dk for 1.3b).
@@ -63,8 +64,9 @@ def init_model(out_dir: str | Path, preset: str = "tiny", mc: dict | None = None
     The tokenizer is a byte-level BPE trained here (offline) on `corpus` or the text sample
     shipped with the package. Returns the config written.
     """
-    from mcserve.server.model.tokenizer_train import builtin_corpus, train_byte_level_bpe, write_tokenizer_files
     from safetensors.torch import save_file
+
+    from mcserve.server.model.tokenizer_train import builtin_corpus, train_byte_level_bpe, write_tokenizer_files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

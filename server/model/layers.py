@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from mcserve.server.model.config import ModelConfig
 from torch import nn
+
+from mcserve.server.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from mcserve.server.errors import ModelLoadError
 from mcserve.server.model.config import CONFIG_FILE, ModelConfig
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from mcserve.kernels.chunked import chunked_mc_gdn
 from mcserve.kernels.decode import decode_mc_gdn
 from mcserve.kernels.mc_spec import MCSpec
@@ -19,7 +21,6 @@ from mcserve.kernels.reference import reference_mc_gdn
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
 from mcserve.server.model.config import ModelConfig
 from mcserve.server.model.layers import Backbone
-from torch import nn
 
 
 class MCGatedDeltaNetForCausalLM(nn.Module):

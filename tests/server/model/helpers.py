@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+
 from mcserve.server.model.init_model import build_config, init_weights
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
