@@ -37,6 +37,7 @@ from itertools import chain
 
 import numpy as np
 import torch
+
 from mcserve.server.sampling_params import SamplingParams
 
 # Below this a row is greedy: 1/T would push float32 logits to inf.

@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from mcserve.server.detokenizer import IncrementalDetokenizer
 from mcserve.server.errors import ModelLoadError
 
