@@ -1,0 +1,49 @@
+"""An `EngineClient` that stands in while the real engine loads, so the HTTP server can listen (and
+answer /health with 503) from the first second of start-up."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from mcserve.server.api.errors import EngineNotReadyError
+from mcserve.server.engine_client import EngineClient, EngineStats, GenerateRequest
+from mcserve.server.outputs import Delta
+
+
+class DeferredEngine:
+    """Not ready until `attach(engine)`; from then on everything goes to `engine`."""
+
+    def __init__(self, model_name: str, max_model_len: int = 0) -> None:
+        self._name = model_name
+        self._max_model_len = max_model_len
+        self.inner: EngineClient | None = None
+
+    def attach(self, engine: EngineClient) -> None:
+        assert self.inner is None, "engine attached twice"
+        self.inner = engine
+
+    @property
+    def model_name(self) -> str:
+        return self.inner.model_name if self.inner is not None else self._name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.inner.max_model_len if self.inner is not None else self._max_model_len
+
+    @property
+    def is_ready(self) -> bool:
+        return self.inner is not None and self.inner.is_ready
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        if self.inner is None:
+            raise EngineNotReadyError()
+        return self.inner.generate(request)
+
+    async def abort(self, request_id: str) -> None:
+        if self.inner is not None:
+            await self.inner.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        if self.inner is None:
+            return EngineStats(0, 0, 0, 0, 0, 0)
+        return self.inner.stats()

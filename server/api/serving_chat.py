@@ -1,0 +1,145 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mcserve.server.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    TopLogprob,
+)
+from mcserve.server.api.serving import ServingContext, UsageCounter, parse_body, respond
+from mcserve.server.api.streaming import EngineRun, engine_error
+from mcserve.server.chat import chat_prompt_ids
+from mcserve.server.outputs import Delta, TokenLogprob
+
+
+def chat_logprobs(items: tuple[TokenLogprob, ...] | None) -> ChatLogprobs | None:
+    if items is None:
+        return None
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=list(t.token.encode()),
+                top_logprobs=[TopLogprob(token=s, logprob=lp, bytes=list(s.encode())) for _, s, lp in t.top],
+            )
+            for t in items
+        ]
+    )
+
+
+class ChatChunkWriter:
+    """Stream chunks: a role chunk per choice, then one chunk per delta (the last of a choice carries
+    its finish_reason), then the usage chunk with `choices: []` when the client asked for it."""
+
+    def __init__(self, request_id: str, model: str, n: int, prompt_len: int, include_usage: bool) -> None:
+        self.request_id, self.model, self.n = request_id, model, n
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.usage = UsageCounter([prompt_len])
+
+    def _chunk(self, choices: list[ChatChunkChoice], **extra: object) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices, **extra)  # type: ignore[arg-type]
+
+    def opening(self) -> list[BaseModel]:
+        return [
+            self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            for i in range(self.n)
+        ]
+
+    def on_delta(self, k: int, delta: Delta) -> list[BaseModel]:
+        self.usage.add(k, len(delta.token_ids), delta.usage)
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            return []
+        choice = ChatChunkChoice(
+            index=delta.index,
+            delta=ChatDelta(content=delta.text or None),
+            logprobs=chat_logprobs(delta.logprobs),
+            finish_reason=delta.finish_reason,
+            stop_reason=delta.stop_reason,
+        )
+        return [self._chunk([choice])]
+
+    def closing(self) -> list[BaseModel]:
+        return [self._chunk([], usage=self.usage.total())] if self.include_usage else []
+
+
+async def _collect(
+    run: EngineRun, body: ChatCompletionRequest, request_id: str, model: str, prompt_len: int
+) -> ChatCompletionResponse:
+    n = run.requests[0].params.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[ChatTokenLogprob] | None] = [[] if body.logprobs else None for _ in range(n)]
+    finish: list[Delta | None] = [None] * n
+    usage = UsageCounter([prompt_len])
+    reason = "abort"  # if cancelled: the client went away
+    try:
+        await run.start()
+        async for k, delta in run:
+            if delta.finish_reason == "error":
+                raise engine_error(delta)
+            usage.add(k, len(delta.token_ids), delta.usage)
+            texts[delta.index].append(delta.text)
+            if delta.logprobs is not None and logprobs[delta.index] is not None:
+                logprobs[delta.index].extend(chat_logprobs(delta.logprobs).content)  # type: ignore[union-attr]
+            if delta.finish_reason is not None:
+                finish[delta.index] = delta
+    except Exception:
+        reason = "error"
+        raise
+    finally:
+        await run.close(reason)  # unfinished choices count as aborted (client gone) or failed
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content="".join(texts[i])),
+            logprobs=None if logprobs[i] is None else ChatLogprobs(content=logprobs[i]),
+            finish_reason=finish[i].finish_reason if finish[i] else None,
+            stop_reason=finish[i].stop_reason if finish[i] else None,
+        )
+        for i in range(n)
+    ]
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage.total())
+
+
+async def create_chat_completion(ctx: ServingContext, http: Request) -> Response:
+    ctx.check_ready()
+    body = await parse_body(http, ChatCompletionRequest)
+    ctx.check_model(body.model)
+    ids = chat_prompt_ids(
+        ctx.tokenizer,
+        body.messages,
+        add_generation_prompt=body.add_generation_prompt is not False,
+        tools=body.tools if body.tool_choice != "none" else None,
+    )
+    prompt = ctx.prepare(
+        ids, body.requested_max_tokens, prompt_param="messages", max_tokens_param=body.max_tokens_field
+    )
+    params = body.to_sampling_params(max_tokens=prompt.max_tokens)
+    ctx.check_params(params)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    run = ctx.engine_run(request_id, [prompt], [params], body, http)
+    writer = ChatChunkWriter(request_id, ctx.model_name, params.n, len(ids), body.include_usage)
+    return await respond(
+        ctx,
+        http,
+        run,
+        stream=bool(body.stream),
+        writer=writer,
+        collect=lambda: _collect(run, body, request_id, ctx.model_name, len(ids)),
+    )

@@ -1,0 +1,139 @@
+"""POST /v1/completions: text or token-id prompts, one or several per request.
+
+Choice `index` is `prompt_index * n + choice` (as OpenAI numbers them). The non-streaming body is
+the stream's chunks merged, so both paths share one writer.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mcserve.server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from mcserve.server.api.serving import PreparedPrompt, ServingContext, UsageCounter, parse_body, respond
+from mcserve.server.api.streaming import EngineRun, engine_error
+from mcserve.server.outputs import Delta
+
+
+class CompletionChunkWriter:
+    def __init__(
+        self, request_id: str, model: str, n: int, prompt_lens: list[int], echo: list[str] | None, include_usage: bool
+    ) -> None:
+        self.request_id, self.model, self.n = request_id, model, n
+        self.echo = echo
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.usage = UsageCounter(prompt_lens)
+        self._started: set[int] = set()
+        self._offset: dict[int, int] = {}  # choice index -> characters of text so far
+
+    def _chunk(self, choices: list[CompletionChoice], **extra: object) -> CompletionResponse:
+        return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices, **extra)  # type: ignore[arg-type]
+
+    def opening(self) -> list[BaseModel]:
+        return []
+
+    def on_delta(self, k: int, delta: Delta) -> list[BaseModel]:
+        self.usage.add(k, len(delta.token_ids), delta.usage)
+        index = k * self.n + delta.index
+        text = delta.text
+        if self.echo is not None and index not in self._started:
+            text = self.echo[k] + text
+        self._started.add(index)
+        if not text and delta.finish_reason is None and not delta.logprobs:
+            return []
+        offset = self._offset.get(index, 0)
+        logprobs = None
+        if delta.logprobs is not None:
+            logprobs = CompletionLogprobs()
+            pos = offset + len(text) - len(delta.text)  # the echoed prompt has no logprobs
+            for t in delta.logprobs:
+                logprobs.tokens.append(t.token)
+                logprobs.token_logprobs.append(t.logprob)
+                logprobs.top_logprobs.append({s: lp for _, s, lp in t.top})
+                logprobs.text_offset.append(pos)
+                pos += len(t.token)
+        self._offset[index] = offset + len(text)
+        choice = CompletionChoice(
+            index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason, stop_reason=delta.stop_reason
+        )
+        return [self._chunk([choice])]
+
+    def closing(self) -> list[BaseModel]:
+        return [self._chunk([], usage=self.usage.total())] if self.include_usage else []
+
+
+async def _collect(
+    run: EngineRun, writer: CompletionChunkWriter, num_choices: int, want_logprobs: bool
+) -> CompletionResponse:
+    choices = [
+        CompletionChoice(index=i, text="", logprobs=CompletionLogprobs() if want_logprobs else None)
+        for i in range(num_choices)
+    ]
+    texts: list[list[str]] = [[] for _ in range(num_choices)]
+    reason = "abort"  # if cancelled: the client went away
+    try:
+        await run.start()
+        async for k, delta in run:
+            if delta.finish_reason == "error":
+                raise engine_error(delta)
+            for chunk in writer.on_delta(k, delta):
+                assert isinstance(chunk, CompletionResponse)
+                for part in chunk.choices:
+                    merged = choices[part.index]
+                    texts[part.index].append(part.text)
+                    if part.logprobs is not None and merged.logprobs is not None:
+                        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                            getattr(merged.logprobs, name).extend(getattr(part.logprobs, name))
+                    if part.finish_reason is not None:
+                        merged.finish_reason, merged.stop_reason = part.finish_reason, part.stop_reason
+    except Exception:
+        reason = "error"
+        raise
+    finally:
+        await run.close(reason)  # unfinished choices count as aborted (client gone) or failed
+    for choice, parts in zip(choices, texts, strict=True):
+        choice.text = "".join(parts)
+    return CompletionResponse(
+        id=writer.request_id, created=writer.created, model=writer.model, choices=choices, usage=writer.usage.total()
+    )
+
+
+async def create_completion(ctx: ServingContext, http: Request) -> Response:
+    ctx.check_ready()
+    body = await parse_body(http, CompletionRequest)
+    ctx.check_model(body.model)
+    items = body.prompts()
+    prompts: list[PreparedPrompt] = []
+    for k, item in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt[{k}]"
+        if isinstance(item, str):
+            ids = ctx.tokenizer.encode(item, add_special_tokens=body.add_special_tokens is not False)
+        else:
+            ctx.check_token_ids(item, param)
+            ids = item
+        prompts.append(ctx.prepare(ids, body.requested_max_tokens, prompt_param=param, max_tokens_param="max_tokens"))
+    params = [body.to_sampling_params(max_tokens=p.max_tokens) for p in prompts]
+    for p in params:
+        ctx.check_params(p)
+    echo = None
+    if body.echo:
+        echo = [item if isinstance(item, str) else ctx.tokenizer.decode(item) for item in items]
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    run = ctx.engine_run(request_id, prompts, params, body, http)
+    n = params[0].n
+    writer = CompletionChunkWriter(
+        request_id, ctx.model_name, n, [len(p.token_ids) for p in prompts], echo, body.include_usage
+    )
+    return await respond(
+        ctx,
+        http,
+        run,
+        stream=bool(body.stream),
+        writer=writer,
+        collect=lambda: _collect(run, writer, n * len(prompts), body.logprobs is not None),
+    )

@@ -1,0 +1,183 @@
+"""server/cli.py: flags -> settings and engine arguments, init-model, and serve's start-up sequence."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mcserve.server import cli
+from mcserve.server.api_settings import ApiSettings
+from mcserve.server.errors import ConfigError
+from tests.server.api.conftest import free_port
+from tests.server.api.fake_engine import FakeEngine
+from tests.server.api.tiny_tokenizer import TinyTokenizer
+
+
+def test_serve_flags_become_settings_and_engine_kwargs(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args(
+        [
+            "serve",
+            str(tmp_path),
+            "--api-key",
+            "a",
+            "--api-key",
+            "b",
+            "--port",
+            "9001",
+            "--max-num-seqs",
+            "8",
+            "--state-memory",
+            "4GiB",
+            "--mc-aggregation",
+            "ssc",
+            "--mc-top-k",
+            "2",
+            "--device",
+            "cpu",
+            "--no-prefix-caching",
+            "--checkpoint-memory",
+            "0.25",
+        ]
+    )
+    settings = cli.settings_from_args(args, tmp_path)
+    assert (settings.api_keys, settings.port, settings.served_model_name) == (("a", "b"), 9001, tmp_path.name)
+    assert cli.engine_kwargs(args, settings) == {
+        "max_num_seqs": 8,
+        "state_memory": 4 * 2**30,
+        "checkpoint_memory": 0.25,
+        "mc_aggregation": "ssc",
+        "mc_top_k": 2,
+        "device": "cpu",
+        "enable_prefix_caching": False,
+        "served_model_name": tmp_path.name,
+    }
+
+
+def test_engine_flags_are_engine_args() -> None:
+    """Every flag serve passes is a keyword that the engine's EngineArgs accepts."""
+    import dataclasses
+
+    from mcserve.server.engine_args import EngineArgs
+
+    accepted = {f.name for f in dataclasses.fields(EngineArgs)}
+    assert set(cli.ENGINE_FLAGS) | {"served_model_name"} <= accepted
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("4GiB", 4 * 2**30), ("512MB", 512 * 10**6), ("1024", 1024), ("0.3", 0.3), ("1.5 GiB", int(1.5 * 2**30))],
+)
+def test_parse_memory(text: str, value: float) -> None:
+    assert cli.parse_memory(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "4XB", "-1GiB", "0GiB"])
+def test_parse_memory_refuses(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+        cli.parse_memory(text)
+
+
+def test_init_model_writes_a_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    assert (
+        cli.main(
+            [
+                "init-model",
+                str(out),
+                "--preset",
+                "tiny",
+                "--mc-aggregation",
+                "ssc",
+                "--top-k",
+                "2",
+                "--segment-size",
+                "32",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["memory_caching"]["aggregation"] == "ssc"
+    assert (config["memory_caching"]["top_k"], config["memory_caching"]["segment_size"]) == (2, 32)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_serve_listens_while_loading_then_serves(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    settings = ApiSettings(port=free_port(), served_model_name="tiny", log_level="warning", model_notice="random")
+    release = threading.Event()
+    servers = []
+
+    def loader(model_dir: Path, kwargs: dict, metrics: object) -> FakeEngine:
+        assert kwargs == {"max_num_seqs": 4} and metrics is not None
+        release.wait(10)
+        return FakeEngine(TinyTokenizer(), model_name="tiny")
+
+    result = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            asyncio.run(
+                cli.serve(
+                    tmp_path,
+                    {"max_num_seqs": 4},
+                    settings,
+                    engine_loader=loader,
+                    tokenizer_loader=lambda _: TinyTokenizer(),
+                    on_ready=servers.append,
+                )
+            )
+        )
+    )
+    thread.start()
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                status = httpx.get(base + "/health").status_code
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "server did not start listening"
+                time.sleep(0.02)
+        assert status == 503
+        assert httpx.post(base + "/v1/completions", json={"prompt": "a"}).status_code == 503
+        release.set()
+        while not servers:
+            assert time.monotonic() < deadline, "model never became ready"
+            time.sleep(0.02)
+        assert httpx.get(base + "/health").status_code == 200
+        r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 2
+        assert httpx.get(base + "/v1/models").json()["data"][0]["notice"] == "random"
+    finally:
+        release.set()
+        deadline = time.monotonic() + 10
+        while not servers and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for s in servers:
+            s.should_exit = True
+        thread.join(10)
+    assert result == [0]
+    err = capsys.readouterr().err
+    assert "NOTE: random" in err and f"OpenAI base URL: http://127.0.0.1:{settings.port}/v1" in err
+
+
+def test_serve_reports_a_failed_load_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def loader(*_: object) -> None:
+        raise ConfigError("max_num_seqs (512) state slots need 9.0 GiB, only 2.0 GiB budgeted")
+
+    settings = ApiSettings(port=free_port(), log_level="warning")
+    status = asyncio.run(
+        cli.serve(tmp_path, {}, settings, engine_loader=loader, tokenizer_loader=lambda _: TinyTokenizer())
+    )
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "could not load" in err and "9.0 GiB" in err
