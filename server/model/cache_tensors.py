@@ -83,15 +83,6 @@ class CheckpointBlocks:
     def num_blocks(self) -> int:
         return self.ssm.shape[0]
 
-    def copy_to(self, other: CheckpointBlocks, src: list[int], dst: list[int]) -> None:
-        """Copy blocks `src` of this store into blocks `dst` of `other` (GPU <-> host offload)."""
-        if not src:
-            return
-        s = torch.tensor(src, device=self.ssm.device)
-        d = torch.tensor(dst, device=other.ssm.device)
-        for name in ("ssm", "key", "conv"):
-            getattr(other, name)[d] = getattr(self, name)[s].to(other.ssm.device, non_blocking=True)
-
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, ckpt_dtype: torch.dtype, dtype: torch.dtype) -> int:
         w = cfg.conv_size - 1 if cfg.use_short_conv else 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from mcserve.server.checkpoint_cache import CheckpointCache, blocks_for_budget
 from mcserve.server.errors import ConfigError
 from mcserve.server.plan import BlockCopy

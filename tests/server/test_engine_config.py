@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mcserve.server.engine_config import EngineConfig
 from mcserve.server.errors import ConfigError
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from mcserve.server.sampler import LOGPROB_FLOOR, Sampler, SamplingRow, row_seed
 from mcserve.server.sampling_params import SamplingParams
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from mcserve.server.engine_config import EngineConfig
 from mcserve.server.errors import ContextLengthError, QueueFullError
 from mcserve.server.sampling_params import SamplingParams
 from mcserve.server.scheduler import Scheduler
 from mcserve.server.sequence import Sequence, SequenceStatus
-
 from tests.server.fake_runner import Driver
 
 C = 8

@@ -8,11 +8,11 @@ import random
 from collections import Counter
 
 import pytest
+
 from mcserve.server.engine_config import EngineConfig
 from mcserve.server.errors import QueueFullError
 from mcserve.server.sampling_params import SamplingParams
 from mcserve.server.sequence import Sequence
-
 from tests.server.fake_runner import Driver
 
 VARIANTS = {

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mcserve.server.errors import InvalidRequestError
 from mcserve.server.sequence import Sequence, SequenceStatus
 

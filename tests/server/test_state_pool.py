@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mcserve.server.errors import ConfigError
 from mcserve.server.state_pool import StatePool, slots_for_budget
 

@@ -7,6 +7,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+
 from mcserve.server.detokenizer import CONTEXT_TOKENS, CUT_SEARCH, MAX_PENDING, IncrementalDetokenizer
 from mcserve.server.model.tokenizer_train import builtin_corpus, train_byte_level_bpe, write_tokenizer_files
 from mcserve.server.tokenizer import (

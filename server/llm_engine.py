@@ -1,0 +1,276 @@
+"""The synchronous engine: model, tokenizer, scheduler, runner, sampler and per-choice detokenizers.
+
+One step is `plan = scheduler.schedule(); out = runner.execute(plan); scheduler.update(plan, out)`,
+then the stop conditions of every sequence that got a token, which produce the `Delta`s. A request
+with `n` choices is `n` sequences. Not thread-safe: AsyncEngine drives it from one thread, LLM
+offline without threads.
+
+Stop conditions, checked on each new token in this order: a `stop_token_ids` token ("stop",
+stop_reason = the id), eos unless `ignore_eos` ("stop"), a stop string completed by the text
+("stop", stop_reason = the string), `max_tokens` ("length"), `max_model_len` ("length", decided by
+the scheduler). The sampler masks eos and stop tokens below `min_tokens`; stop strings are matched
+from the first token (min_tokens does not defer them). A stop or eos token stays in `token_ids`
+but adds no text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcserve.server.detokenizer import IncrementalDetokenizer
+from mcserve.server.engine_client import EngineStats, GenerateRequest
+from mcserve.server.engine_config import EngineConfig
+from mcserve.server.errors import ConfigError, ContextLengthError, InvalidRequestError, QueueFullError
+from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+from mcserve.server.model_runner import ModelRunner
+from mcserve.server.outputs import Delta, TokenLogprob, Usage
+from mcserve.server.plan import StepPlan
+from mcserve.server.sampler import SamplingRow
+from mcserve.server.scheduler import Scheduler
+from mcserve.server.sequence import Sequence
+from mcserve.server.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_IDLE_STEPS = 8
+
+# scheduler counter -> (metrics method, label); see server/metrics.py
+_EVICTIONS = {"evict_idle": "idle", "evict_unreachable": "unreachable", "evict_host": "host",
+              "drop_running": "running"}
+
+
+@dataclass(slots=True)
+class _Choice:
+    seq: Sequence
+    index: int
+    detok: IncrementalDetokenizer
+    scheduled: bool = False
+    finished: bool = False
+
+
+@dataclass(slots=True)
+class _Request:
+    request: GenerateRequest
+    arrival: float  # time.monotonic() at add_request
+    choices: list[_Choice] = field(default_factory=list)
+    num_finished: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: MCGatedDeltaNetForCausalLM, tokenizer: Tokenizer, config: EngineConfig, *,
+                 ckpt_dtype: torch.dtype | None = None, model_name: str = "model", metrics: Any = None,
+                 seed: int | None = None) -> None:
+        """`metrics`: an `EngineMetrics` (server/metrics.py) or None."""
+        assert model.spec.segment_size == config.segment_size, (model.spec, config.segment_size)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_name = model_name
+        self.metrics = metrics
+        self.vocab_size = min(model.cfg.vocab_size, tokenizer.vocab_size)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.cfg.eos_token_ids)
+        self.scheduler = Scheduler(config)
+        self.runner = ModelRunner(model, config.num_state_slots, config.num_checkpoint_blocks,
+                                  config.num_host_blocks, ckpt_dtype, seed=seed, vocab_size=self.vocab_size)
+        self.engine_counters: Counter[str] = Counter()
+        self._published: Counter[str] = Counter()  # scheduler counters already reported to metrics
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[int, tuple[_Request, _Choice]] = {}
+        self._token_text: dict[int, str] = {}
+        self._idle_steps = 0
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, *, metrics: Any = None, **kwargs: Any) -> LLMEngine:
+        """Load model and tokenizer, size the pools from the memory budgets; `kwargs` are EngineArgs."""
+        from mcserve.server.engine_args import EngineArgs, engine_config, size_pools
+        from mcserve.server.model.loader import load_model
+
+        args = EngineArgs(**kwargs)
+        device = args.resolve_device()
+        tokenizer = Tokenizer.from_dir(model_dir)
+        model = load_model(model_dir, dtype=args.dtype, device=device, **args.mc_overrides())
+        ckpt_dtype = args.resolve_ckpt_dtype(device, model.state_dtype)
+        pools = size_pools(args, model.cfg, device, model.dtype, ckpt_dtype, model.state_dtype)
+        config = engine_config(args, model.cfg, pools)
+        name = args.served_model_name or Path(model_dir).resolve().name
+        try:
+            engine = cls(model, tokenizer, config, ckpt_dtype=ckpt_dtype, model_name=name, metrics=metrics,
+                         seed=args.seed)
+        except torch.cuda.OutOfMemoryError as e:
+            raise ConfigError(f"cannot allocate {pools.describe()} on {device}: {e}; lower the memory budgets"
+                              " or --max-num-seqs") from None
+        log.info("engine for %s on %s (%s): %s", name, device, model.spec, pools.describe())
+        return engine
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    @property
+    def counters(self) -> Counter[str]:
+        """A copy of the scheduler's counters (prefix hits, evictions, offloads, preemptions, ...) and
+        the engine's (steps, prefill_tokens computed, decode_tokens, requests); absent keys are 0."""
+        return self.scheduler.counters + self.engine_counters
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def validate(self, request: GenerateRequest) -> None:
+        """What a request can get wrong, independent of the engine's state (safe from any thread)."""
+        ids, limit = request.prompt_token_ids, self.config.max_model_len
+        if len(ids) == 0:
+            raise InvalidRequestError("the prompt is empty (0 tokens)", param="prompt")
+        if len(ids) >= limit:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens but this model's maximum context length "
+                                     f"is {limit} tokens (at least one token must be left for the output)",
+                                     param="prompt")
+        bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad!r} is out of range for vocab size {self.vocab_size}",
+                                      param="prompt")
+        request.params.check_vocab(self.vocab_size)
+
+    def add_request(self, request: GenerateRequest) -> None:
+        """Queue all `n` choices of `request`, or none: InvalidRequestError, ContextLengthError,
+        QueueFullError."""
+        self.validate(request)
+        rid, sp = request.request_id, request.params
+        if rid in self._requests:
+            raise InvalidRequestError(f"request id {rid!r} is already in flight", param="request_id")
+        waiting, limit = len(self.scheduler.waiting), self.config.max_waiting
+        if waiting + sp.n > limit:
+            raise QueueFullError(f"the waiting queue holds {waiting} of {limit} sequences, no room for {sp.n} more;"
+                                 " retry later")
+        req = _Request(request, time.monotonic())
+        arrival = request.arrival_time or time.time()
+        for i in range(sp.n):
+            seq = Sequence(request.prompt_token_ids, request_id=rid, priority=request.priority, arrival_time=arrival,
+                           session_id=request.session_id, api_key=request.api_key, params=sp)
+            detok = self.tokenizer.detokenizer(request.prompt_token_ids, sp.skip_special_tokens, stop=sp.stop,
+                                               include_stop_str_in_output=sp.include_stop_str_in_output)
+            req.choices.append(_Choice(seq, i, detok))
+        for c in req.choices:
+            self.scheduler.add_request(c.seq)
+            self._by_seq[c.seq.seq_id] = (req, c)
+        self._requests[rid] = req
+        self.engine_counters["requests"] += 1
+
+    def abort(self, request_id: str) -> list[Delta]:
+        """Finish every unfinished choice with "abort", freeing its slot and blocks now. Returns their
+        final deltas ([] for an unknown or finished request)."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return []
+        return [self._finish(req, c, "abort", None, (), "", None) for c in req.choices if not c.finished]
+
+    def step(self) -> list[Delta]:
+        plan = self.scheduler.schedule()
+        # With work left, empty plans in a row mean the scheduler cannot progress: fail, don't spin.
+        self._idle_steps = self._idle_steps + 1 if plan.is_empty and self._requests else 0
+        assert self._idle_steps < MAX_IDLE_STEPS, f"no progress in {self._idle_steps} steps: {self.scheduler.stats()}"
+        self._on_scheduled(plan)
+        out = self.runner.execute(plan, self._sampling_rows(plan))
+        deltas = []
+        for seq in self.scheduler.update(plan, out.step):
+            deltas.append(self._advance(seq, out.logprobs.get(seq.seq_id)))
+        self._publish()
+        return deltas
+
+    def _sampling_rows(self, plan: StepPlan) -> dict[int, SamplingRow]:
+        rows = {}
+        for seq_id in [r.seq_id for r in plan.decode] + [c.seq_id for c in plan.prefill]:
+            req, c = self._by_seq[seq_id]
+            sp, seq = req.request.params, c.seq
+            prompt = seq.token_ids[:seq.num_prompt_tokens] if sp.repetition_penalty != 1.0 else ()
+            rows[seq_id] = SamplingRow(sp, prompt, seq.output_token_ids, self.eos_token_ids, c.index)
+        return rows
+
+    def _on_scheduled(self, plan: StepPlan) -> None:
+        now = time.monotonic()
+        for chunk in plan.prefill:
+            req, c = self._by_seq[chunk.seq_id]
+            if not c.scheduled:
+                c.scheduled = True
+                if self.metrics is not None:
+                    self.metrics.on_queue_time(now - req.arrival)
+        self.engine_counters["steps"] += 1
+        self.engine_counters["prefill_tokens"] += sum(len(c.token_ids) for c in plan.prefill)
+        self.engine_counters["decode_tokens"] += len(plan.decode)
+
+    def _advance(self, seq: Sequence, lp: tuple[float, list[tuple[int, float]]] | None) -> Delta:
+        """The delta for the token `seq` just got; applies the stop conditions."""
+        req, c = self._by_seq[seq.seq_id]
+        sp, tok = req.request.params, seq.token_ids[-1]
+        reason, stop_reason, text = None, None, ""
+        if tok in sp.stop_token_ids:
+            reason, stop_reason = "stop", tok
+        elif tok in self.eos_token_ids and not sp.ignore_eos:
+            reason = "stop"
+        else:
+            text = c.detok.push(tok)
+            if c.detok.stopped:
+                reason, stop_reason = "stop", c.detok.stop_reason
+        if reason is None and sp.max_tokens is not None and seq.num_output_tokens >= sp.max_tokens:
+            reason = "length"
+        if reason is None and seq.is_finished:  # the scheduler ended it at max_model_len
+            reason = seq.finish_reason
+        logprobs = None if lp is None else (self._logprob(tok, lp),)
+        if reason is None:
+            return Delta(req.request.request_id, c.index, (tok,), text, logprobs)
+        if not c.detok.stopped:
+            text += c.detok.flush()
+        return self._finish(req, c, reason, stop_reason, (tok,), text, logprobs)
+
+    def _finish(self, req: _Request, c: _Choice, reason: str, stop_reason: str | int | None,
+                tokens: tuple[int, ...], text: str, logprobs: tuple[TokenLogprob, ...] | None) -> Delta:
+        if not c.seq.is_finished:
+            self.scheduler.finish(c.seq.seq_id, reason)
+        c.finished = True
+        req.num_finished += 1
+        del self._by_seq[c.seq.seq_id]
+        usage = None
+        if req.num_finished == len(req.choices):
+            del self._requests[req.request.request_id]
+            usage = Usage(len(req.request.prompt_token_ids), sum(x.seq.num_output_tokens for x in req.choices),
+                          req.choices[0].seq.num_cached_tokens)
+        return Delta(req.request.request_id, c.index, tokens, text, logprobs, reason, stop_reason, usage)
+
+    def _logprob(self, tok: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        chosen, top = lp
+        return TokenLogprob(tok, self._text_of(tok), chosen, tuple((t, self._text_of(t), v) for t, v in top))
+
+    def _text_of(self, tok: int) -> str:
+        s = self._token_text.get(tok)
+        if s is None:
+            s = self._token_text[tok] = self.tokenizer.decode([tok], skip_special_tokens=False)
+        return s
+
+    def _publish(self) -> None:
+        """Report what the scheduler counted since the last step to the metrics object."""
+        m = self.metrics
+        if m is None:
+            return
+        now, before = self.scheduler.counters, self._published
+        diff = {k: now[k] - before[k] for k in now if now[k] != before[k]}
+        if not diff:
+            return
+        before.update(diff)
+        if diff.get("preempt"):
+            m.on_preemption(diff["preempt"])
+        if diff.get("prefix_query_tokens"):
+            m.on_prefix_cache_query(diff["prefix_query_tokens"], diff.get("prefix_hit_tokens", 0))
+        for key, label in _EVICTIONS.items():
+            if diff.get(key):
+                m.count_eviction(label, diff[key])
+        if diff.get("offload"):
+            m.count_offload(diff["offload"])
