@@ -79,11 +79,16 @@ def chunked_mc_gdn(
     qv = heads_first(q.repeat_interleave(G, dim=1) * scale)  # [HV, T, dk]
     kv = heads_first(k.repeat_interleave(G, dim=1))
     vv, gv, bv = heads_first(v), heads_first(g), heads_first(beta)
-    cached = ckpts.to(dt)
-    keys = ckpt_keys.to(dt)
-    valid = torch.ones(cached.shape[0], dtype=torch.bool, device=q.device) if ckpt_valid is None else ckpt_valid
-    n_given = cached.shape[0]
-    weights = torch.zeros(cached.shape[0], dtype=dt, device=q.device)
+    n_given = ckpts.shape[0]
+    n_total = (start_pos + T) // C if spec.reads_cache else n_given
+    cached = q.new_empty(n_total, HV, dv, dk, dtype=dt)  # given memories, then those made here
+    keys = q.new_empty(n_total, H, dk, dtype=dt)
+    valid = torch.ones(n_total, dtype=torch.bool, device=q.device)
+    cached[:n_given], keys[:n_given] = ckpts, ckpt_keys
+    if ckpt_valid is not None:
+        valid[:n_given] = ckpt_valid
+    n = n_given
+    weights = torch.zeros(n_given, dtype=dt, device=q.device)
     new_ckpts: list[tuple[torch.Tensor, torch.Tensor]] = []
     ys = []
     t = 0
@@ -95,18 +100,18 @@ def chunked_mc_gdn(
         kc = k[t:end].to(dt)
         cum_keys = key_sum + kc.cumsum(0)  # [L, H, dk]
         key_sum = cum_keys[-1].clone()
-        if spec.reads_cache and cached.shape[0] > 0:
-            o, w = _mix(o, qv[:, t:end].transpose(0, 1), u[t:end].to(dt), cum_keys, pos % C, cached, keys,
-                        valid, spec, top_k, G)
+        if spec.reads_cache and n > 0:
+            o, w = _mix(o, qv[:, t:end].transpose(0, 1), u[t:end].to(dt), cum_keys, pos % C, cached[:n], keys[:n],
+                        valid[:n], spec, top_k, G)
             weights = weights + w[:n_given]
         ys.append(o)
         if (start_pos + end) % C == 0:
             ckpt = state.to(ckpts.dtype)
             key = key_sum / C
             new_ckpts.append((ckpt, key))
-            cached = torch.cat([cached, ckpt.to(dt)[None]])
-            keys = torch.cat([keys, key[None]])
-            valid = torch.cat([valid, valid.new_ones(1)])
+            if spec.reads_cache:
+                cached[n], keys[n] = ckpt, key
+                n += 1
             key_sum = torch.zeros_like(key_sum)
             if spec.reset:
                 state = torch.zeros_like(state)
@@ -128,18 +133,23 @@ def _mix(
     top_k: int | None,
     G: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixed output [L, HV, dv] and the router weight each cached memory received [N]."""
+    """Mixed output [L, HV, dv] and the router weight each cached memory received [N].
+
+    Only the memories some row of the chunk actually reads are multiplied out (SSC's top-k union;
+    all valid ones otherwise), so the cost follows what is read, not how many are cached."""
     L, N = o.shape[0], cached.shape[0]
-    cq = torch.einsum("nvdk,lvk->lnvd", cached, qs)  # [L, N, HV, dv]
-    cq = torch.where(valid[None, :, None, None], cq, 0.0)  # dropped blocks may hold garbage
-    rows_valid = valid[None, :].expand(L, N)
+    H = u.shape[1]
     if spec.aggregation == "residual":
-        return o + cq.sum(1), valid.to(o.dtype) * L * (o.shape[1] // G)
+        cols = valid.nonzero().squeeze(-1)
+        cq = torch.einsum("nvdk,lvk->lnvd", cached[cols], qs)  # [L, n, HV, dv]
+        return o + cq.sum(1), valid.to(o.dtype) * (L * H)
     counts = torch.arange(offset + 1, offset + L + 1, device=o.device, dtype=o.dtype)
     r_online = (u * cum_keys).sum(-1) / counts[:, None]  # [L, H]
     r_cached = torch.einsum("lhk,nhk->lhn", u, keys)
-    chosen = chosen_mask(spec, r_cached, rows_valid, top_k)
-    g_on, g_c = mc_gamma(r_online, r_cached, chosen)
-    g_on = g_on.repeat_interleave(G, dim=1)  # [L, HV]
-    g_c = g_c.repeat_interleave(G, dim=1)  # [L, HV, N]
-    return g_on[..., None] * o + torch.einsum("lvn,lnvd->lvd", g_c, cq), g_c.sum((0, 1)) / G
+    chosen = chosen_mask(spec, r_cached, valid[None, :].expand(L, N), top_k)
+    g_on, g_c = mc_gamma(r_online, r_cached, chosen)  # [L, H], [L, H, N]
+    cols = chosen.flatten(0, 1).any(0).nonzero().squeeze(-1)  # memories read by some row and head
+    cq = torch.einsum("nvdk,lvk->lnvd", cached[cols], qs)  # [L, n, HV, dv]
+    g_used = g_c[..., cols].repeat_interleave(G, dim=1)  # [L, HV, n]
+    y = g_on.repeat_interleave(G, dim=1)[..., None] * o + torch.einsum("lvn,lnvd->lvd", g_used, cq)
+    return y, g_c.sum((0, 1))
