@@ -12,12 +12,13 @@ from torch import nn
 from mcserve.server.model.config import ModelConfig
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
-# Sizes: tiny/small are for tests and demos; 370m and 1.3b follow fla's GDN presets
-# (q/k width 0.75 x hidden, dk 256, dv = 2 dk for 1.3b).
+# Sizes: tiny/small are for tests and demos; 370m and 1.3b follow fla's GDN sizing rule
+# (q/k width = 0.75 x hidden with dk 256, dv = 2 dk; 1.3b is GatedDeltaNetConfig's defaults).
+# Parameters with vocab 32000, untied head: 370m ~424M, 1.3b ~1.39B (embeddings included).
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16, expand_v=2.0),
     "small": dict(hidden_size=256, num_hidden_layers=6, num_heads=4, head_dim=48, expand_v=2.0),
-    "370m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=4, head_dim=256, expand_v=1.0,
+    "370m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=3, head_dim=256, expand_v=2.0,
                  vocab_size=32000),
     "1.3b": dict(hidden_size=2048, num_hidden_layers=21, num_heads=6, head_dim=256, expand_v=2.0,
                  vocab_size=32000),
