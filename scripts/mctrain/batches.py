@@ -1,0 +1,62 @@
+"""Training batches: random text windows, a fraction of them turned into associative-recall sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mctrain.recall import RecallTask
+from mctrain.token_data import TokenData
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    inputs: torch.Tensor  # [B, T] int64
+    targets: torch.Tensor  # [B, T] int64
+    lm_mask: torch.Tensor  # [B, T] float: 1 where the target is scored as language modelling
+    recall_mask: torch.Tensor  # [B, T] float: 1 where the target is a recall answer
+
+    def to(self, device: torch.device) -> Batch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+        return Batch(*(move(t) for t in (self.inputs, self.targets, self.lm_mask, self.recall_mask)))
+
+
+@dataclass
+class BatchSampler:
+    """Rows [0, round(batch * recall_frac)) of every batch are recall sequences, scored on their answers
+    only; the other rows are plain text, scored on every token. Deterministic for a seed."""
+
+    data: TokenData
+    task: RecallTask
+    batch_size: int
+    seq_len: int
+    recall_frac: float
+    max_pairs: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.recall_frac <= 1:
+            raise ValueError(f"recall_frac must be in [0, 1], got {self.recall_frac}")
+        self.rng = np.random.default_rng(self.seed)
+
+    @property
+    def recall_rows(self) -> int:
+        return round(self.batch_size * self.recall_frac)
+
+    def next(self) -> Batch:
+        B, T = self.batch_size, self.seq_len
+        ids = self.data.sample_windows(self.rng, B, T + 1)  # [B, T+1]
+        recall = np.zeros((B, T), dtype=np.float32)
+        for r in range(self.recall_rows):
+            seq = self.task.sample_train(self.rng, ids[r], self.max_pairs)
+            ids[r] = seq.ids
+            recall[r, seq.query_pos] = 1.0
+        lm = np.zeros((B, T), dtype=np.float32)
+        lm[self.recall_rows:] = 1.0
+        ids_t = torch.from_numpy(ids)
+        return Batch(ids_t[:, :-1].contiguous(), ids_t[:, 1:].contiguous(), torch.from_numpy(lm),
+                     torch.from_numpy(recall))

@@ -1,0 +1,79 @@
+"""Model sizes for training and checkpoints written in the serving format of DESIGN.md.
+
+A checkpoint directory holds config.json (with the memory_caching block), model.safetensors (fla
+names, u_proj for a learned router), tokenizer.json, tokenizer_config.json (ChatML template) and
+training.json (how it was trained); `mcserve.server.model.loader.load_model(dir)` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from mcserve.server.model.config import ModelConfig
+from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+
+# "default" is the shipped model: ~15.5M parameters, ~31 MB in bf16 with tied embeddings (the
+# committed default model must stay under 40 MB with its tokenizer).
+MODEL_SIZES: dict[str, dict] = {
+    "default": dict(hidden_size=384, num_hidden_layers=6, num_heads=4, head_dim=64, expand_v=2.0,
+                    tie_word_embeddings=True),
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, expand_v=1.5),
+}
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def train_config(size: str, vocab_size: int, eos_id: int, aggregation: str, segment_size: int, top_k: int,
+                 state_init: str = "continue") -> ModelConfig:
+    """A config with a learned router for every aggregation that reads the cache, none for `none`."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {list(MODEL_SIZES)}")
+    router = "query" if aggregation == "none" else "learned"
+    mc = dict(aggregation=aggregation, segment_size=segment_size, top_k=top_k, state_init=state_init, router=router)
+    return ModelConfig.from_dict(dict(MODEL_SIZES[size], vocab_size=vocab_size, bos_token_id=eos_id,
+                                      eos_token_id=eos_id, pad_token_id=eos_id, memory_caching=mc))
+
+
+def init_model(cfg: ModelConfig, seed: int) -> MCGatedDeltaNetForCausalLM:
+    """fla's initialisation; every weight but the router's is drawn exactly as for the same config
+    without a learned router, so that an `ssc` and a `none` model of one seed start from the same GDN."""
+    from mcserve.server.model.init_model import init_weights
+
+    model = MCGatedDeltaNetForCausalLM(cfg)
+    init_weights(model, seed + 1)  # u_proj keeps these; the rest is overwritten below
+    base = MCGatedDeltaNetForCausalLM(cfg.with_mc(router="query"))
+    init_weights(base, seed)
+    result = model.load_state_dict(base.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(k.endswith("u_proj.weight") for k in result.missing_keys), result
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(model: MCGatedDeltaNetForCausalLM, out_dir: str | Path, tokenizer_dir: str | Path,
+                    dtype: str = "bf16", training: dict | None = None) -> Path:
+    """Write the serving checkpoint to `out_dir`, replacing it atomically (a reader never sees half)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {n: t.detach().to("cpu", SAVE_DTYPES[dtype]).contiguous() for n, t in model.state_dict().items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(model.cfg.to_dict(), architectures=["GatedDeltaNetForCausalLM"],
+                  torch_dtype="bfloat16" if dtype == "bf16" else "float32")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    if training is not None:
+        (tmp / "training.json").write_text(json.dumps(training, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,285 @@
+"""Train a Gated DeltaNet + Memory Caching LM from scratch and save it in the serving format.
+
+    # once, on a machine with the corpus (../shared/data/build_corpus.sh):
+    python scripts/train_tokenizer.py --corpus /tmp/corpus --out .train_data/tokenizer
+    python scripts/train.py --corpus /tmp/corpus --data-dir .train_data --prepare-only
+    # train (GPU: fla's chunk kernel + bf16 autocast; CPU: the torch core in fp32):
+    python scripts/train.py --data-dir .train_data --out runs/ssc --aggregation ssc --time-budget 400
+    python scripts/train.py --data-dir .train_data --out runs/none --aggregation none --steps 5000
+
+Writes OUT/model/ (the serving checkpoint, `mcserve serve OUT/model`), OUT/log.jsonl (one line per
+logged step and per evaluation) and OUT/summary.json. With --time-budget the number of steps is
+fixed after a short throughput probe, and the cosine schedule spans exactly those steps, so a second
+model trained with `--steps <summary.steps>` gets the same schedule and the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from mctrain.batches import BatchSampler  # noqa: E402
+from mctrain.checkpoint import MODEL_SIZES, count_parameters, init_model, save_checkpoint, train_config  # noqa: E402
+from mctrain.corpus import EOT, KV_TOKEN, QUERY_TOKEN, read_corpus  # noqa: E402
+from mctrain.evaluation import autocast_for, heldout_nll, quick_recall_acc, token_bytes  # noqa: E402
+from mctrain.mc_forward import check_backend, default_backend, hidden_states, logits  # noqa: E402
+from mctrain.recall import RecallTask  # noqa: E402
+from mctrain.schedule import CosineSchedule, plan_total_steps  # noqa: E402
+from mctrain.token_data import META_FILE, TokenData, build_token_data  # noqa: E402
+
+from mcserve.kernels.mc_spec import AGGREGATIONS, STATE_INITS, MCSpec  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # the GPU image has no tqdm: fall back to a line every --log-every steps
+    tqdm = None
+
+PROBE_START, PROBE_END = 10, 40  # steps timed to plan a --time-budget run (after kernel autotuning)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, help="tokenizer/ + train.npy + heldout.npy + meta.json")
+    ap.add_argument("--corpus", help="folder of *.txt: tokenise it into --data-dir if that has no arrays yet")
+    ap.add_argument("--prepare-only", action="store_true", help="build the data folder and exit")
+    ap.add_argument("--out", help="run folder: model/, log.jsonl, summary.json")
+    ap.add_argument("--size", default="default", choices=list(MODEL_SIZES))
+    ap.add_argument("--aggregation", default="ssc", choices=list(AGGREGATIONS))
+    ap.add_argument("--segment-size", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--state-init", default="continue", choices=list(STATE_INITS))
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=32)
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="optimizer steps")
+    budget.add_argument("--time-budget", type=float, help="seconds of training; steps are planned from a probe")
+    ap.add_argument("--max-seconds", type=float, help="stop early past this many seconds of training (a safety net)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--recall-frac", type=float, default=0.2, help="fraction of each batch that is MQAR")
+    ap.add_argument("--recall-max-pairs", type=int, default=64)
+    ap.add_argument("--recall-weight", type=float, default=1.0)
+    ap.add_argument("--evals", type=int, default=8, help="held-out evaluations over the run (and at the end)")
+    ap.add_argument("--eval-windows", type=int, default=4, help="held-out windows per source per evaluation")
+    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"])
+    ap.add_argument("--save-dtype", default="bf16", choices=["bf16", "fp32"])
+    args = ap.parse_args(argv)
+    if not args.prepare_only and (args.out is None or (args.steps is None and args.time_budget is None)):
+        ap.error("training needs --out and one of --steps / --time-budget")
+    return args
+
+
+def prepare_data(args: argparse.Namespace) -> TokenData:
+    root = Path(args.data_dir)
+    if not (root / META_FILE).is_file():
+        if not args.corpus:
+            raise SystemExit(f"{root} has no {META_FILE}; pass --corpus to tokenise a corpus into it")
+        t0 = time.time()
+        meta = build_token_data(read_corpus(args.corpus), root)
+        total = sum(s["train"][1] for s in meta["sources"])
+        held = sum(s["heldout"][1] for s in meta["sources"])
+        print(f"tokenised {args.corpus}: {total} training + {held} held-out tokens in {time.time() - t0:.0f}s")
+    return TokenData.load(root)
+
+
+class Logger:
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("w")
+
+    def write(self, **row) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+
+def optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (linear and embedding weights) only."""
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
+    rest = [p for n, p in model.named_parameters() if p.ndim != 2]
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=rest, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def pick_backend(choice: str, device: torch.device, args: argparse.Namespace) -> str:
+    """`auto` on CUDA is fla's kernel if it agrees with the torch core on random inputs (outputs and
+    gradients, bf16 tolerance), else the torch core, so that a broken install costs speed, not the run."""
+    backend = default_backend(device) if choice == "auto" else choice
+    if backend != "fla":
+        return backend
+    spec = MCSpec(args.aggregation, args.segment_size, args.top_k, args.state_init)
+    size = MODEL_SIZES[args.size]
+    hv = size.get("num_v_heads") or size["num_heads"]
+    try:
+        err = check_backend("fla", spec, size["num_heads"], hv, size["head_dim"],
+                            round(size["head_dim"] * size["expand_v"]), device)
+    except Exception as e:  # noqa: BLE001 - any failure of the optional kernel means: use the torch core
+        err = dict(error=f"{type(e).__name__}: {e}")
+    ok = "error" not in err and err["out"] < 3e-2 and err["grad"] < 6e-2
+    print(f"fla core check vs torch core: {err} -> {'fla' if ok else 'torch (fallback)'}", flush=True)
+    if not ok and choice == "fla":
+        raise SystemExit("--backend fla was asked for but fails the check")
+    return "fla" if ok else "torch"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    data = prepare_data(args)
+    if args.prepare_only:
+        return {}
+    import tokenizers
+
+    t_start = time.time()  # the budget covers the kernel check and autotuning too
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    backend = pick_backend(args.backend, device, args)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok = tokenizers.Tokenizer.from_file(str(data.tokenizer_dir / "tokenizer.json"))
+    task = RecallTask(data.vocab_size, tok.token_to_id(KV_TOKEN), tok.token_to_id(QUERY_TOKEN))
+    cfg = train_config(args.size, data.vocab_size, tok.token_to_id(EOT), args.aggregation, args.segment_size,
+                       args.top_k, args.state_init)
+    model = init_model(cfg, args.seed)
+    model.to(device).train()
+    n_params = count_parameters(model)
+    opt = optimizer(model, args, device)
+    sampler = BatchSampler(data, task, args.batch_size, args.seq_len, args.recall_frac, args.recall_max_pairs,
+                           args.seed)
+    eval_windows = data.heldout_windows(args.seq_len + 1, args.eval_windows)
+    bytes_of = token_bytes(tok)
+    rng = np.random.default_rng(args.seed + 1)
+    held = data.heldout
+    fits = [n for n in (4, 16, 64) if 24 + task.length_needed(n, n) <= args.seq_len] or [1]
+    eval_recall = [task.make(rng, held[s:s + args.seq_len].astype(np.int64), n,
+                             args.seq_len - 24 - task.length_needed(n, n), 16)
+                   for n in fits for s in rng.integers(0, len(held) - args.seq_len, 8)]
+    log = Logger(out / "log.jsonl")
+    settings = dict(vars(args), params=n_params, device=str(device), backend=backend,
+                    gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                    tokens_per_step=args.batch_size * args.seq_len)
+    log.write(event="start", **settings)
+    print(f"{args.aggregation}: {n_params / 1e6:.2f}M parameters on {settings['gpu'] or device} ({backend} core)")
+
+    total = args.steps if args.steps is not None else 10**9  # a --time-budget run plans it at PROBE_END
+    sched = CosineSchedule(args.lr, args.warmup, total, args.min_lr_ratio)
+    eval_every = max(1, total // max(args.evals, 1)) if args.steps is not None else None
+    bar = tqdm(total=args.steps, dynamic_ncols=True, mininterval=2.0) if tqdm else None
+    last_eval: dict = {}
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        t0 = time.time()
+        res = heldout_nll(model, eval_windows, bytes_of, autocast_dtype=amp, backend=backend)
+        acc = quick_recall_acc(model, eval_recall, autocast_dtype=amp, backend=backend)
+        model.train()
+        row = dict(event="eval", step=step, heldout_loss=res["loss"], heldout_ppl=res["ppl"], heldout_bpb=res["bpb"],
+                   recall_acc=acc, eval_s=time.time() - t0, elapsed=time.time() - t_start)
+        log.write(**row)
+        print(f"\n[eval step {step}] held-out ppl {res['ppl']:.2f} bpb {res['bpb']:.3f} recall {acc:.3f}", flush=True)
+        return row
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    max_seconds = args.max_seconds
+    if max_seconds is None and args.time_budget is not None:
+        max_seconds = args.time_budget * 1.1 + 10
+    step, stopped_early, step_time = 0, False, None
+    loss_sums = torch.zeros(3, device=device)  # lm loss, recall loss, recall accuracy, summed since last log
+    n_sums = 0
+    t_probe = t_log = time.time()
+    while step < total:
+        batch = sampler.next().to(device)
+        with autocast_for(device, amp):
+            lg = logits(model, hidden_states(model, batch.inputs, backend))
+        nll = F.cross_entropy(lg.float().transpose(1, 2), batch.targets, reduction="none")  # [B, T]
+        lm_loss = (nll * batch.lm_mask).sum() / batch.lm_mask.sum().clamp_min(1)
+        rc_loss = (nll * batch.recall_mask).sum() / batch.recall_mask.sum().clamp_min(1)
+        loss = lm_loss + args.recall_weight * rc_loss
+        for group in opt.param_groups:
+            group["lr"] = sched.lr(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            hit = (lg.argmax(-1) == batch.targets).float()
+            rc_acc = (hit * batch.recall_mask).sum() / batch.recall_mask.sum().clamp_min(1)
+            loss_sums += torch.stack([lm_loss.detach(), rc_loss.detach(), rc_acc])
+        n_sums += 1
+        step += 1
+
+        if args.time_budget is not None and step in (PROBE_START, PROBE_END):
+            sync()
+            if step == PROBE_START:
+                t_probe = time.time()
+            else:
+                step_time = (time.time() - t_probe) / (PROBE_END - PROBE_START)
+                total = plan_total_steps(step, time.time() - t_start, step_time, args.time_budget, min_steps=step)
+                sched = CosineSchedule(args.lr, args.warmup, total, args.min_lr_ratio)
+                eval_every = max(1, total // max(args.evals, 1))
+                log.write(event="plan", step=step, step_time=step_time, total_steps=total,
+                          elapsed=time.time() - t_start)
+                print(f"\nplanned {total} steps at {step_time * 1e3:.0f} ms/step "
+                      f"({args.batch_size * args.seq_len / step_time / 1e3:.0f}k tokens/s)", flush=True)
+                if bar is not None:
+                    bar.total = total
+        if step % args.log_every == 0 or step == total:
+            lm, rc, ra = (loss_sums / n_sums).tolist()
+            now = time.time()
+            row = dict(event="train", step=step, lr=sched.lr(step - 1), lm_loss=lm, recall_loss=rc, recall_acc=ra,
+                       grad_norm=float(gnorm), tokens=step * args.batch_size * args.seq_len, elapsed=now - t_start,
+                       tok_per_s=n_sums * args.batch_size * args.seq_len / max(now - t_log, 1e-9))
+            log.write(**row)
+            loss_sums.zero_()
+            n_sums, t_log = 0, now
+            if bar is not None:
+                bar.set_postfix(lm=f"{lm:.3f}", recall=f"{ra:.2f}", lr=f"{row['lr']:.1e}", refresh=False)
+            else:
+                print(f"step {step}/{total if total < 10**9 else '?'} lm {lm:.3f} recall {rc:.3f} acc {ra:.2f} "
+                      f"lr {row['lr']:.2e} {row['tok_per_s'] / 1e3:.0f}k tok/s {row['elapsed']:.0f}s", flush=True)
+            if not math.isfinite(lm):
+                raise SystemExit(f"loss is {lm} at step {step}; stopping")
+        if bar is not None:
+            bar.update(1)
+        if eval_every is not None and step % eval_every == 0 and step < total:
+            last_eval = evaluate(step)
+            save_checkpoint(model, out / "model", data.tokenizer_dir, args.save_dtype,
+                            dict(settings, steps_done=step, partial=True))
+        if max_seconds is not None and time.time() - t_start > max_seconds:
+            stopped_early = True  # the probe misjudged, or this model is slower: keep the GPU job in its limit
+            print(f"\nstopping early at step {step}: past {max_seconds:.0f}s", flush=True)
+            break
+    if bar is not None:
+        bar.close()
+    sync()
+    train_s = time.time() - t_start
+    last_eval = evaluate(step)
+    summary = dict(settings, steps=step, planned_steps=total, stopped_early=stopped_early, train_seconds=train_s,
+                   step_time=step_time, tokens=step * args.batch_size * args.seq_len, final_eval=last_eval)
+    save_checkpoint(model, out / "model", data.tokenizer_dir, args.save_dtype, summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log.write(event="done", **{k: v for k, v in summary.items() if k not in settings})
+    print(f"done: {step} steps in {train_s:.0f}s; held-out ppl {last_eval['heldout_ppl']:.2f}; wrote {out / 'model'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
