@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_IDLE_STEPS = 8
 
+_SELECTIONS_EVERY = 16  # steps between transfers of the per-layer checkpoint-read counts
 # scheduler counter -> (metrics method, label); see server/metrics.py
 _EVICTIONS = {"evict_idle": "idle", "evict_unreachable": "unreachable", "evict_host": "host",
               "drop_running": "running"}
@@ -256,10 +257,15 @@ class LLMEngine:
         return s
 
     def _publish(self) -> None:
-        """Report what the scheduler counted since the last step to the metrics object."""
+        """Report what the scheduler counted since the last step to the metrics object; the runner's
+        per-layer checkpoint reads every `_SELECTIONS_EVERY` steps (they cost a device->host copy)."""
         m = self.metrics
         if m is None:
             return
+        if self.runner.spec.reads_cache and self.engine_counters["steps"] % _SELECTIONS_EVERY == 0:
+            for layer, n in enumerate(self.runner.take_selections()):
+                if n:
+                    m.count_ssc_selections(layer, n)
         now, before = self.scheduler.counters, self._published
         diff = {k: now[k] - before[k] for k in now if now[k] != before[k]}
         if not diff:

@@ -127,7 +127,7 @@ class EngineMetrics:
         self._offloads.labels(self.model_name, reason).inc(n)
 
     def count_ssc_selections(self, layer: int, n: int) -> None:
-        """Engine: SSC's top-k selected `n` checkpoints in `layer` (summed over tokens and heads)."""
+        """Engine: `n` (sequence, checkpoint) reads in `layer` chosen by the router (SSC top-k or all)."""
         self._ssc.labels(self.model_name, str(layer)).inc(n)
 
     def set_stats(self, stats: EngineStats) -> None:

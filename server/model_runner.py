@@ -59,6 +59,8 @@ class ModelRunner:
             self.host = CheckpointBlocks.allocate(model.cfg, num_host_blocks, self.ckpts.ssm.dtype, model.dtype,
                                                   "cpu", key_dtype=self.ckpts.key.dtype,
                                                   pin=self.device.type == "cuda")
+        # (sequence, checkpoint) reads per layer since the last `take_selections`; stays on the device
+        self.selections = torch.zeros(model.cfg.num_hidden_layers, dtype=torch.long, device=self.device)
         # vocab_size: what may be sampled (a tokenizer smaller than a padded lm_head)
         self.sampler = Sampler(vocab_size or model.cfg.vocab_size, self.device, seed=seed)
 
@@ -83,7 +85,8 @@ class ModelRunner:
         for chunk in plan.prefill:
             top_k = self._top_k(sampling, chunk.seq_id)
             out, w = self.model.prefill(chunk.token_ids, chunk.slot, chunk.start_pos, chunk.read_blocks,
-                                        chunk.write_blocks, self.states, self.ckpts, top_k=top_k)
+                                        chunk.write_blocks, self.states, self.ckpts, top_k=top_k,
+                                        selections=self.selections)
             if chunk.read_blocks and self.spec.reads_cache:
                 weight_ids.append(torch.tensor(chunk.read_blocks, dtype=torch.long).to(self.device, non_blocking=True))
                 weights.append(w)
@@ -96,7 +99,7 @@ class ModelRunner:
             table = meta[_TABLE:].t()  # [B, N]
             top_k = meta[_TOPK] if any(sampling[r.seq_id].params.mc_top_k for r in plan.decode) else None
             out, w = self.model.decode(meta[_TOKEN], meta[_SLOT], meta[_POS], table, meta[_WRITE],
-                                       self.states, self.ckpts, top_k)
+                                       self.states, self.ckpts, top_k, selections=self.selections)
             if table.shape[1] and self.spec.reads_cache:
                 weight_ids.append(table.reshape(-1))
                 weights.append(w.reshape(-1))
@@ -115,6 +118,12 @@ class ModelRunner:
                     if row.params.logprobs is not None:
                         logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
         return RunnerOutput(StepOutput(token_ids, _block_weights(weight_ids, weights)), logprobs)
+
+    def take_selections(self) -> list[int]:
+        """Checkpoint reads per layer since the last call (one device->host transfer), then reset."""
+        counts = self.selections.tolist()
+        self.selections.zero_()
+        return counts
 
     def _top_k(self, sampling: Mapping[int, SamplingRow], seq_id: int) -> int | None:
         """SSC's k for one sequence: the request's `mc_top_k` can only lower the model's. A chunk

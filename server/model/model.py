@@ -92,6 +92,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         ckpts: CheckpointBlocks,
         top_k: int | None = None,
         all_logits: bool = False,
+        selections: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run tokens at positions start_pos.. of the sequence whose online state is in `slot`.
 
@@ -99,6 +100,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         write_blocks: one block per segment boundary completed inside this chunk, in order (-1: don't
         keep that checkpoint, e.g. when the pool is full; later tokens then see it as dropped).
         Returns (logits [T or 1, V], router weight per read block [len(read_blocks)]).
+        selections: optional [L] counter; adds per layer how many cached memories were read.
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         T, C = ids.shape[0], self.spec.segment_size
@@ -119,6 +121,8 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
                 q, k, v, g, beta, u, self.spec, start_pos, states.ssm[li, slot], states.key_sum[li, slot],
                 ckpts.ssm[rbc, li], ckpts.key[rbc, li], valid, top_k=top_k)
             weights += w_read
+            if selections is not None:
+                selections[li] += (w_read > 0).sum()
             states.ssm[li, slot] = s
             states.key_sum[li, slot] = ks
             w = attn.conv_width
@@ -146,6 +150,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         states: StateSlots,
         ckpts: CheckpointBlocks,
         top_k: torch.Tensor | None = None,  # [B]
+        selections: torch.Tensor | None = None,  # [L] counter, as in `prefill`
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for each row. Returns (logits [B, V], router weight per table entry [B, N])."""
         sd = self.state_dtype
@@ -163,6 +168,8 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
                                  write_blocks, top_k)
             if w is not None:
                 weights += w
+                if selections is not None:
+                    selections[li] += (w > 0).sum()
             if boundary_rows.numel() and attn.conv_width:
                 ckpts.conv[write_blocks[boundary_rows], li] = conv[boundary_rows]
             x = x + attn.output(h, y)

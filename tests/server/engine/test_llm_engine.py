@@ -231,6 +231,21 @@ def test_metrics_receive_engine_counts(model, tokenizer) -> None:
     assert 'mcserve:request_queue_time_seconds_count{model_name="tiny"} 2.0' in text
 
 
+def test_metrics_count_checkpoint_reads_per_layer(model, tokenizer) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mcserve.server.metrics import EngineMetrics
+
+    engine = make_engine(model, tokenizer)
+    engine.metrics = metrics = EngineMetrics("tiny")
+    generate(engine, random_prompts(13, [40, 37]))  # 2 cached segments each, 24 decode steps
+    published = {s.labels["layer"]: s.value for f in text_string_to_metric_families(metrics.render().decode())
+                 for s in f.samples if s.name == "mcserve:ssc_selections_total"}
+    assert set(published) == {str(i) for i in range(model.cfg.num_hidden_layers)}
+    # every decode step reads top_k=2 of the 2-3 cached segments per sequence (some head picks each)
+    assert all(v >= 16 * 2 for v in published.values())
+
+
 def test_bf16_checkpoints_resume_approximately(model, tokenizer) -> None:
     """With bf16 checkpoints a resume restores a rounded state, so its tokens may differ from a cold
     run's (exact resume needs fp32 checkpoints, as the tests above use); this checks the plumbing."""
