@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ def test_cli_serves_a_tiny_model(tmp_path: Path) -> None:
                 "--device",
                 "cpu",
                 "--max-num-seqs",
-                "4",
+                "16",
                 "--api-key",
                 "k",
                 "--log-level",
@@ -82,6 +83,48 @@ def test_cli_serves_a_tiny_model(tmp_path: Path) -> None:
         assert metrics[("mcserve:generation_tokens_total", ())] == 10
         assert metrics[("mcserve:request_queue_time_seconds_count", ())] == 2  # recorded by the engine
         assert "OpenAI base URL" in log_path.read_text()
+        _64_concurrent_streams(base, metrics)
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def _64_concurrent_streams(base: str, before: dict) -> None:
+    """64 streaming clients at once through the real engine (16 run, the rest queue): all complete,
+    and the server's counters move by exactly what the clients counted."""
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str | None, int, int]:
+        stream = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"client {i} says " + "hi " * (i % 9)}],
+            max_tokens=3 + i % 5, temperature=0.7, seed=i, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        finish, usage, pieces = None, None, 0
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            for ch in chunk.choices:
+                pieces += bool(ch.delta.content)
+                finish = ch.finish_reason or finish
+        assert usage is not None
+        return finish, usage.completion_tokens, usage.prompt_tokens
+
+    async def run() -> list[tuple[str | None, int, int]]:
+        http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=64))
+        async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=120,
+                                      http_client=http) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(run())
+    assert [r[1] for r in results] == [3 + i % 5 for i in range(64)]
+    assert all(r[0] == "length" for r in results)
+    after = scrape_metrics(base, "tiny")
+
+    def moved(name: str, labels: tuple = ()) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    assert moved("mcserve:generation_tokens_total") == sum(r[1] for r in results)
+    assert moved("mcserve:prompt_tokens_total") == sum(r[2] for r in results)
+    assert moved("mcserve:request_success_total", (("finished_reason", "length"),)) == 64
+    assert moved("mcserve:e2e_request_latency_seconds_count") == 64
+    assert after[("mcserve:num_requests_running", ())] == 0
+    assert httpx.get(base + "/health").status_code == 200
