@@ -19,14 +19,15 @@ from mcserve.kernels.mc_mix import chosen_mask, mc_gamma
 from mcserve.kernels.mc_spec import MCSpec
 
 
-def _delta_rule_chunk(
-    qs: torch.Tensor,  # [HV, L, dk] scaled queries
-    k: torch.Tensor,  # [HV, L, dk]
-    v: torch.Tensor,  # [HV, L, dv]
-    g: torch.Tensor,  # [HV, L]
-    beta: torch.Tensor,  # [HV, L]
-    state: torch.Tensor,  # [HV, dv, dk]
+def delta_rule_chunk(
+    qs: torch.Tensor,  # [R, L, dk] scaled queries (R: any rows, e.g. heads or batch x heads)
+    k: torch.Tensor,  # [R, L, dk]
+    v: torch.Tensor,  # [R, L, dv]
+    g: torch.Tensor,  # [R, L]
+    beta: torch.Tensor,  # [R, L]
+    state: torch.Tensor,  # [R, dv, dk]
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of the gated delta rule in closed form (module docstring): (o [R, L, dv], new state)."""
     L = qs.shape[1]
     cum = g.cumsum(-1)  # [HV, L]
     diff = cum[:, :, None] - cum[:, None, :]  # [HV, L(t), L(i)] = G_t - G_i
@@ -95,7 +96,7 @@ def chunked_mc_gdn(
     while t < T:
         pos = start_pos + t
         end = min(T, t + chunk_size, t + (C - pos % C))  # never cross a segment boundary
-        o, state = _delta_rule_chunk(qv[:, t:end], kv[:, t:end], vv[:, t:end], gv[:, t:end], bv[:, t:end], state)
+        o, state = delta_rule_chunk(qv[:, t:end], kv[:, t:end], vv[:, t:end], gv[:, t:end], bv[:, t:end], state)
         o = o.transpose(0, 1)  # [L, HV, dv]
         kc = k[t:end].to(dt)
         cum_keys = key_sum + kc.cumsum(0)  # [L, H, dk]

@@ -3,12 +3,14 @@
 Both take fla's layout: q, k [B, T, H, dk] (already L2-normalised, not scaled), v [B, T, HV, dv],
 g (log-decay), beta [B, T, HV] and an optional initial state [B, HV, dv, dk] (fla's `state_v_first`);
 both return (o [B, T, HV, dv] with o_t = S_t (scale q_t), final state [B, HV, dv, dk] fp32).
-The torch path is the chunked (WY) form of kernels/chunked.py with a batch dimension.
+The torch path runs kernels/chunked.py's closed-form chunk over batch x heads rows.
 """
 
 from __future__ import annotations
 
 import torch
+
+from mcserve.kernels.chunked import delta_rule_chunk
 
 BACKENDS = ("torch", "fla")
 
@@ -59,34 +61,7 @@ def delta_rule_torch(q, k, v, g, beta, scale, initial_state, chunk_size: int = 6
     outs = []
     for t in range(0, T, chunk_size):
         e = min(T, t + chunk_size)
-        o, state = _chunk(qs[:, t:e], kk[:, t:e], vv[:, t:e], gg[:, t:e], bb[:, t:e], state)
+        o, state = delta_rule_chunk(qs[:, t:e], kk[:, t:e], vv[:, t:e], gg[:, t:e], bb[:, t:e], state)
         outs.append(o)
     o = torch.cat(outs, dim=1) if outs else vv.new_zeros(B * HV, 0, dv)
     return o.view(B, HV, T, dv).transpose(1, 2), state.view(B, HV, dv, dk)
-
-
-def _chunk(qs, k, v, g, beta, state):
-    """One chunk for R = B*HV rows: qs, k [R, L, dk], v [R, L, dv], g, beta [R, L], state [R, dv, dk].
-
-    With cumulative log-decay G_t and A[t, i] = e^{G_t - G_i} k_t.k_i (i < t), the deltas solve
-    (I + diag(beta) A) D = diag(beta) (V - e^G K S0^T); then o_t = e^{G_t} S0 q_t + sum_{i<=t}
-    e^{G_t - G_i} (k_i.q_t) d_i and S_L = e^{G_L} S0 + sum_i e^{G_L - G_i} d_i k_i^T.
-    """
-    L = qs.shape[1]
-    cum = g.cumsum(-1)  # [R, L]
-    diff = cum[:, :, None] - cum[:, None, :]  # [R, L(t), L(i)]
-    ones = torch.ones(L, L, dtype=torch.bool, device=qs.device)
-    strict, incl = torch.tril(ones, -1), torch.tril(ones)
-    # masked_fill before exp: above the diagonal diff > 0 and could overflow
-    decay_strict = torch.exp(diff.masked_fill(~strict, float("-inf")))
-    decay_incl = torch.exp(diff.masked_fill(~incl, float("-inf")))
-    e_cum = torch.exp(cum)[..., None]  # [R, L, 1]
-    st = state.transpose(-1, -2)  # [R, dk, dv]
-    a = (k @ k.transpose(-1, -2)) * decay_strict
-    rhs = beta[..., None] * (v - e_cum * (k @ st))
-    m = torch.eye(L, dtype=qs.dtype, device=qs.device) + beta[..., None] * a
-    d = torch.linalg.solve_triangular(m, rhs, upper=False, unitriangular=True)  # [R, L, dv]
-    o = e_cum * (qs @ st) + ((qs @ k.transpose(-1, -2)) * decay_incl) @ d
-    tail = torch.exp(cum[:, -1:] - cum)[..., None]  # [R, L, 1]
-    new_state = torch.exp(cum[:, -1])[:, None, None] * state + (d * tail).transpose(-1, -2) @ k
-    return o, new_state
