@@ -18,8 +18,8 @@
 set -euo pipefail
 STAGE=${1:?usage: gpu_train_both.sh ssc|none|all}
 OUT=${OUT:-$PWD/out}
-TRAIN_SECONDS=${TRAIN_SECONDS:-360}
-BATCH=${BATCH:-32}
+TRAIN_SECONDS=${TRAIN_SECONDS:-330}
+BATCH=${BATCH:-128}
 SEQ=${SEQ:-1024}
 SEG=${SEG:-64}
 TOPK=${TOPK:-2}
