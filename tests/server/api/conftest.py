@@ -4,6 +4,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,33 +60,41 @@ def scrape_metrics(base_url: str, model_name: str) -> dict[tuple[str, tuple], fl
     return out
 
 
-@pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
-    """The real app (FakeEngine + TinyTokenizer) under uvicorn in a subprocess on 127.0.0.1."""
+@contextmanager
+def fake_server(log_dir: Path, *extra_args: str) -> Iterator[LiveServer]:
+    """The real app (FakeEngine + TinyTokenizer) under uvicorn in a subprocess on 127.0.0.1, until
+    /health answers 200; stopped on exit. `extra_args` go to tests/server/api/fake_server.py."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log_path = log_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.server.api.fake_server", "--port", str(port)],
+            [sys.executable, "-m", "tests.server.api.fake_server", "--port", str(port), *extra_args],
             cwd=REPO_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     server = LiveServer(f"http://127.0.0.1:{port}", API_KEY, log_path)
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            if server.health() == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"test server did not start:\n{server.log()}")
-        time.sleep(0.05)
-    yield server
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        while True:
+            try:
+                if server.health() == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"test server did not start:\n{server.log()}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with fake_server(tmp_path_factory.mktemp("server")) as server:
+        yield server
