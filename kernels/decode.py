@@ -30,8 +30,13 @@ def decode_mc_gdn(
     block_table: torch.Tensor,  # [B, N] long, block of segment i or -1 (dropped / padding)
     write_blocks: torch.Tensor,  # [B] long: block for this token's checkpoint, -1 if not a boundary
     top_k: torch.Tensor | None = None,  # [B] long: per-row SSC k (None: spec.top_k)
+    write_rows: torch.Tensor | None = None,  # rows with write_blocks >= 0, if the caller knows them
+    top_k_max: int | None = None,  # max(top_k), if the caller knows it
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns (y [B, HV, dv], router weight per table entry [B, N] summed over heads, or None)."""
+    """Returns (y [B, HV, dv], router weight per table entry [B, N] summed over heads, or None).
+
+    `write_rows` and `top_k_max` are what the host already knows from the plan; passing them keeps
+    the step free of device->host syncs (otherwise they are derived on the device, with a sync)."""
     B, H, dk = q.shape
     HV = v.shape[1]
     G = HV // H
@@ -49,13 +54,13 @@ def decode_mc_gdn(
     weights = None
     if spec.reads_cache and block_table.shape[1] > 0:
         o, weights = _read_cache(o, qs, u.to(dt), key_sum, positions, spec, ckpt_pool, ckpt_key_pool,
-                                 block_table, top_k, G)
+                                 block_table, top_k, G, top_k_max)
 
     boundary = (positions % C) == C - 1
     keep = ~(boundary & spec.reset)
     state_pool[slots] = s * keep[:, None, None, None].to(dt)
     key_sum_pool[slots] = key_sum * (~boundary)[:, None, None].to(dt)
-    rows = (write_blocks >= 0).nonzero().squeeze(-1)
+    rows = (write_blocks >= 0).nonzero().squeeze(-1) if write_rows is None else write_rows
     if rows.numel():
         dst = write_blocks[rows]
         ckpt_pool[dst] = s[rows].to(ckpt_pool.dtype)
@@ -75,6 +80,7 @@ def _read_cache(
     block_table: torch.Tensor,
     top_k: torch.Tensor | None,
     G: int,
+    top_k_max: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, HV, dv = o.shape
     H, dk = u.shape[1], u.shape[2]
@@ -98,7 +104,9 @@ def _read_cache(
 
     if spec.aggregation == "ssc":
         # read only the selected checkpoints: per (row, head) the k best table entries
-        kmax = min(N, spec.top_k if top_k is None else int(top_k.max()))
+        if top_k_max is None:
+            top_k_max = spec.top_k if top_k is None else int(top_k.max())
+        kmax = min(N, top_k_max)
         masked = r_cached.masked_fill(~valid[:, None, :], float("-inf"))
         pick = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :kmax]  # [B, H, k]
         w = g_c.gather(-1, pick)  # [B, H, k]; 0 where not chosen

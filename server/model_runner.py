@@ -95,11 +95,12 @@ class ModelRunner:
                 rows.append(sampling[chunk.seq_id])
                 row_ids.append(chunk.seq_id)
         if plan.decode:
-            meta = self._decode_meta(plan, sampling)
+            meta, write_rows, k_max = self._decode_meta(plan, sampling)
             table = meta[_TABLE:].t()  # [B, N]
             top_k = meta[_TOPK] if any(sampling[r.seq_id].params.mc_top_k for r in plan.decode) else None
             out, w = self.model.decode(meta[_TOKEN], meta[_SLOT], meta[_POS], table, meta[_WRITE],
-                                       self.states, self.ckpts, top_k, selections=self.selections)
+                                       self.states, self.ckpts, top_k, selections=self.selections,
+                                       write_rows=write_rows, top_k_max=k_max)
             if table.shape[1] and self.spec.reads_cache:
                 weight_ids.append(table.reshape(-1))
                 weights.append(w.reshape(-1))
@@ -132,21 +133,27 @@ class ModelRunner:
         k = None if row is None else row.params.mc_top_k
         return None if k is None else min(k, self.spec.top_k)
 
-    def _decode_meta(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> torch.Tensor:
+    def _decode_meta(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Every per-row input of the decode in one int64 tensor [6 + N, B] on the device: token, slot,
         position, write block, SSC k, then the block table (-1 padded) transposed, so each of the
-        first rows is a contiguous [B] vector."""
+        first rows is a contiguous [B] vector. Also what the host knows and the device would need a
+        sync to find: the rows that write a checkpoint (on the device) and the largest SSC k."""
         width = max(len(r.block_table) for r in plan.decode)
-        cols = []
-        for r in plan.decode:
+        cols, ks, write_rows = [], [], []
+        for i, r in enumerate(plan.decode):
             k = self._top_k(sampling, r.seq_id)
+            ks.append(self.spec.top_k if k is None else k)
+            if r.write_block >= 0:
+                write_rows.append(i)
             pad = (-1,) * (width - len(r.block_table))
-            cols.append((r.token_id, r.slot, r.position, r.write_block, self.spec.top_k if k is None else k,
-                         *r.block_table, *pad))
+            cols.append((r.token_id, r.slot, r.position, r.write_block, ks[-1], *r.block_table, *pad))
         meta = torch.tensor(cols, dtype=torch.long).t().contiguous()
+        rows = torch.tensor(write_rows, dtype=torch.long)
         if self.device.type == "cuda":
             meta = meta.pin_memory().to(self.device, non_blocking=True)
-        return meta
+            rows = rows.pin_memory().to(self.device, non_blocking=True) if write_rows else rows.to(self.device)
+        return meta, rows, max(ks)
 
 
 def _copy_blocks(src: CheckpointBlocks, dst: CheckpointBlocks, copies: tuple[BlockCopy, ...]) -> None:

@@ -151,11 +151,13 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         ckpts: CheckpointBlocks,
         top_k: torch.Tensor | None = None,  # [B]
         selections: torch.Tensor | None = None,  # [L] counter, as in `prefill`
+        write_rows: torch.Tensor | None = None,  # rows whose write_blocks >= 0 (saves a device sync)
+        top_k_max: int | None = None,  # max(top_k) (saves a device sync)
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for each row. Returns (logits [B, V], router weight per table entry [B, N])."""
         sd = self.state_dtype
         weights = torch.zeros(block_table.shape, dtype=sd, device=self.device)
-        boundary_rows = (write_blocks >= 0).nonzero().squeeze(-1)
+        boundary_rows = (write_blocks >= 0).nonzero().squeeze(-1) if write_rows is None else write_rows
         x = self.model.embeddings(input_ids)
         for li, block in enumerate(self.model.layers):
             attn = block.attn
@@ -165,7 +167,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
             q, k, v, g, beta, u = attn.heads(h, qkv, sd)
             y, w = decode_mc_gdn(q, k, v, g, beta, u, self.spec, positions, slots, states.ssm[li],
                                  states.key_sum[li], ckpts.ssm[:, li], ckpts.key[:, li], block_table,
-                                 write_blocks, top_k)
+                                 write_blocks, top_k, boundary_rows, top_k_max)
             if w is not None:
                 weights += w
                 if selections is not None:
