@@ -8,5 +8,4 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[test]'
-export TRITON_INTERPRET=1  # Triton kernels run on the CPU interpreter, tested against the torch reference
 python -m pytest -q "$@"
