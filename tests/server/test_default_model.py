@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 import torch
 
 from mcserve.server.default_model import SHIPPED_DIR, is_shipped
@@ -25,8 +24,10 @@ SAMPLE = Path(__file__).parent / "data" / "heldout_sample.txt"
 MAX_SAMPLE_PPL = 64.0
 MAX_DIR_BYTES = 40 * 10**6
 
-pytestmark = pytest.mark.skipif(not is_shipped(), reason="no trained default model ships yet: "
-                                "server/data/default_model/ is absent (issue 5)")
+
+
+def test_the_trained_model_ships():
+    assert is_shipped(), "server/data/default_model/ is missing: mcserve serve would fall back to random weights"
 
 
 def test_default_model_is_small_and_uses_ssc_with_a_learned_router():

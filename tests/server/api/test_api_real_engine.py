@@ -14,8 +14,6 @@ import pytest
 
 from tests.server.api.conftest import REPO_ROOT, free_port, scrape_metrics
 
-pytest.importorskip("mcserve.server.async_engine")
-
 
 @pytest.mark.slow
 def test_cli_serves_a_tiny_model(tmp_path: Path) -> None:
