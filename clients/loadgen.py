@@ -137,25 +137,36 @@ class LoadGenerator:
             t.result()  # a bug in a client loop surfaces here
         return time.perf_counter() - self._start
 
-    async def _take(self) -> bool:
-        """Claim the next request of the budget (waiting for its Poisson arrival when rate-limited)."""
+    def _reserve(self, turns: int) -> int:
+        """Claim up to `turns` requests of the budget for one conversation (0: the budget or the time
+        is spent). A conversation claims its turns up front, so that `max_requests = C x turns`
+        gives C whole conversations whatever the order in which the clients finish."""
+        if time.perf_counter() >= self._deadline:
+            return 0
+        k = min(turns, self.cfg.max_requests - self.issued)
+        self.issued += k
+        return k
+
+    async def _arrive(self) -> bool:
+        """Wait for the next Poisson arrival when rate-limited; False once the time limit has passed."""
         if self.cfg.rate is not None:
             self._next_arrival += self._arrivals.expovariate(self.cfg.rate)
             await asyncio.sleep(max(0.0, self._next_arrival - time.perf_counter()))
-        if self.issued >= self.cfg.max_requests or time.perf_counter() >= self._deadline:
-            return False
-        self.issued += 1
-        return True
+        return time.perf_counter() < self._deadline
 
     async def _client_loop(self) -> None:
         cfg = self.cfg
         while True:
+            claimed = self._reserve(cfg.turns)
+            if not claimed:
+                return
             conv = self._conversations
             self._conversations += 1
             rng = random.Random(f"{cfg.seed}-conversation-{conv}")
             messages: list[dict] = [{"role": "system", "content": self.prefix}] if self.prefix else []
-            for turn in range(cfg.turns):
-                if not await self._take():
+            for turn in range(claimed):
+                if not await self._arrive():
+                    self.issued -= claimed - turn  # unsent turns go back (nobody can use them now)
                     return
                 words = random_words(rng, cfg.prompt_len.sample(rng))
                 body: dict = {
@@ -177,6 +188,7 @@ class LoadGenerator:
                 record, answer = await self._request(conv, turn, body)
                 self.records.append(record)
                 if not record.ok:
+                    self.issued -= claimed - turn - 1  # its remaining turns go back to the budget
                     break  # the conversation is broken; start a new one
                 messages.append({"role": "assistant", "content": answer})
 
