@@ -65,15 +65,24 @@ class IncrementalDetokenizer:
         self.stopped = False
         self.stop_reason: str | None = None
 
-    def push(self, ids: int | Iterable[int]) -> str:
-        """Adds token ids; returns the text they complete (possibly "")."""
+    def push(self, ids: int | Iterable[int], check_stop: bool = True) -> str:
+        """Adds token ids; returns the text they complete (possibly "").
+
+        `check_stop=False` (before a request's `min_tokens` are reached, as vLLM does): stop strings
+        do not count yet; text held back for a possible stop is released. A stop string that starts
+        in such text and ends after it is not matched."""
         if self.stopped:
             return ""
         if isinstance(ids, int):
             self._tokens.append(ids)
         else:
             self._tokens.extend(ids)
-        return self._match_stops(self._read_text(final=False), final=False)
+        delta = self._read_text(final=False)
+        if not check_stop:
+            out = delta if self._include_stop else self._tail + delta  # with include_stop the tail was sent
+            self._tail = ""
+            return out
+        return self._match_stops(delta, final=False)
 
     def flush(self) -> str:
         """Returns all held-back text; call once when the sequence ended for a reason other than a stop."""

@@ -218,7 +218,7 @@ class LLMEngine:
         elif tok in self.eos_token_ids and not sp.ignore_eos:
             reason = "stop"
         else:
-            text = c.detok.push(tok)
+            text = c.detok.push(tok, check_stop=seq.num_output_tokens >= sp.min_tokens)
             if c.detok.stopped:
                 reason, stop_reason = "stop", c.detok.stop_reason
         if reason is None and sp.max_tokens is not None and seq.num_output_tokens >= sp.max_tokens:

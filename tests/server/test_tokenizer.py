@@ -381,3 +381,16 @@ def test_multi_token_push_cuts_text_after_stop() -> None:
 def test_empty_stop_string_rejected(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match="got ''"):
         tok.detokenizer(stop=["ok", ""])
+
+
+def test_stops_do_not_count_before_min_tokens(tok: Tokenizer) -> None:
+    """check_stop=False (before min_tokens): a stop string in that text is emitted, not matched, and a
+    held-back partial match is released; checking resumes afterwards."""
+    ids = tok.encode("a STOP b STOP c")
+    first_stop_end = next(k for k in range(1, len(ids) + 1) if "STOP" in tok.decode(ids[:k]))
+    detok = tok.detokenizer(stop=["STOP"])
+    out = "".join(detok.push(i, check_stop=k >= first_stop_end) for k, i in enumerate(ids))
+    assert detok.stopped and detok.stop_reason == "STOP"
+    assert out == "a STOP b "
+    plain = tok.detokenizer(stop=["STOP"])
+    assert "".join(plain.push(i) for i in ids) == "a "

@@ -169,6 +169,13 @@ def test_stop_strings_and_stop_tokens(model, tokenizer) -> None:
     out = generate(make_engine(model, tokenizer), [p],
                    dataclasses.replace(params, stop=(stop,), include_stop_str_in_output=True))[0].outputs[0]
     assert out.text == text[:i + 3]
+    # before min_tokens, stop strings do not count (vLLM's rule): the first occurrence is passed over
+    n_before = next(k for k in range(1, len(full.token_ids) + 1)
+                    if stop in tokenizer.decode(full.token_ids[:k]))  # tokens until the stop string is complete
+    late = generate(make_engine(model, tokenizer), [p],
+                    dataclasses.replace(params, stop=(stop,), min_tokens=n_before + 1))[0].outputs[0]
+    assert late.text.startswith(text[:i + 3]) and len(late.token_ids) > n_before
+    assert late.finish_reason == ("stop" if stop in text[i + 3:] else "length")
     tok = full.token_ids[6]
     out = generate(make_engine(model, tokenizer), [p], dataclasses.replace(params, stop_token_ids=(tok,)))[0]
     first = full.token_ids.index(tok)
