@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mcserve.kernels.mc_mix import chosen_mask, mc_gamma
+from mcserve.kernels.mc_mix import chosen_mask, mc_gamma, select_mask, ssc_order
 from mcserve.kernels.mc_spec import MCSpec
 
 
@@ -98,7 +98,11 @@ def _read_cache(
     count = (positions % spec.segment_size + 1).to(dt)
     r_online = (u * key_sum).sum(-1) / count[:, None]  # [B, H]
     r_cached = torch.einsum("bhk,bnhk->bhn", u, ckpt_key_pool[table].to(dt))
-    chosen = chosen_mask(spec, r_cached, valid, top_k)
+    if spec.aggregation == "ssc":
+        order = ssc_order(r_cached, valid)  # one sort serves the selection and the gather below
+        chosen = select_mask(r_cached, valid, spec.top_k if top_k is None else top_k, order)
+    else:
+        chosen = chosen_mask(spec, r_cached, valid)
     g_on, g_c = mc_gamma(r_online, r_cached, chosen)  # [B, H], [B, H, N]
     y = g_on.repeat_interleave(G, dim=1)[..., None] * o
 
@@ -107,8 +111,7 @@ def _read_cache(
         if top_k_max is None:
             top_k_max = spec.top_k if top_k is None else int(top_k.max())
         kmax = min(N, top_k_max)
-        masked = r_cached.masked_fill(~valid[:, None, :], float("-inf"))
-        pick = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :kmax]  # [B, H, k]
+        pick = order[..., :kmax]  # [B, H, k]
         w = g_c.gather(-1, pick)  # [B, H, k]; 0 where not chosen
         blocks = table.gather(1, pick.reshape(B, -1)).view(B, H, kmax)
         per_head = ckpt_pool.view(ckpt_pool.shape[0], H, G, dv, dk)

@@ -12,15 +12,23 @@ import torch
 from mcserve.kernels.mc_spec import MCSpec
 
 
+def ssc_order(r_cached: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cached memories per (row, head) from the highest score down, ties to the lower index, missing
+    ones last. [R, H, N] indices."""
+    masked = r_cached.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.sort(masked, dim=-1, descending=True, stable=True).indices
+
+
 def select_mask(
     r_cached: torch.Tensor,  # [R, H, N]
     valid: torch.Tensor,  # [R, N] bool: the checkpoint exists (not a hole, not beyond the segment)
     top_k: torch.Tensor | int,  # per row [R] or one int
+    order: torch.Tensor | None = None,  # ssc_order(r_cached, valid), if the caller already has it
 ) -> torch.Tensor:
     """SSC's choice: the top_k highest scores per (row, head); ties go to the lower index. [R, H, N] bool."""
     R, H, N = r_cached.shape
-    masked = r_cached.masked_fill(~valid[:, None, :], float("-inf"))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    if order is None:
+        order = ssc_order(r_cached, valid)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(N, device=order.device).expand(R, H, N))
     k = top_k if isinstance(top_k, int) else top_k.view(R, 1, 1)
