@@ -31,7 +31,7 @@ class ApiSettings:
     `served_model_name`: the name clients pass as `model` (None = the engine's `model_name`).
     `max_body_bytes`: larger request bodies get 413, counted on the bytes actually received.
     `sse_ping_s`: keep-alive comment interval on idle streams (0 = never).
-    `model_notice`: shown in /v1/models and at start-up (e.g. "random weights: output is noise").
+    `model_notice`: an operator's note on the model (MCSERVE_MODEL_NOTICE), shown in /v1/models and at start-up.
     """
 
     host: str = "127.0.0.1"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mcserve.server.api_settings import ApiSettings
-from mcserve.server.errors import ConfigError
+from mcserve.server.errors import ConfigError, ModelLoadError
 
 AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc")
 PRESETS = ("tiny", "small", "370m", "1.3b")
@@ -138,7 +138,7 @@ def engine_kwargs(args: argparse.Namespace, settings: ApiSettings) -> dict[str, 
     return kwargs
 
 
-def settings_from_args(args: argparse.Namespace, model_dir: Path, notice: str | None = None) -> ApiSettings:
+def settings_from_args(args: argparse.Namespace, model_dir: Path) -> ApiSettings:
     return ApiSettings.from_env(
         host=args.host,
         port=args.port,
@@ -146,7 +146,6 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path, notice: str | 
         served_model_name=args.served_model_name or model_dir.resolve().name,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
-        model_notice=notice,
     )
 
 
@@ -252,20 +251,21 @@ async def serve(
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    notice = None
     if args.model_dir is None:
-        from mcserve.server import default_model
+        from mcserve.server.default_model import default_model_dir
 
-        model_dir = Path(default_model.default_model_dir())
-        notice_fn = getattr(default_model, "default_model_notice", None)
-        notice = notice_fn() if notice_fn is not None else None
+        try:
+            model_dir = default_model_dir()
+        except ModelLoadError as e:
+            _say(str(e))
+            return 2
     else:
         model_dir = Path(args.model_dir)
         if not model_dir.is_dir():
             _say(f"{model_dir} is not a directory")
             return 2
     try:
-        settings = settings_from_args(args, model_dir, notice)
+        settings = settings_from_args(args, model_dir)
     except ConfigError as e:
         _say(str(e))
         return 2
