@@ -58,7 +58,8 @@ def chunked_mc_gdn(
     start_pos: int,
     state: torch.Tensor,  # [HV, dv, dk]
     key_sum: torch.Tensor,  # [H, dk]
-    ckpts: torch.Tensor,  # [N, HV, dv, dk], N = start_pos // C cached memories (checkpoint dtype)
+    ckpts: torch.Tensor,  # [N, HV, dv, dk], N = start_pos // C cached memories (checkpoint dtype);
+    # not read (may be empty) when spec.aggregation is none
     ckpt_keys: torch.Tensor,  # [N, H, dk]
     ckpt_valid: torch.Tensor | None = None,  # [N] bool, False for dropped checkpoints
     chunk_size: int = 64,
@@ -72,7 +73,6 @@ def chunked_mc_gdn(
     C = spec.segment_size
     dt = state.dtype
     scale = dk**-0.5
-    assert ckpts.shape[0] == start_pos // C, (ckpts.shape, start_pos, C)
 
     def heads_first(x: torch.Tensor) -> torch.Tensor:
         return x.to(dt).transpose(0, 1)
@@ -80,15 +80,16 @@ def chunked_mc_gdn(
     qv = heads_first(q.repeat_interleave(G, dim=1) * scale)  # [HV, T, dk]
     kv = heads_first(k.repeat_interleave(G, dim=1))
     vv, gv, bv = heads_first(v), heads_first(g), heads_first(beta)
-    n_given = ckpts.shape[0]
-    n_total = (start_pos + T) // C if spec.reads_cache else n_given
-    cached = q.new_empty(n_total, HV, dv, dk, dtype=dt)  # given memories, then those made here
-    keys = q.new_empty(n_total, H, dk, dtype=dt)
-    valid = torch.ones(n_total, dtype=torch.bool, device=q.device)
-    cached[:n_given], keys[:n_given] = ckpts, ckpt_keys
-    if ckpt_valid is not None:
-        valid[:n_given] = ckpt_valid
-    n = n_given
+    n_given = n = ckpts.shape[0]
+    if spec.reads_cache:
+        assert n_given == start_pos // C, (ckpts.shape, start_pos, C)
+        n_total = (start_pos + T) // C
+        cached = q.new_empty(n_total, HV, dv, dk, dtype=dt)  # given memories, then those made here
+        keys = q.new_empty(n_total, H, dk, dtype=dt)
+        valid = torch.ones(n_total, dtype=torch.bool, device=q.device)
+        cached[:n_given], keys[:n_given] = ckpts, ckpt_keys
+        if ckpt_valid is not None:
+            valid[:n_given] = ckpt_valid
     weights = torch.zeros(n_given, dtype=dt, device=q.device)
     new_ckpts: list[tuple[torch.Tensor, torch.Tensor]] = []
     ys = []

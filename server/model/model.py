@@ -107,7 +107,8 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         boundaries = [e for e in range(1, T + 1) if (start_pos + e) % C == 0]
         assert len(boundaries) == len(write_blocks), (boundaries, write_blocks)
         assert len(read_blocks) == start_pos // C, (len(read_blocks), start_pos, C)
-        rb = torch.as_tensor(list(read_blocks), dtype=torch.long, device=self.device)
+        # aggregation none reads no cached memory: don't gather any
+        rb = torch.as_tensor(list(read_blocks) if self.spec.reads_cache else [], dtype=torch.long, device=self.device)
         valid, rbc = rb >= 0, rb.clamp_min(0)
         sd = self.state_dtype
         weights = torch.zeros(len(read_blocks), dtype=sd, device=self.device)
@@ -120,9 +121,10 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
             y, s, ks, new, w_read = chunked_mc_gdn(
                 q, k, v, g, beta, u, self.spec, start_pos, states.ssm[li, slot], states.key_sum[li, slot],
                 ckpts.ssm[rbc, li], ckpts.key[rbc, li], valid, top_k=top_k)
-            weights += w_read
-            if selections is not None:
-                selections[li] += (w_read > 0).sum()
+            if self.spec.reads_cache:
+                weights += w_read
+                if selections is not None:
+                    selections[li] += (w_read > 0).sum()
             states.ssm[li, slot] = s
             states.key_sum[li, slot] = ks
             w = attn.conv_width
