@@ -20,9 +20,9 @@ import time
 import torch
 from common import machine, model_dir
 
-from mcserve.server.engine_client import GenerateRequest
-from mcserve.server.llm_engine import LLMEngine
-from mcserve.server.sampling_params import SamplingParams
+from mcserve.server.engine.client import GenerateRequest
+from mcserve.server.engine.llm_engine import LLMEngine
+from mcserve.server.engine.sampling_params import SamplingParams
 
 MODES = {"reuse": dict(enable_prefix_caching=True, enable_snapshots=True),
          "ckpt-only": dict(enable_prefix_caching=True, enable_snapshots=False),

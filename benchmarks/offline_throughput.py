@@ -16,8 +16,8 @@ import time
 import torch
 from common import machine, model_dir
 
-from mcserve.server.llm import LLM
-from mcserve.server.sampling_params import SamplingParams
+from mcserve.server.engine.llm import LLM
+from mcserve.server.engine.sampling_params import SamplingParams
 
 
 def run(llm: LLM, batch: int, prompt_len: int, output_len: int, seed: int) -> tuple[float, int, int, int]:

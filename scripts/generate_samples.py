@@ -3,7 +3,7 @@
     python scripts/generate_samples.py                       # the default model of `mcserve serve`
     python scripts/generate_samples.py --model runs/ssc/model --max-tokens 120
 
-Runs the offline engine (`mcserve.server.llm.LLM`, CPU by default): the same scheduler, prefill,
+Runs the offline engine (`mcserve.server.engine.llm.LLM`, CPU by default): the same scheduler, prefill,
 decode and sampler as the server.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mcserve.server.llm import LLM
-from mcserve.server.sampling_params import SamplingParams
+from mcserve.server.engine.llm import LLM
+from mcserve.server.engine.sampling_params import SamplingParams
 
 PROMPTS = (
     "It is a truth universally acknowledged that",
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model_dir = args.model
     if model_dir is None:
-        from mcserve.server.default_model import default_model_dir
+        from mcserve.server.model.default import default_model_dir
 
         model_dir = default_model_dir()
     llm = LLM(model_dir, device=args.device)

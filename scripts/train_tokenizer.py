@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mctrain.corpus import EOT, HELDOUT_FRAC, SPECIAL_TOKENS, read_corpus, weighted_documents  # noqa: E402
 
-from mcserve.server.model.tokenizer_train import train_byte_level_bpe, write_tokenizer_files  # noqa: E402
+from mcserve.server.text.tokenizer_train import train_byte_level_bpe, write_tokenizer_files  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mcserve.server.api_settings import ApiSettings
 from mcserve.server.errors import ConfigError, ModelLoadError
+from mcserve.server.settings import ApiSettings
 
 AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc")
 PRESETS = ("tiny", "small", "370m", "1.3b")
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Keyword arguments of `AsyncEngine.from_model_dir` (server/engine_args.py's EngineArgs).
+# Keyword arguments of `AsyncEngine.from_model_dir` (server/engine/args.py's EngineArgs).
 ENGINE_FLAGS = (
     "max_num_seqs",
     "max_model_len",
@@ -150,13 +150,13 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> ApiSettings
 
 
 def load_engine(model_dir: Path, kwargs: dict[str, Any], metrics: Any) -> Any:
-    from mcserve.server.async_engine import AsyncEngine
+    from mcserve.server.engine.async_engine import AsyncEngine
 
     return AsyncEngine.from_model_dir(model_dir, metrics=metrics, **kwargs)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
-    from mcserve.server.tokenizer import Tokenizer
+    from mcserve.server.text.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(model_dir)
 
@@ -252,7 +252,7 @@ async def serve(
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.model_dir is None:
-        from mcserve.server.default_model import default_model_dir
+        from mcserve.server.model.default import default_model_dir
 
         try:
             model_dir = default_model_dir()

@@ -26,8 +26,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from mcserve.server.engine_client import EngineStats
-from mcserve.server.outputs import Delta
+from mcserve.server.engine.client import EngineStats
+from mcserve.server.engine.outputs import Delta
 
 PREFIX = "mcserve:"
 

@@ -3,14 +3,14 @@
 Both take fla's layout: q, k [B, T, H, dk] (already L2-normalised, not scaled), v [B, T, HV, dv],
 g (log-decay), beta [B, T, HV] and an optional initial state [B, HV, dv, dk] (fla's `state_v_first`);
 both return (o [B, T, HV, dv] with o_t = S_t (scale q_t), final state [B, HV, dv, dk] fp32).
-The torch path runs kernels/chunked.py's closed-form chunk over batch x heads rows.
+The torch path runs kernels/prefill/torch.py's closed-form chunk over batch x heads rows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mcserve.kernels.chunked import delta_rule_chunk
+from mcserve.kernels.prefill.torch import delta_rule_chunk
 
 BACKENDS = ("torch", "fla")
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mcserve.kernels.mc_mix import chosen_mask, mc_gamma
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.router import chosen_mask, mc_gamma
 from mcserve.server.model.layers import GatedDeltaNetAttention
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mctrain.delta_rule import delta_rule

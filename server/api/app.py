@@ -21,11 +21,11 @@ from mcserve.server.api.protocol import (
 from mcserve.server.api.serving import ServingContext, parse_body
 from mcserve.server.api.serving_chat import create_chat_completion
 from mcserve.server.api.serving_completion import create_completion
-from mcserve.server.api_settings import ApiSettings
-from mcserve.server.chat import ChatTokenizer, chat_prompt_ids
-from mcserve.server.engine_client import EngineClient
+from mcserve.server.engine.client import EngineClient
 from mcserve.server.errors import InvalidRequestError, NotFoundError
 from mcserve.server.metrics import EngineMetrics
+from mcserve.server.settings import ApiSettings
+from mcserve.server.text.chat import ChatTokenizer, chat_prompt_ids
 
 
 def package_version() -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from mcserve.server.api.errors import EngineNotReadyError
-from mcserve.server.engine_client import EngineClient, EngineStats, GenerateRequest
-from mcserve.server.outputs import Delta
+from mcserve.server.engine.client import EngineClient, EngineStats, GenerateRequest
+from mcserve.server.engine.outputs import Delta
 
 
 class DeferredEngine:

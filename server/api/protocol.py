@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.errors import InvalidRequestError
-from mcserve.server.sampling_params import SamplingParams
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 

@@ -17,13 +17,13 @@ from mcserve.server.api.errors import EngineNotReadyError, invalid_request_from_
 from mcserve.server.api.middleware import API_KEY_SCOPE_KEY
 from mcserve.server.api.protocol import PromptTokensDetails, UsageInfo
 from mcserve.server.api.streaming import ChunkWriter, ClientDisconnected, EngineRun, sse_response, unless_disconnected
-from mcserve.server.api_settings import ApiSettings
-from mcserve.server.chat import ChatTokenizer
-from mcserve.server.engine_client import EngineClient, GenerateRequest
+from mcserve.server.engine.client import EngineClient, GenerateRequest
+from mcserve.server.engine.outputs import Usage
+from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.errors import ContextLengthError, InvalidRequestError, NotFoundError
 from mcserve.server.metrics import EngineMetrics
-from mcserve.server.outputs import Usage
-from mcserve.server.sampling_params import SamplingParams
+from mcserve.server.settings import ApiSettings
+from mcserve.server.text.chat import ChatTokenizer
 
 M = TypeVar("M", bound=BaseModel)
 

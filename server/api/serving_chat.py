@@ -23,8 +23,8 @@ from mcserve.server.api.protocol import (
 )
 from mcserve.server.api.serving import ServingContext, UsageCounter, parse_body, respond
 from mcserve.server.api.streaming import EngineRun, engine_error
-from mcserve.server.chat import chat_prompt_ids
-from mcserve.server.outputs import Delta, TokenLogprob
+from mcserve.server.engine.outputs import Delta, TokenLogprob
+from mcserve.server.text.chat import chat_prompt_ids
 
 
 def chat_logprobs(items: tuple[TokenLogprob, ...] | None) -> ChatLogprobs | None:

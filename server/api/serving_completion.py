@@ -16,7 +16,7 @@ from starlette.responses import Response
 from mcserve.server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from mcserve.server.api.serving import PreparedPrompt, ServingContext, UsageCounter, parse_body, respond
 from mcserve.server.api.streaming import EngineRun, engine_error
-from mcserve.server.outputs import Delta
+from mcserve.server.engine.outputs import Delta
 
 
 class CompletionChunkWriter:

@@ -24,10 +24,10 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive
 
 from mcserve.server.api.errors import InternalServerError
-from mcserve.server.engine_client import EngineClient, GenerateRequest
+from mcserve.server.engine.client import EngineClient, GenerateRequest
+from mcserve.server.engine.outputs import Delta
 from mcserve.server.errors import MCServeError
 from mcserve.server.metrics import RequestTracker
-from mcserve.server.outputs import Delta
 
 logger = logging.getLogger("mcserve.api")
 

@@ -67,7 +67,7 @@ def init_model(out_dir: str | Path, preset: str = "tiny", mc: dict | None = None
     """
     from safetensors.torch import save_file
 
-    from mcserve.server.model.tokenizer_train import builtin_corpus, train_byte_level_bpe, write_tokenizer_files
+    from mcserve.server.text.tokenizer_train import builtin_corpus, train_byte_level_bpe, write_tokenizer_files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

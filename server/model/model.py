@@ -1,9 +1,9 @@
 """The Gated DeltaNet + Memory Caching causal LM and its three execution paths.
 
 - `forward_reference`: token-by-token recurrence (kernels/reference.py); the ground truth.
-- `prefill`: one sequence, segment by segment with the chunked delta rule (kernels/chunked.py),
+- `prefill`: one sequence, segment by segment with the chunked delta rule (kernels/prefill/torch.py),
   reading and writing sequence memory in the engine's pools.
-- `decode`: one token for each of many sequences (kernels/decode.py), through the same pools.
+- `decode`: one token for each of many sequences (kernels/decode/torch.py), through the same pools.
 All three share the projections, convolutions and MLPs below, so they differ only in the core.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mcserve.kernels.chunked import chunked_mc_gdn
-from mcserve.kernels.decode import decode_mc_gdn
+from mcserve.kernels.decode.torch import decode_mc_gdn
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.prefill.torch import chunked_mc_gdn
 from mcserve.kernels.reference import reference_mc_gdn
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
 from mcserve.server.model.config import ModelConfig

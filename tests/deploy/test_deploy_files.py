@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mcserve.server.api_settings import ENV_PREFIX, ApiSettings
+from mcserve.server.engine.outputs import Delta, Usage
 from mcserve.server.metrics import EngineMetrics
-from mcserve.server.outputs import Delta, Usage
+from mcserve.server.settings import ENV_PREFIX, ApiSettings
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"

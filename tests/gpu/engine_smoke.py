@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from mcserve.server.default_model import default_model_dir
-from mcserve.server.llm import LLM
-from mcserve.server.sampling_params import SamplingParams
+from mcserve.server.engine.llm import LLM
+from mcserve.server.engine.sampling_params import SamplingParams
+from mcserve.server.model.default import default_model_dir
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:

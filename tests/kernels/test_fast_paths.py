@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcserve.kernels.chunked import chunked_mc_gdn
-from mcserve.kernels.decode import decode_mc_gdn
+from mcserve.kernels.decode.torch import decode_mc_gdn
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.prefill.torch import chunked_mc_gdn
 from mcserve.kernels.reference import reference_mc_gdn
 from tests.kernels.inputs import F64, core_inputs, zero_state
 

@@ -7,8 +7,8 @@ import torch
 from mctrain.delta_rule import delta_rule_torch
 from mctrain.mc_forward import forward_logits, mc_core
 
-from mcserve.kernels.chunked import chunked_mc_gdn
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.prefill.torch import chunked_mc_gdn
 from tests.server.model.helpers import VOCAB, rel_err, tiny_model
 
 MC_CASES = {
@@ -42,7 +42,7 @@ def test_batched_forward_matches_reference_fp32_gva():
 
 
 def test_core_matches_chunked_prefill_kernel_and_chunks_agree():
-    """The batched core (70 tokens: two 64-token chunks in the first call) against kernels/chunked.py."""
+    """The batched core (70 tokens: two 64-token chunks in the first call) against kernels/prefill/torch.py."""
     gen = torch.Generator().manual_seed(2)
     B, T, H, HV, dk, dv = 2, 70, 2, 4, 8, 6
     q = torch.nn.functional.normalize(torch.randn(B, T, H, dk, generator=gen, dtype=torch.float64), dim=-1)

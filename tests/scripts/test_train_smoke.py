@@ -13,7 +13,7 @@ from mctrain.mc_forward import forward_logits
 from mctrain.token_data import TOKENIZER_DIR, TokenData, build_token_data
 
 from mcserve.server.model.loader import load_model
-from mcserve.server.model.tokenizer_train import builtin_corpus, train_byte_level_bpe, write_tokenizer_files
+from mcserve.server.text.tokenizer_train import builtin_corpus, train_byte_level_bpe, write_tokenizer_files
 from tests.server.model.helpers import rel_err
 
 

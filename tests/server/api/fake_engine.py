@@ -22,9 +22,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from mcserve.server.engine_client import EngineStats, GenerateRequest
+from mcserve.server.engine.client import EngineStats, GenerateRequest
+from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
 from mcserve.server.errors import ContextLengthError, InvalidRequestError, QueueFullError
-from mcserve.server.outputs import Delta, TokenLogprob, Usage
 from tests.server.api.tiny_tokenizer import EOS, TinyTokenizer
 
 

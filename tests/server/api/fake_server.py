@@ -14,7 +14,7 @@ import time
 from fastapi import FastAPI
 
 from mcserve.server.api import build_app
-from mcserve.server.api_settings import ApiSettings
+from mcserve.server.settings import ApiSettings
 from tests.server.api.fake_engine import FakeEngine
 from tests.server.api.tiny_tokenizer import TinyTokenizer
 

@@ -1,14 +1,14 @@
-"""server/chat.py against the real Tokenizer (server/tokenizer.py) and its default template."""
+"""server/text/chat.py against the real Tokenizer (server/text/tokenizer.py) and its default template."""
 
 from __future__ import annotations
 
 import pytest
 
 from mcserve.server.api.protocol import ChatMessage
-from mcserve.server.chat import chat_prompt_ids, render_chat, template_messages
 from mcserve.server.errors import InvalidRequestError
-from mcserve.server.model.tokenizer_train import builtin_corpus, train_byte_level_bpe
-from mcserve.server.tokenizer import Tokenizer
+from mcserve.server.text.chat import chat_prompt_ids, render_chat, template_messages
+from mcserve.server.text.tokenizer import Tokenizer
+from mcserve.server.text.tokenizer_train import builtin_corpus, train_byte_level_bpe
 
 
 @pytest.fixture(scope="module")

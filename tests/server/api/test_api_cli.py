@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from mcserve.server import cli
-from mcserve.server.api_settings import ApiSettings
 from mcserve.server.errors import ConfigError
+from mcserve.server.settings import ApiSettings
 from tests.server.api.conftest import free_port
 from tests.server.api.fake_engine import FakeEngine
 from tests.server.api.tiny_tokenizer import TinyTokenizer
@@ -64,7 +64,7 @@ def test_engine_flags_are_engine_args() -> None:
     """Every flag serve passes is a keyword that the engine's EngineArgs accepts."""
     import dataclasses
 
-    from mcserve.server.engine_args import EngineArgs
+    from mcserve.server.engine.args import EngineArgs
 
     accepted = {f.name for f in dataclasses.fields(EngineArgs)}
     assert set(cli.ENGINE_FLAGS) | {"served_model_name"} <= accepted

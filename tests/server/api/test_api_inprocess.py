@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mcserve.server.api import build_app
 from mcserve.server.api.deferred_engine import DeferredEngine
-from mcserve.server.api_settings import ApiSettings
 from mcserve.server.metrics import EngineMetrics
+from mcserve.server.settings import ApiSettings
 from tests.server.api.fake_engine import FakeEngine
 from tests.server.api.fake_server import make_app
 from tests.server.api.tiny_tokenizer import TinyTokenizer

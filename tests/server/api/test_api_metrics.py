@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mcserve.server.engine_client import EngineStats
+from mcserve.server.engine.client import EngineStats
+from mcserve.server.engine.outputs import Delta, Usage
 from mcserve.server.metrics import ITL_BUCKETS, TTFT_BUCKETS, EngineMetrics
-from mcserve.server.outputs import Delta, Usage
 
 
 def _samples(m: EngineMetrics) -> dict[tuple[str, tuple], float]:

@@ -7,8 +7,8 @@ from pydantic import ValidationError
 
 from mcserve.server.api.errors import invalid_request_from_validation
 from mcserve.server.api.protocol import ChatCompletionRequest, CompletionRequest
-from mcserve.server.api_settings import DEFAULT_MAX_BODY_BYTES, ApiSettings
 from mcserve.server.errors import ConfigError, InvalidRequestError
+from mcserve.server.settings import DEFAULT_MAX_BODY_BYTES, ApiSettings
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -1,4 +1,4 @@
-"""A stand-in for server/tokenizer.py's `Tokenizer` in the API tests: one token per UTF-8 byte.
+"""A stand-in for server/text/tokenizer.py's `Tokenizer` in the API tests: one token per UTF-8 byte.
 
 Ids: 0 pad, 1 bos, 2 eos, 3 + byte. The chat template is fixed and, like real templates, refuses
 some conversations (a system message after the first turn).

@@ -8,7 +8,7 @@ import torch
 from mcserve.server.model.init_model import init_model
 from mcserve.server.model.loader import load_model
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
-from mcserve.server.tokenizer import Tokenizer
+from mcserve.server.text.tokenizer import Tokenizer
 
 MC = {"aggregation": "ssc", "segment_size": 16, "top_k": 2, "router": "learned"}
 

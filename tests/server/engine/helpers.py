@@ -6,14 +6,14 @@ from collections.abc import Sequence
 
 import torch
 
-from mcserve.server.engine_config import EngineConfig
-from mcserve.server.llm import LLM, RequestOutput
-from mcserve.server.llm_engine import LLMEngine
+from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.llm import LLM, RequestOutput
+from mcserve.server.engine.llm_engine import LLMEngine
+from mcserve.server.engine.model_runner import RunnerOutput
+from mcserve.server.engine.plan import StepPlan
+from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
-from mcserve.server.model_runner import RunnerOutput
-from mcserve.server.plan import StepPlan
-from mcserve.server.sampling_params import SamplingParams
-from mcserve.server.tokenizer import Tokenizer
+from mcserve.server.text.tokenizer import Tokenizer
 
 # ignore_eos: a random model may hit eos at any point; most tests want full-length outputs.
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from mcserve.server.async_engine import AsyncEngine
-from mcserve.server.engine_client import GenerateRequest
+from mcserve.server.engine.async_engine import AsyncEngine
+from mcserve.server.engine.client import GenerateRequest
 from mcserve.server.errors import ContextLengthError, EngineDeadError, QueueFullError
 from tests.server.engine.helpers import GREEDY, generate, make_engine, random_prompts, tokens
 

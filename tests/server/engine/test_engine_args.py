@@ -7,13 +7,13 @@ import asyncio
 import pytest
 import torch
 
-from mcserve.server.async_engine import AsyncEngine
-from mcserve.server.engine_args import EngineArgs, engine_config, size_pools
-from mcserve.server.engine_client import GenerateRequest
+from mcserve.server.engine.args import EngineArgs, engine_config, size_pools
+from mcserve.server.engine.async_engine import AsyncEngine
+from mcserve.server.engine.client import GenerateRequest
+from mcserve.server.engine.llm import LLM
+from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.errors import ConfigError
-from mcserve.server.llm import LLM
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
-from mcserve.server.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 

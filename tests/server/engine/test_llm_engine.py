@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from mcserve.server.engine_client import GenerateRequest
+from mcserve.server.engine.client import GenerateRequest
+from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.errors import ContextLengthError, InvalidRequestError, QueueFullError
-from mcserve.server.sampling_params import SamplingParams
 from tests.server.engine.helpers import GREEDY, generate, make_engine, random_prompts, tokens
 
 LENGTHS = [5, 16, 17, 40, 71, 1]  # short, on a boundary, just past one, several segments
@@ -256,8 +256,8 @@ def test_metrics_count_checkpoint_reads_per_layer(model, tokenizer) -> None:
 def test_bf16_checkpoints_resume_approximately(model, tokenizer) -> None:
     """With bf16 checkpoints a resume restores a rounded state, so its tokens may differ from a cold
     run's (exact resume needs fp32 checkpoints, as the tests above use); this checks the plumbing."""
-    from mcserve.server.engine_config import EngineConfig
-    from mcserve.server.llm_engine import LLMEngine
+    from mcserve.server.engine.config import EngineConfig
+    from mcserve.server.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(model, tokenizer, EngineConfig(segment_size=16, max_model_len=512, num_checkpoint_blocks=64,
                                                      max_num_seqs=4, num_state_slots=8),

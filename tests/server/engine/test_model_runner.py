@@ -6,9 +6,9 @@ import dataclasses
 
 import torch
 
+from mcserve.server.engine.model_runner import ModelRunner
+from mcserve.server.engine.plan import BlockCopy, StepPlan
 from mcserve.server.model.loader import load_model
-from mcserve.server.model_runner import ModelRunner
-from mcserve.server.plan import BlockCopy, StepPlan
 from tests.server.engine.helpers import GREEDY, generate, make_engine, random_prompts, tokens
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from mcserve.server.errors import ModelLoadError
 from mcserve.server.model.init_model import init_model
 from mcserve.server.model.loader import load_config, load_model
-from mcserve.server.tokenizer import Tokenizer
+from mcserve.server.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from mcserve.server.default_model import SHIPPED_DIR, is_shipped
+from mcserve.server.model.default import SHIPPED_DIR, is_shipped
 from mcserve.server.model.loader import load_config, load_model
-from mcserve.server.tokenizer import Tokenizer
+from mcserve.server.text.tokenizer import Tokenizer
 
-SAMPLE = Path(__file__).parent / "data" / "heldout_sample.txt"
+SAMPLE = Path(__file__).parents[1] / "data" / "heldout_sample.txt"
 # Measured 55.84 for the shipped ssc model (2026-11-26, CPU float32, exactly the computation of the test
 # below; `python scripts/eval.py` reports 55.87 on the GPU in bf16), times ~1.15. The `none` baseline
 # trained alongside it gives 66.78, and the shipped weights with N(0, (0.2 std)^2) noise per tensor 71.3.

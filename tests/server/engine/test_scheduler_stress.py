@@ -9,11 +9,11 @@ from collections import Counter
 
 import pytest
 
-from mcserve.server.engine_config import EngineConfig
+from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.sampling_params import SamplingParams
+from mcserve.server.engine.sequence import Sequence
 from mcserve.server.errors import QueueFullError
-from mcserve.server.sampling_params import SamplingParams
-from mcserve.server.sequence import Sequence
-from tests.server.fake_runner import Driver
+from tests.server.engine.fake_runner import Driver
 
 VARIANTS = {
     "offload": dict(num_checkpoint_blocks=32, num_host_blocks=8),

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from mcserve.server.checkpoint_cache import CheckpointCache, blocks_for_budget
+from mcserve.server.engine.checkpoint_cache import CheckpointCache, blocks_for_budget
+from mcserve.server.engine.plan import BlockCopy
 from mcserve.server.errors import ConfigError
-from mcserve.server.plan import BlockCopy
 
 
 def _key(prefix: bytes, i: int) -> bytes:

@@ -35,13 +35,13 @@ import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mcserve.server.checkpoint_cache import CheckpointCache
-from mcserve.server.engine_client import EngineStats
-from mcserve.server.engine_config import EngineConfig
+from mcserve.server.engine.checkpoint_cache import CheckpointCache
+from mcserve.server.engine.client import EngineStats
+from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.plan import DecodeRow, PrefillChunk, SlotRestore, StepOutput, StepPlan
+from mcserve.server.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
+from mcserve.server.engine.state_pool import StatePool
 from mcserve.server.errors import ContextLengthError, QueueFullError
-from mcserve.server.plan import DecodeRow, PrefillChunk, SlotRestore, StepOutput, StepPlan
-from mcserve.server.sequence import FINISH_REASONS, Sequence, SequenceStatus
-from mcserve.server.state_pool import StatePool
 
 RUNNING = SequenceStatus.RUNNING
 

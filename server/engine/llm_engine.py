@@ -24,18 +24,18 @@ from typing import Any
 
 import torch
 
-from mcserve.server.detokenizer import IncrementalDetokenizer
-from mcserve.server.engine_client import EngineStats, GenerateRequest
-from mcserve.server.engine_config import EngineConfig
+from mcserve.server.engine.client import EngineStats, GenerateRequest
+from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.model_runner import ModelRunner
+from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
+from mcserve.server.engine.plan import StepPlan
+from mcserve.server.engine.sampler import SamplingRow
+from mcserve.server.engine.scheduler import Scheduler
+from mcserve.server.engine.sequence import Sequence
 from mcserve.server.errors import ConfigError, ContextLengthError, InvalidRequestError, QueueFullError
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
-from mcserve.server.model_runner import ModelRunner
-from mcserve.server.outputs import Delta, TokenLogprob, Usage
-from mcserve.server.plan import StepPlan
-from mcserve.server.sampler import SamplingRow
-from mcserve.server.scheduler import Scheduler
-from mcserve.server.sequence import Sequence
-from mcserve.server.tokenizer import Tokenizer
+from mcserve.server.text.detokenizer import IncrementalDetokenizer
+from mcserve.server.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class LLMEngine:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, metrics: Any = None, **kwargs: Any) -> LLMEngine:
         """Load model and tokenizer, size the pools from the memory budgets; `kwargs` are EngineArgs."""
-        from mcserve.server.engine_args import EngineArgs, engine_config, size_pools
+        from mcserve.server.engine.args import EngineArgs, engine_config, size_pools
         from mcserve.server.model.loader import load_model
 
         args = EngineArgs(**kwargs)

@@ -1,7 +1,7 @@
 """The contract between the HTTP layer and the engine.
 
 The HTTP layer sees only this protocol, so it can be tested against a fake engine and the engine
-can be tested without HTTP. `AsyncEngine` (server/async_engine.py) implements it.
+can be tested without HTTP. `AsyncEngine` (server/engine/async_engine.py) implements it.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mcserve.server.outputs import Delta
-from mcserve.server.sampling_params import SamplingParams
+from mcserve.server.engine.outputs import Delta
+from mcserve.server.engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,8 +40,8 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 
+from mcserve.server.engine.plan import BlockCopy
 from mcserve.server.errors import ConfigError
-from mcserve.server.plan import BlockCopy
 
 
 def blocks_for_budget(bytes_per_block: int, budget_bytes: int, min_blocks: int) -> int:

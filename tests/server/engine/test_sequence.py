@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from mcserve.server.engine.sequence import Sequence, SequenceStatus
 from mcserve.server.errors import InvalidRequestError
-from mcserve.server.sequence import Sequence, SequenceStatus
 
 
 def test_prefix_hashes_name_whole_segments_and_extend_with_tokens() -> None:

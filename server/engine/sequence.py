@@ -15,8 +15,8 @@ import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from mcserve.server.engine.prefix_index import extend_chain, namespace_root
 from mcserve.server.errors import InvalidRequestError
-from mcserve.server.prefix_index import extend_chain, namespace_root
 
 
 class SequenceStatus(enum.Enum):

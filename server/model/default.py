@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mcserve.server.errors import ModelLoadError
 
-SHIPPED_DIR = Path(__file__).parent / "data" / "default_model"
+SHIPPED_DIR = Path(__file__).parents[1] / "data" / "default_model"
 
 
 def is_shipped() -> bool:

@@ -4,12 +4,12 @@ import random
 
 import pytest
 
-from mcserve.server.engine_config import EngineConfig
+from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.sampling_params import SamplingParams
+from mcserve.server.engine.scheduler import Scheduler
+from mcserve.server.engine.sequence import Sequence, SequenceStatus
 from mcserve.server.errors import ContextLengthError, QueueFullError
-from mcserve.server.sampling_params import SamplingParams
-from mcserve.server.scheduler import Scheduler
-from mcserve.server.sequence import Sequence, SequenceStatus
-from tests.server.fake_runner import Driver
+from tests.server.engine.fake_runner import Driver
 
 C = 8
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from mcserve.kernels.mc_spec import AGGREGATIONS
-from mcserve.server.checkpoint_cache import blocks_for_budget
-from mcserve.server.engine_config import EngineConfig
+from mcserve.server.engine.checkpoint_cache import blocks_for_budget
+from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.state_pool import slots_for_budget
 from mcserve.server.errors import ConfigError
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
 from mcserve.server.model.config import ModelConfig
-from mcserve.server.state_pool import slots_for_budget
 
 DEFAULT_CPU_CHECKPOINT_MEMORY = 256 * 2**20
 DEFAULT_GPU_CHECKPOINT_FRACTION_OF_FREE = 0.5

@@ -38,7 +38,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from mcserve.server.sampling_params import SamplingParams
+from mcserve.server.engine.sampling_params import SamplingParams
 
 # Below this a row is greedy: 1/T would push float32 logits to inf.
 GREEDY_TEMPERATURE = 1e-5

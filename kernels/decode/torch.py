@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from mcserve.kernels.mc_mix import chosen_mask, mc_gamma, select_mask, ssc_order
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.router import chosen_mask, mc_gamma, select_mask, ssc_order
 
 
 def decode_mc_gdn(

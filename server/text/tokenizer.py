@@ -17,8 +17,8 @@ import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mcserve.server.detokenizer import IncrementalDetokenizer
 from mcserve.server.errors import ModelLoadError
+from mcserve.server.text.detokenizer import IncrementalDetokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mcserve.server.engine_client import GenerateRequest
-from mcserve.server.llm_engine import LLMEngine
-from mcserve.server.outputs import Delta, TokenLogprob, Usage
-from mcserve.server.sampling_params import SamplingParams
+from mcserve.server.engine.client import GenerateRequest
+from mcserve.server.engine.llm_engine import LLMEngine
+from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
+from mcserve.server.engine.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
@@ -43,7 +43,7 @@ class RequestOutput:
 
 
 class LLM:
-    """`LLM(model_dir, **engine_args)`; engine_args are EngineArgs (server/engine_args.py)."""
+    """`LLM(model_dir, **engine_args)`; engine_args are EngineArgs (server/engine/args.py)."""
 
     def __init__(self, model_dir: str | Path, **engine_args: Any) -> None:
         self.engine = LLMEngine.from_model_dir(model_dir, **engine_args)

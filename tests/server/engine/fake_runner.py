@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
-from mcserve.server.engine_config import EngineConfig
-from mcserve.server.plan import StepOutput, StepPlan
-from mcserve.server.scheduler import Scheduler
-from mcserve.server.sequence import Sequence
+from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.plan import StepOutput, StepPlan
+from mcserve.server.engine.scheduler import Scheduler
+from mcserve.server.engine.sequence import Sequence
 
 WeightFn = Callable[[int, int], float]  # (block id, segment) -> router weight this step
 

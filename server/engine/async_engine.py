@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from mcserve.server.engine_client import EngineStats, GenerateRequest
+from mcserve.server.engine.client import EngineStats, GenerateRequest
+from mcserve.server.engine.llm_engine import LLMEngine
+from mcserve.server.engine.outputs import Delta
 from mcserve.server.errors import EngineDeadError, InvalidRequestError, MCServeError
-from mcserve.server.llm_engine import LLMEngine
-from mcserve.server.outputs import Delta
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class AsyncEngine:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, metrics: Any = None, **kwargs: Any) -> AsyncEngine:
         """Load the model, size the pools (ConfigError if max_num_seqs cannot fit) and start the loop.
-        `kwargs`: EngineArgs (server/engine_args.py)."""
+        `kwargs`: EngineArgs (server/engine/args.py)."""
         return cls(LLMEngine.from_model_dir(model_dir, metrics=metrics, **kwargs))
 
     def start(self) -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from mcserve.server.engine_config import EngineConfig
+from mcserve.server.engine.config import EngineConfig
 from mcserve.server.errors import ConfigError
 
 

@@ -1,6 +1,6 @@
 """Chat messages -> prompt text -> token ids, through the tokenizer's chat template.
 
-The tokenizer (server/tokenizer.py) owns the template (Jinja2, sandboxed; a default when the model
+The tokenizer (server/text/tokenizer.py) owns the template (Jinja2, sandboxed; a default when the model
 ships none) and raises `ChatTemplateError` (a ValueError) when rendering fails. This module owns
 what the template sees: plain dicts with string content, text parts joined by newlines, `developer`
 mapped to `system` (templates written before that role know only `system`), and only text content

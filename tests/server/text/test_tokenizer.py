@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from mcserve.server.detokenizer import CONTEXT_TOKENS, CUT_SEARCH, MAX_PENDING, IncrementalDetokenizer
-from mcserve.server.model.tokenizer_train import builtin_corpus, train_byte_level_bpe, write_tokenizer_files
-from mcserve.server.tokenizer import (
+from mcserve.server.text.detokenizer import CONTEXT_TOKENS, CUT_SEARCH, MAX_PENDING, IncrementalDetokenizer
+from mcserve.server.text.tokenizer import (
     ChatTemplateError,
     Tokenizer,
     TokenizerLoadError,
 )
+from mcserve.server.text.tokenizer_train import builtin_corpus, train_byte_level_bpe, write_tokenizer_files
 
 MULTIBYTE = [
     "日本語のテキストです。東京は大きい。",

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from mcserve.server.engine.state_pool import StatePool, slots_for_budget
 from mcserve.server.errors import ConfigError
-from mcserve.server.state_pool import StatePool, slots_for_budget
 
 
 def test_alloc_free_until_exhausted() -> None:

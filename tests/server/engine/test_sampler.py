@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mcserve.server.sampler import LOGPROB_FLOOR, Sampler, SamplingRow, row_seed
-from mcserve.server.sampling_params import SamplingParams
+from mcserve.server.engine.sampler import LOGPROB_FLOOR, Sampler, SamplingRow, row_seed
+from mcserve.server.engine.sampling_params import SamplingParams
 
 V = 1003  # odd vocab: no power-of-two luck in sort / topk / reductions
 EOS = 7

@@ -10,7 +10,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from mcserve.server.tokenizer import CONFIG_FILE, DEFAULT_CHAT_TEMPLATE, DEFAULT_EOS_TOKEN, TOKENIZER_FILE
+from mcserve.server.text.tokenizer import CONFIG_FILE, DEFAULT_CHAT_TEMPLATE, DEFAULT_EOS_TOKEN, TOKENIZER_FILE
 
 DEFAULT_SPECIAL_TOKENS = (DEFAULT_EOS_TOKEN, "<|im_start|>", "<|im_end|>")
 BYTE_ALPHABET_SIZE = 256

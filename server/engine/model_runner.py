@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mcserve.server.engine.plan import BlockCopy, StepOutput, StepPlan
+from mcserve.server.engine.sampler import Sampler, SamplingRow
 from mcserve.server.model.cache_tensors import CheckpointBlocks
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
-from mcserve.server.plan import BlockCopy, StepOutput, StepPlan
-from mcserve.server.sampler import Sampler, SamplingRow
 
 # Columns of the decode metadata before the block table (see _decode_meta).
 _TOKEN, _SLOT, _POS, _WRITE, _TOPK, _TABLE = range(6)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from mcserve.kernels.mc_mix import chosen_mask, mc_gamma
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.router import chosen_mask, mc_gamma
 
 
 def delta_rule_chunk(

@@ -1,0 +1,1 @@
+"""Text processing: tokenizer and chat templates, incremental detokenizer, chat prompt rendering."""
