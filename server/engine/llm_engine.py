@@ -26,9 +26,9 @@ import torch
 
 from mcserve.server.engine.client import EngineStats, GenerateRequest
 from mcserve.server.engine.config import EngineConfig
-from mcserve.server.engine.model_runner import ModelRunner
 from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
 from mcserve.server.engine.plan import StepPlan
+from mcserve.server.engine.runner.factory import make_runner
 from mcserve.server.engine.sampler import SamplingRow
 from mcserve.server.engine.scheduler import Scheduler
 from mcserve.server.engine.sequence import Sequence
@@ -78,8 +78,7 @@ class LLMEngine:
         self.vocab_size = min(model.cfg.vocab_size, tokenizer.vocab_size)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.cfg.eos_token_ids)
         self.scheduler = Scheduler(config)
-        self.runner = ModelRunner(model, config.num_state_slots, config.num_checkpoint_blocks,
-                                  config.num_host_blocks, ckpt_dtype, seed=seed, vocab_size=self.vocab_size)
+        self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size)
         self.engine_counters: Counter[str] = Counter()
         self._published: Counter[str] = Counter()  # scheduler counters already reported to metrics
         self._requests: dict[str, _Request] = {}
@@ -262,7 +261,7 @@ class LLMEngine:
         m = self.metrics
         if m is None:
             return
-        if self.runner.spec.reads_cache and self.engine_counters["steps"] % _SELECTIONS_EVERY == 0:
+        if self.model.spec.reads_cache and self.engine_counters["steps"] % _SELECTIONS_EVERY == 0:
             for layer, n in enumerate(self.runner.take_selections()):
                 if n:
                     m.count_ssc_selections(layer, n)

@@ -9,8 +9,8 @@ import torch
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.llm import LLM, RequestOutput
 from mcserve.server.engine.llm_engine import LLMEngine
-from mcserve.server.engine.model_runner import RunnerOutput
 from mcserve.server.engine.plan import StepPlan
+from mcserve.server.engine.runner.base import RunnerOutput
 from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mcserve.server.text.tokenizer import Tokenizer
@@ -26,7 +26,7 @@ def make_engine(model: MCGatedDeltaNetForCausalLM, tokenizer: Tokenizer, **overr
                num_state_slots=16, num_checkpoint_blocks=256)
     cfg.update(overrides)
     engine = LLMEngine(model, tokenizer, EngineConfig(**cfg), ckpt_dtype=torch.float32, seed=0)
-    r = engine.runner
+    r = engine.runner.pools
     for t in (r.states.ssm, r.states.key_sum, r.states.conv, r.ckpts.ssm, r.ckpts.key, r.ckpts.conv):
         t.fill_(float("nan"))
     return engine

@@ -59,7 +59,7 @@ def test_from_model_dir(model_dir) -> None:
     engine = llm.engine
     assert engine.model_name == "tiny" and engine.model.spec.aggregation == "grm"
     assert not engine.config.evict_running_checkpoints  # grm reads every checkpoint
-    assert engine.runner.ckpts.ssm.dtype == torch.float32  # "auto" on CPU: exact resume
+    assert engine.runner.pools.ckpts.ssm.dtype == torch.float32  # "auto" on CPU: exact resume
     out = llm.generate(["Hello there", [5, 6, 7]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in out] == [5, 5]
     assert out[0].prompt_token_ids == llm.tokenizer.encode("Hello there")

@@ -262,7 +262,7 @@ def test_bf16_checkpoints_resume_approximately(model, tokenizer) -> None:
     engine = LLMEngine(model, tokenizer, EngineConfig(segment_size=16, max_model_len=512, num_checkpoint_blocks=64,
                                                      max_num_seqs=4, num_state_slots=8),
                        ckpt_dtype=torch.bfloat16, seed=0)
-    assert engine.runner.ckpts.ssm.dtype == torch.bfloat16
+    assert engine.runner.pools.ckpts.ssm.dtype == torch.bfloat16
     system, a = random_prompts(12, [48, 6])
     generate(engine, [system + a])
     out = generate(engine, [system + a[:3]])[0]

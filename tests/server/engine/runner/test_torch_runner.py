@@ -1,4 +1,4 @@
-"""The runner on its own: block transfers, per-request SSC k, router weights per block."""
+"""The torch runner on its own: block transfers, per-request SSC k, router weights per block."""
 
 from __future__ import annotations
 
@@ -6,25 +6,25 @@ import dataclasses
 
 import torch
 
-from mcserve.server.engine.model_runner import ModelRunner
 from mcserve.server.engine.plan import BlockCopy, StepPlan
+from mcserve.server.engine.runner.torch_runner import TorchModelRunner
 from mcserve.server.model.loader import load_model
 from tests.server.engine.helpers import GREEDY, generate, make_engine, random_prompts, tokens
 
 
 def test_offload_then_onload_round_trips_blocks(model) -> None:
-    runner = ModelRunner(model, num_state_slots=2, num_checkpoint_blocks=4, num_host_blocks=3)
+    runner = TorchModelRunner(model, num_state_slots=2, num_checkpoint_blocks=4, num_host_blocks=3)
     g = torch.Generator().manual_seed(0)
     for name in ("ssm", "key", "conv"):
-        t = getattr(runner.ckpts, name)
+        t = getattr(runner.pools.ckpts, name)
         t.copy_(torch.randn(t.shape, generator=g))
-    before = {name: getattr(runner.ckpts, name).clone() for name in ("ssm", "key", "conv")}
+    before = {name: getattr(runner.pools.ckpts, name).clone() for name in ("ssm", "key", "conv")}
     # Block 1 goes to host block 2 while host block 0 (filled by the first step) comes back into block 1.
     runner.execute(StepPlan(1, offloads=(BlockCopy(3, 0),)), {})
     runner.execute(StepPlan(2, offloads=(BlockCopy(1, 2),), onloads=(BlockCopy(0, 1),)), {})
     runner.execute(StepPlan(3, onloads=(BlockCopy(2, 0),)), {})
     for name, old in before.items():
-        new = getattr(runner.ckpts, name)
+        new = getattr(runner.pools.ckpts, name)
         assert torch.equal(new[1], old[3]) and torch.equal(new[0], old[1]), name
         assert torch.equal(new[2:], old[2:]), name  # untouched
 

@@ -1,0 +1,1 @@
+"""Executing a StepPlan on the model: the `ModelRunner` interface and its implementations."""

@@ -1,0 +1,59 @@
+"""The contract between the engine and whatever executes plans on the model.
+
+The engine sees only `ModelRunner`: `execute(plan, sampling) -> RunnerOutput` once per step, and
+`take_selections()` when it publishes metrics. `factory.make_runner` picks the implementation once, at
+start-up; every implementation must produce the tokens the torch reference runner
+(`torch_runner.py`) produces for the same plans, and must run a plan's stages in plan.py's order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mcserve.kernels.mc_spec import MCSpec
+from mcserve.server.engine.plan import StepOutput, StepPlan
+from mcserve.server.engine.sampler import SamplingRow
+
+# seq_id -> (the chosen token's logprob, [(token_id, logprob)] best first)
+Logprobs = dict[int, tuple[float, list[tuple[int, float]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOutput:
+    """What one step produced.
+
+    step: sampled tokens and block weights for the scheduler.
+    logprobs: only for rows whose params ask for logprobs.
+    """
+
+    step: StepOutput
+    logprobs: Logprobs = field(default_factory=dict)
+
+
+class ModelRunner(ABC):
+    """Owns the device memory of sequences (state slots, checkpoint pools) and executes plans on it.
+
+    Who holds which slot or block is the scheduler's bookkeeping; the runner only follows the plan.
+    `sampling` (seq_id -> SamplingRow) must cover every decode row and every prefill chunk that
+    samples; a row's `params.mc_top_k` also sets SSC's k for that sequence's chunks.
+    """
+
+    spec: MCSpec
+
+    @abstractmethod
+    def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
+        """Run every stage of `plan` and sample; returns once the sampled tokens are on the host."""
+
+    @abstractmethod
+    def take_selections(self) -> list[int]:
+        """Checkpoint reads per layer chosen by the router since the last call, then reset to 0."""
+
+
+def request_top_k(spec: MCSpec, sampling: Mapping[int, SamplingRow], seq_id: int) -> int | None:
+    """SSC's k for one sequence: the request's `mc_top_k` can only lower the model's. A chunk that
+    does not sample may have no row; it reads with the model's k (None)."""
+    row = sampling.get(seq_id)
+    k = None if row is None else row.params.mc_top_k
+    return None if k is None else min(k, spec.top_k)

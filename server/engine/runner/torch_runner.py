@@ -1,0 +1,91 @@
+"""The torch runner: executes a plan with the model's torch paths, on CPU or on one GPU.
+
+Stages run in plan.py's order: block copies and slot resets/restores (`DevicePools.prepare`), each
+prefill chunk (`model.prefill`), one batched decode (`model.decode`), then one sampler call over the
+logits of every row that samples.
+
+Host/device traffic per step: each prefill chunk's token ids and read-block ids go over as small
+copies; the decode metadata in one pinned, non-blocking copy (`pack_decode`); the sampler adds its
+own small copies (per-row parameters, only for the stages some row needs) and brings the tokens
+(and logprobs) back in one transfer; the router weights come back in one more, only for
+aggregations that read checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from mcserve.server.engine.plan import StepOutput, StepPlan
+from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
+from mcserve.server.engine.runner.decode_batch import pack_decode
+from mcserve.server.engine.runner.pools import DevicePools
+from mcserve.server.engine.runner.router_weights import BlockWeights
+from mcserve.server.engine.sampler import Sampler, SamplingRow
+from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+
+
+class TorchModelRunner(ModelRunner):
+    def __init__(self, model: MCGatedDeltaNetForCausalLM, num_state_slots: int, num_checkpoint_blocks: int,
+                 num_host_blocks: int = 0, ckpt_dtype: torch.dtype | None = None, seed: int | None = None,
+                 vocab_size: int | None = None) -> None:
+        self.model = model
+        self.device = model.device
+        self.spec = model.spec
+        self.pools = DevicePools(model, num_state_slots, num_checkpoint_blocks, num_host_blocks, ckpt_dtype)
+        # (sequence, checkpoint) reads per layer since the last `take_selections`; stays on the device
+        self.selections = torch.zeros(model.cfg.num_hidden_layers, dtype=torch.long, device=self.device)
+        # vocab_size: what may be sampled (a tokenizer smaller than a padded lm_head)
+        self.sampler = Sampler(vocab_size or model.cfg.vocab_size, self.device, seed=seed)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
+        self.pools.prepare(plan)
+        states, ckpts = self.pools.states, self.pools.ckpts
+        reads_cache = self.spec.reads_cache
+        weights = BlockWeights()
+        logits: list[torch.Tensor] = []
+        row_ids: list[int] = []  # seq id of each logits row
+        for chunk in plan.prefill:
+            out, w = self.model.prefill(chunk.token_ids, chunk.slot, chunk.start_pos, chunk.read_blocks,
+                                        chunk.write_blocks, states, ckpts,
+                                        top_k=request_top_k(self.spec, sampling, chunk.seq_id),
+                                        selections=self.selections)
+            if chunk.read_blocks and reads_cache:
+                weights.add(torch.tensor(chunk.read_blocks, dtype=torch.long).to(self.device, non_blocking=True), w)
+            if chunk.sample:
+                logits.append(out)
+                row_ids.append(chunk.seq_id)
+        if plan.decode:
+            ks = [request_top_k(self.spec, sampling, r.seq_id) for r in plan.decode]
+            b = pack_decode(plan.decode, ks, self.spec.top_k, self.device)
+            out, w = self.model.decode(b.token_ids, b.slots, b.positions, b.block_table, b.write_blocks,
+                                       states, ckpts, b.top_k, selections=self.selections,
+                                       write_rows=b.write_rows, top_k_max=b.top_k_max)
+            if b.block_table.shape[1] and reads_cache:
+                weights.add(b.block_table, w)
+            logits.append(out)
+            row_ids.extend(r.seq_id for r in plan.decode)
+        token_ids, logprobs = self._sample(logits, row_ids, sampling)
+        return RunnerOutput(StepOutput(token_ids, weights.per_block()), logprobs)
+
+    def take_selections(self) -> list[int]:
+        counts = self.selections.tolist()  # one device->host transfer
+        self.selections.zero_()
+        return counts
+
+    def _sample(self, logits: list[torch.Tensor], row_ids: list[int], sampling: Mapping[int, SamplingRow]
+                ) -> tuple[dict[int, int], Logprobs]:
+        if not row_ids:
+            return {}, {}
+        rows = [sampling[s] for s in row_ids]
+        sampled = self.sampler(torch.cat(logits), rows)
+        token_ids = dict(zip(row_ids, sampled.token_ids, strict=True))
+        logprobs: Logprobs = {}
+        if sampled.logprobs is not None:
+            assert sampled.top_logprobs is not None
+            for i, (seq_id, row) in enumerate(zip(row_ids, rows, strict=True)):
+                if row.params.logprobs is not None:
+                    logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
+        return token_ids, logprobs
