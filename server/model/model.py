@@ -3,6 +3,8 @@
 - `forward_reference`: token-by-token recurrence (kernels/reference.py); the ground truth.
 - `prefill`: one sequence, segment by segment with the chunked delta rule (kernels/prefill/torch.py),
   reading and writing sequence memory in the engine's pools.
+- `prefill_batch`: many chunks of many sequences in one packed pass (batched_prefill.py), the same
+  result per chunk; torch rounds on CPU, fla + Triton on CUDA.
 - `decode`: one token for each of many sequences (kernels/decode/torch.py), through the same pools.
 All three share the projections, convolutions and MLPs below, so they differ only in the core.
 """
@@ -16,8 +18,10 @@ from torch import nn
 
 from mcserve.kernels.decode.torch import decode_mc_gdn
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels
 from mcserve.kernels.prefill.torch import chunked_mc_gdn
 from mcserve.kernels.reference import reference_mc_gdn
+from mcserve.server.model.batched_prefill import BatchedPrefillOutput, PrefillInput, prefill_batch
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
 from mcserve.server.model.config import ModelConfig
 from mcserve.server.model.layers import Backbone
@@ -140,6 +144,13 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
             x = x + attn.output(h, y)
             x = x + block.mlp(block.mlp_norm(x))
         return self._logits(x if all_logits else x[-1:]), weights
+
+    def prefill_batch(self, chunks: Sequence[PrefillInput], states: StateSlots, ckpts: CheckpointBlocks,
+                      kernels: PrefillKernels = TORCH_KERNELS, selections: torch.Tensor | None = None
+                      ) -> BatchedPrefillOutput:
+        """Every chunk of a step in one packed pass (server/model/batched_prefill.py); each chunk's result
+        equals `prefill` on it."""
+        return prefill_batch(self, chunks, states, ckpts, kernels, selections)
 
     @torch.inference_mode()
     def decode(

@@ -1,11 +1,12 @@
 """The torch runner: executes a plan with the model's torch paths, on CPU or on one GPU.
 
-Stages run in plan.py's order: block copies and slot resets/restores (`DevicePools.prepare`), each
-prefill chunk (`model.prefill`), one batched decode (`model.decode`), then one sampler call over the
-logits of every row that samples.
+Stages run in plan.py's order: block copies and slot resets/restores (`DevicePools.prepare`), every
+prefill chunk in one packed pass (`model.prefill_batch`: torch rounds on CPU, fla + Triton on CUDA,
+picked once here by `select_kernels`), one batched decode (`model.decode`), then one sampler call over
+the logits of every row that samples.
 
-Host/device traffic per step: each prefill chunk's token ids and read-block ids go over as small
-copies; the decode metadata in one pinned, non-blocking copy (`pack_decode`); the sampler adds its
+Host/device traffic per step: the prefill's token ids and packed layout go over in a few pinned,
+non-blocking copies; the decode metadata in one (`pack_decode`); the sampler adds its
 own small copies (per-row parameters, only for the stages some row needs) and brings the tokens
 (and logprobs) back in one transfer; the router weights come back in one more, only for
 aggregations that read checkpoints.
@@ -17,12 +18,14 @@ from collections.abc import Mapping
 
 import torch
 
+from mcserve.kernels.prefill.batched import select_kernels
 from mcserve.server.engine.plan import StepOutput, StepPlan
 from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
 from mcserve.server.engine.runner.decode_batch import pack_decode
 from mcserve.server.engine.runner.pools import DevicePools
 from mcserve.server.engine.runner.router_weights import BlockWeights
 from mcserve.server.engine.sampler import Sampler, SamplingRow
+from mcserve.server.model.batched_prefill import PrefillInput
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
 
@@ -38,6 +41,7 @@ class TorchModelRunner(ModelRunner):
         self.selections = torch.zeros(model.cfg.num_hidden_layers, dtype=torch.long, device=self.device)
         # vocab_size: what may be sampled (a tokenizer smaller than a padded lm_head)
         self.sampler = Sampler(vocab_size or model.cfg.vocab_size, self.device, seed=seed)
+        self.prefill_kernels = select_kernels(self.device, self.spec, model.dtype)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
@@ -47,16 +51,17 @@ class TorchModelRunner(ModelRunner):
         weights = BlockWeights()
         logits: list[torch.Tensor] = []
         row_ids: list[int] = []  # seq id of each logits row
-        for chunk in plan.prefill:
-            out, w = self.model.prefill(chunk.token_ids, chunk.slot, chunk.start_pos, chunk.read_blocks,
-                                        chunk.write_blocks, states, ckpts,
-                                        top_k=request_top_k(self.spec, sampling, chunk.seq_id),
-                                        selections=self.selections)
-            if chunk.read_blocks and reads_cache:
-                weights.add(torch.tensor(chunk.read_blocks, dtype=torch.long).to(self.device, non_blocking=True), w)
-            if chunk.sample:
-                logits.append(out)
-                row_ids.append(chunk.seq_id)
+        if plan.prefill:
+            chunks = [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
+                                   request_top_k(self.spec, sampling, c.seq_id), "last" if c.sample else "none")
+                      for c in plan.prefill]
+            out = self.model.prefill_batch(chunks, states, ckpts, self.prefill_kernels, self.selections)
+            if reads_cache:
+                weights.add(out.block_ids, out.block_weights)
+            for c, lg in zip(plan.prefill, out.logits, strict=True):
+                if c.sample:
+                    logits.append(lg)
+                    row_ids.append(c.seq_id)
         if plan.decode:
             ks = [request_top_k(self.spec, sampling, r.seq_id) for r in plan.decode]
             b = pack_decode(plan.decode, ks, self.spec.top_k, self.device)

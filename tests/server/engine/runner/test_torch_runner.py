@@ -42,7 +42,8 @@ def test_request_mc_top_k_lowers_ssc_k(model_dir, model, tokenizer) -> None:
     assert mixed[0] == want[0]  # per row: the other row keeps the model's k
 
 
-def test_block_weights_cover_read_blocks_only(model, tokenizer) -> None:
+def test_block_weights_cover_the_blocks_read(model, tokenizer) -> None:
+    """Blocks read, including those a prefill chunk wrote and its later tokens read (issue 9 item 5)."""
     engine = make_engine(model, tokenizer)
     seen = []
     inner = engine.runner.execute
@@ -57,7 +58,9 @@ def test_block_weights_cover_read_blocks_only(model, tokenizer) -> None:
     assert any(w for _, w in seen)
     L, H = model.cfg.num_hidden_layers, model.cfg.num_heads
     for plan, w in seen:
-        read = {b for r in plan.decode for b in r.block_table} | {b for c in plan.prefill for b in c.read_blocks}
+        read = {b for r in plan.decode for b in r.block_table} | {b for c in plan.prefill
+                                                                  for b in c.read_blocks + c.write_blocks}
         assert set(w) <= read - {-1} and all(v > 0 for v in w.values())
-        if not plan.prefill:  # per token and head, the gammas of online + cached memories sum to 1
-            assert sum(w.values()) < len(plan.decode) * L * H
+        # per token and head, the gammas of online + cached memories sum to 1
+        assert sum(w.values()) < plan.num_tokens * L * H
+    assert any(set(w) & {b for c in plan.prefill for b in c.write_blocks} for plan, w in seen)

@@ -1,0 +1,181 @@
+"""Batched prefill of many chunks in the packed layout (varlen.py), in pure torch: the CPU serving
+path, and the oracle of the fla core and the Triton readout on the GPU.
+
+Both stages walk the chunks in *rounds*: round r takes the r-th sub-piece (at most `chunk_size`
+tokens of one segment, cut exactly where kernels/prefill/torch.py's per-sequence path cuts) of every
+chunk that has one, pads them to one length and runs them as one batch. Padding rows carry g = 0,
+beta = 0 and k = 0, which leave the state unchanged, and are dropped from every output and weight.
+
+- `core_rounds`: the online gated delta rule (torch.py's `delta_rule_chunk` over chunks x heads),
+  states in and out of their slots, checkpoints written to their blocks at boundaries.
+- `readout_rounds`: the MC readout of every token from the memory tables, after the core has written
+  this step's checkpoints; reads only the checkpoints that some token of the round selects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.prefill.torch import delta_rule_chunk
+from mcserve.kernels.prefill.varlen import VarlenBatch
+from mcserve.kernels.router import chosen_mask, mc_gamma
+
+
+@dataclass(frozen=True, slots=True)
+class _Round:
+    seqs: torch.Tensor  # [S] chunk index of each row of the round
+    rows: torch.Tensor  # [S, L] packed token rows (padding repeats a real row)
+    real: torch.Tensor  # [S, L] bool
+    dest: torch.Tensor  # [n_real] packed rows of the real entries, in [S * L] order
+    src: torch.Tensor  # [n_real] their index in [S * L]
+    offset: torch.Tensor  # [S] position of the first row inside its segment
+    fresh: torch.Tensor  # [S] bool: the sub-piece starts a segment (its running key sum starts at 0)
+    segment: torch.Tensor  # [S] memories its tokens see
+    max_segment: int
+    end_rows: torch.Tensor  # [E] rows of the round that end a segment
+    end_blocks: torch.Tensor  # [E] the blocks their checkpoints go to
+
+
+def rounds(batch: VarlenBatch, chunk_size: int) -> list[_Round]:
+    """The round layout of `batch` (memoised on it)."""
+    return batch.memo(("torch_rounds", chunk_size), lambda: _build_rounds(batch, chunk_size))
+
+
+def _build_rounds(batch: VarlenBatch, chunk_size: int) -> list[_Round]:
+    C = batch.segment_size
+    subs: list[list[tuple[int, int, int, int, int]]] = [[] for _ in batch.chunks]
+    for p in batch.pieces:
+        for t in range(0, p.length, chunk_size):
+            n = min(chunk_size, p.length - t)
+            block = p.write_block if t + n == p.length else -1
+            subs[p.seq].append((p.tok0 + t, n, p.pos0 + t, p.segment, block))
+    out = []
+    dev = batch.device
+    for r in range(max(len(s) for s in subs)):
+        entries = [(i, s[r]) for i, s in enumerate(subs) if r < len(s)]
+        L = max(e[1] for _, e in entries)
+        tok0 = torch.tensor([e[0] for _, e in entries])
+        lens = torch.tensor([e[1] for _, e in entries])
+        j = torch.arange(L)
+        real = j[None, :] < lens[:, None]
+        rows = tok0[:, None] + torch.minimum(j[None, :], lens[:, None] - 1)
+        src = real.flatten().nonzero().squeeze(-1)
+        ends = [(s, e[4]) for s, (_, e) in enumerate(entries) if e[4] >= 0]
+        pos0 = torch.tensor([e[2] for _, e in entries])
+        segment = [e[3] for _, e in entries]
+        out.append(_Round(
+            seqs=torch.tensor([i for i, _ in entries]).to(dev), rows=rows.to(dev), real=real.to(dev),
+            dest=rows.flatten()[src].to(dev), src=src.to(dev), offset=(pos0 % C).to(dev),
+            fresh=(pos0 % C == 0).to(dev), segment=torch.tensor(segment).to(dev), max_segment=max(segment),
+            end_rows=torch.tensor([s for s, _ in ends], dtype=torch.long).to(dev),
+            end_blocks=torch.tensor([b for _, b in ends], dtype=torch.long).to(dev)))
+    return out
+
+
+def _per_v_head(x: torch.Tensor, G: int) -> torch.Tensor:
+    """[S, L, H, d] -> [S * HV, L, d] rows for delta_rule_chunk."""
+    S, L = x.shape[:2]
+    x = x.repeat_interleave(G, dim=2)
+    return x.permute(0, 2, 1, 3).reshape(S * x.shape[2], L, x.shape[3])
+
+
+def core_rounds(
+    q: torch.Tensor,  # [T, H, dk] L2-normalised, not scaled
+    k: torch.Tensor,  # [T, H, dk]
+    v: torch.Tensor,  # [T, HV, dv]
+    g: torch.Tensor,  # [T, HV]
+    beta: torch.Tensor,  # [T, HV]
+    batch: VarlenBatch,
+    spec: MCSpec,
+    state_pool: torch.Tensor,  # [slots, HV, dv, dk] (a layer's view), read at the slots, then written
+    ckpt_pool: torch.Tensor,  # [blocks, HV, dv, dk] (a layer's view), written at the boundaries' blocks
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Online readout o [T, HV, dv] (state dtype) of every token: S_t (scale q_t)."""
+    T, H, dk = q.shape
+    HV, dv = v.shape[1], v.shape[2]
+    dt = state_pool.dtype
+    scale = dk**-0.5
+    work = state_pool[batch.slots]  # [n, HV, dv, dk], a copy
+    o = q.new_empty(T, HV, dv, dtype=dt)
+    for rd in rounds(batch, chunk_size):
+        S, L = rd.rows.shape
+        m = rd.real.to(dt)
+        qs = _per_v_head(q[rd.rows].to(dt) * scale, HV // H)
+        kk = _per_v_head(k[rd.rows].to(dt) * m[..., None, None], HV // H)
+        vv = v[rd.rows].to(dt).permute(0, 2, 1, 3).reshape(S * HV, L, dv)
+        gg = (g[rd.rows].to(dt) * m[..., None]).transpose(1, 2).reshape(S * HV, L)
+        bb = (beta[rd.rows].to(dt) * m[..., None]).transpose(1, 2).reshape(S * HV, L)
+        out, st = delta_rule_chunk(qs, kk, vv, gg, bb, work[rd.seqs].reshape(S * HV, dv, dk))
+        o[rd.dest] = out.view(S, HV, L, dv).transpose(1, 2).reshape(S * L, HV, dv)[rd.src]
+        st = st.view(S, HV, dv, dk)
+        if rd.end_rows.numel():
+            ckpt_pool[rd.end_blocks] = st[rd.end_rows].to(ckpt_pool.dtype)
+            if spec.reset:
+                st[rd.end_rows] = 0.0
+        work[rd.seqs] = st
+    state_pool[batch.slots] = work
+    return o
+
+
+def readout_rounds(
+    o: torch.Tensor,  # [T, HV, dv] online readout (core_rounds or the fla core)
+    q: torch.Tensor,  # [T, H, dk] L2-normalised, not scaled
+    u: torch.Tensor,  # [T, H, dk] router queries
+    k: torch.Tensor,  # [T, H, dk]
+    key_sum0: torch.Tensor,  # [n, H, dk] each chunk's running key sum before it (slot's, at the start)
+    batch: VarlenBatch,
+    spec: MCSpec,
+    ckpt_pool: torch.Tensor,  # [blocks, HV, dv, dk], this step's checkpoints already written
+    ckpt_key_pool: torch.Tensor,  # [blocks, H, dk], this step's segment keys already written
+    weights: torch.Tensor | None = None,  # [n, table_width] += router weight of each table entry
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """MC output y [T, HV, dv] in u's dtype (the state dtype) for every token (DESIGN.md section 1)."""
+    T, H, dk = q.shape
+    HV, dv = o.shape[1], o.shape[2]
+    G, W = HV // H, batch.table_width
+    dt = u.dtype  # the state dtype: o may come from fla in the model's dtype
+    C = batch.segment_size
+    scale = dk**-0.5
+    mid = (batch.start_pos % C != 0)[:, None, None]
+    key_run = torch.where(mid, key_sum0.to(dt), 0.0)  # [n, H, dk] running key sum of each chunk
+    y = o.to(dt, copy=True)
+    cols = torch.arange(W, device=o.device)
+    for rd in rounds(batch, chunk_size):
+        S, L = rd.rows.shape
+        m = rd.real.to(dt)
+        base = torch.where(rd.fresh[:, None, None], 0.0, key_run[rd.seqs])
+        cum = base[:, None] + (k[rd.rows].to(dt) * m[..., None, None]).cumsum(1)  # [S, L, H, dk]
+        key_run[rd.seqs] = cum[:, -1]
+        if rd.max_segment == 0:
+            continue
+        u_r = u[rd.rows].to(dt)
+        counts = rd.offset[:, None].to(dt) + torch.arange(1, L + 1, device=o.device, dtype=dt)  # [S, L]
+        r_on = (u_r * cum).sum(-1) / counts[..., None]  # [S, L, H]
+        tab = batch.table[rd.seqs]  # [S, W]
+        valid = (cols[None, :] < rd.segment[:, None]) & (tab >= 0)
+        r_c = torch.einsum("slhk,swhk->slhw", u_r, ckpt_key_pool[tab.clamp_min(0)].to(dt))
+        if spec.aggregation == "residual":
+            chosen = valid[:, None, None, :].expand(S, L, H, W)
+            g_on, g_c = torch.ones(S, L, H, dtype=dt, device=o.device), chosen.to(dt)
+        else:
+            chosen = chosen_mask(spec, r_c.reshape(S * L, H, W), valid.repeat_interleave(L, 0),
+                                 batch.top_k[rd.seqs].repeat_interleave(L)).view(S, L, H, W)
+            g_on, g_c = mc_gamma(r_on.reshape(S * L, H), r_c.reshape(S * L, H, W), chosen.reshape(S * L, H, W))
+            g_on, g_c = g_on.view(S, L, H), g_c.view(S, L, H, W)
+        g_c = g_c * m[..., None, None]  # padding rows read nothing
+        if weights is not None:
+            weights.index_add_(0, rd.seqs, g_c.sum((1, 2)))
+        s_m, w_m = (chosen & rd.real[..., None, None]).any(2).any(1).nonzero(as_tuple=True)  # pairs read
+        mem = ckpt_pool[tab[s_m, w_m]].to(dt)  # [M, HV, dv, dk]: only what some token reads
+        qs = (q[rd.rows].to(dt) * scale).repeat_interleave(G, dim=2)  # [S, L, HV, dk]
+        cq = torch.einsum("mvdk,mlvk->mlvd", mem, qs[s_m])  # [M, L, HV, dv]
+        gw = g_c[s_m, :, :, w_m].repeat_interleave(G, dim=2)  # [M, L, HV]
+        mixed = torch.zeros(S, L, HV, dv, dtype=dt, device=o.device).index_add_(0, s_m, gw[..., None] * cq)
+        y_r = g_on.repeat_interleave(G, dim=2)[..., None] * o[rd.rows].to(dt) + mixed
+        y[rd.dest] = y_r.reshape(S * L, HV, dv)[rd.src]
+    return y

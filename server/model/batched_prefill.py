@@ -1,0 +1,176 @@
+"""One forward pass over every prefill chunk of a step, packed: `[total_tokens, hidden]` projections and
+MLPs, per-sequence short convolutions and layer cores in the varlen layout (kernels/prefill/varlen.py).
+
+Each chunk reads its sequence's state, key sum and conv state from its slot and leaves them there
+updated; every boundary completed inside a chunk leaves its checkpoint, segment key and conv state in
+its write block, readable by the chunk's later tokens. The layer core runs through a `PrefillKernels`
+(torch rounds on CPU; fla + Triton on CUDA), chosen once by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels, batched_mc_gdn
+from mcserve.kernels.prefill.varlen import PackedChunk, VarlenBatch
+from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
+from mcserve.server.model.layers import GatedDeltaNetAttention
+
+if TYPE_CHECKING:
+    from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+
+LOGITS = ("last", "all", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillInput:
+    """Tokens at positions start_pos.. of the sequence in `slot` (model.prefill's arguments, per chunk).
+
+    read_blocks: the sequence's blocks of segments < start_pos // C (-1: a hole, not read);
+    write_blocks: one block per boundary completed inside the chunk, in order (all >= 0);
+    top_k: SSC's k (None: the model's); logits: of the last token, of every token (prompt logprobs,
+    echo), or none (a chunk that does not end the prefill).
+    """
+
+    token_ids: Sequence[int]
+    slot: int
+    start_pos: int
+    read_blocks: Sequence[int]
+    write_blocks: Sequence[int]
+    top_k: int | None = None
+    logits: str = "last"
+
+    def __post_init__(self) -> None:
+        if self.logits not in LOGITS:
+            raise ValueError(f"logits must be one of {LOGITS}, got {self.logits!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchedPrefillOutput:
+    logits: list[torch.Tensor | None]  # per chunk: [1, V] (last), [T, V] (all) or None
+    block_ids: torch.Tensor  # [n * W] every chunk's memory table (read then write blocks), -1 = none
+    block_weights: torch.Tensor  # [n * W] router weight each entry got, summed over layers, heads, tokens
+
+
+@dataclass(frozen=True, slots=True)
+class _ConvLayout:
+    """Rows of the extended conv input: per chunk its W-1 conv-state rows, then its tokens."""
+
+    rows: int
+    state_rows: torch.Tensor  # [n * (W-1)]
+    tok_rows: torch.Tensor  # [T]
+    final: torch.Tensor  # [n, W-1] the rows that are each chunk's conv state after its last token
+    bound: torch.Tensor  # [E, W-1] the same after each boundary's token
+    bound_blocks: torch.Tensor  # [E]
+
+
+def _conv_layout(batch: VarlenBatch, w1: int) -> _ConvLayout:
+    C = batch.segment_size
+    state_rows, tok_rows, final, bound, blocks = [], [], [], [], []
+    base = 0
+    for ch in batch.chunks:
+        state_rows.extend(range(base, base + w1))
+        tok_rows.extend(range(base + w1, base + w1 + ch.length))
+        # after e tokens of the chunk its last w1 inputs are extended rows base + e .. base + e + w1 - 1
+        final.append(list(range(base + ch.length, base + ch.length + w1)))
+        for j, block in enumerate(ch.write_blocks):
+            e = (ch.start_pos // C + j + 1) * C - ch.start_pos
+            bound.append(list(range(base + e, base + e + w1)))
+            blocks.append(block)
+        base += w1 + ch.length
+    dev = batch.device
+
+    def t(x: list, *shape: int) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long).reshape(*shape).to(dev)
+
+    return _ConvLayout(rows=base, state_rows=t(state_rows, -1), tok_rows=t(tok_rows, -1),
+                       final=t(final, len(final), w1), bound=t(bound, len(bound), w1), bound_blocks=t(blocks, -1))
+
+
+def _conv_packed(attn: GatedDeltaNetAttention, x: torch.Tensor, conv_state: torch.Tensor, lay: _ConvLayout
+                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """x [T, d] -> ([q, k, v] after the causal conv + SiLU, the extended input [rows, conv_dim]).
+    conv_state [n, conv_dim, W-1]: each chunk's slot."""
+    raw = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)  # [T, conv_dim]
+    cfg = attn.cfg
+    if not cfg.use_short_conv:
+        return list(torch.split(F.silu(raw), [cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)), raw
+    convs = attn._convs()
+    w1 = attn.conv_width
+    weight = torch.cat([c.weight[:, 0, :] for c in convs]).float()  # [conv_dim, W]
+    ext = raw.new_empty(lay.rows, raw.shape[1])
+    ext[lay.state_rows] = conv_state.transpose(1, 2).reshape(-1, raw.shape[1]).to(raw.dtype)
+    ext[lay.tok_rows] = raw
+    y = ext[lay.tok_rows - w1].float() * weight[:, 0]
+    for j in range(1, w1 + 1):
+        y = y + ext[lay.tok_rows - w1 + j].float() * weight[:, j]
+    if convs[0].bias is not None:
+        y = y + torch.cat([c.bias for c in convs]).float()
+    y = F.silu(y).to(raw.dtype)
+    return list(torch.split(y, [cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)), ext
+
+
+@torch.inference_mode()
+def prefill_batch(
+    model: MCGatedDeltaNetForCausalLM,
+    chunks: Sequence[PrefillInput],
+    states: StateSlots,
+    ckpts: CheckpointBlocks,
+    kernels: PrefillKernels = TORCH_KERNELS,
+    selections: torch.Tensor | None = None,  # [L] counter: (chunk, checkpoint) pairs read, per layer
+) -> BatchedPrefillOutput:
+    """Run every chunk in one pass. Chunks must use distinct slots (plan.py's rule)."""
+    spec, C, dev, sd = model.spec, model.spec.segment_size, model.device, model.state_dtype
+    batch = VarlenBatch([PackedChunk(c.slot, c.start_pos, len(c.token_ids), tuple(c.read_blocks),
+                                     tuple(c.write_blocks), spec.top_k if c.top_k is None else c.top_k)
+                         for c in chunks], C, dev)
+    ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
+    ids = ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids.to(dev)
+    slots = batch.slots
+    read = spec.reads_cache and batch.table_width > 0
+    total = torch.zeros(batch.num_chunks, batch.table_width, dtype=sd, device=dev)
+    x = model.model.embeddings(ids)
+    for li, block in enumerate(model.model.layers):
+        attn = block.attn
+        w1 = attn.conv_width
+        lay = batch.memo(("conv", w1), lambda w1=w1: _conv_layout(batch, w1))
+        h = block.attn_norm(x)
+        qkv, ext = _conv_packed(attn, h, states.conv[li, slots], lay)
+        q, k, v, g, beta, u = attn.heads(h, qkv, sd)
+        w = torch.zeros_like(total) if read else None
+        y = batched_mc_gdn(q, k, v, g, beta, u, spec, batch, states.ssm[li], states.key_sum[li], ckpts.ssm[:, li],
+                           ckpts.key[:, li], kernels, w)
+        if w is not None:
+            total += w
+            if selections is not None:
+                selections[li] += (w > 0).sum()
+        if w1:
+            states.conv[li, slots] = ext[lay.final].transpose(1, 2)
+            if lay.bound_blocks.numel():
+                ckpts.conv[lay.bound_blocks, li] = ext[lay.bound].transpose(1, 2).to(ckpts.conv.device)
+        x = x + attn.output(h, y)
+        x = x + block.mlp(block.mlp_norm(x))
+    return BatchedPrefillOutput(_chunk_logits(model, x, chunks, batch.cu), batch.table.flatten(), total.flatten())
+
+
+def _chunk_logits(model: MCGatedDeltaNetForCausalLM, x: torch.Tensor, chunks: Sequence[PrefillInput],
+                  cu: list[int]) -> list[torch.Tensor | None]:
+    """The lm_head only on the rows some chunk asks logits of."""
+    rows, spans = [], []
+    for i, c in enumerate(chunks):
+        first = len(rows)
+        if c.logits == "last":
+            rows.append(cu[i + 1] - 1)
+        elif c.logits == "all":
+            rows.extend(range(cu[i], cu[i + 1]))
+        spans.append((first, len(rows)) if c.logits != "none" else None)
+    if not rows:
+        return [None] * len(chunks)
+    idx = torch.tensor(rows, dtype=torch.long).to(x.device)
+    logits = model._logits(x[idx])
+    return [None if s is None else logits[s[0]:s[1]] for s in spans]
