@@ -59,7 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="api_keys",
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' (repeat for several keys)",
+        help="require 'Authorization: Bearer KEY' (repeat for several keys; also MCSERVE_API_KEY(S))",
+    )
+    http.add_argument(
+        "--api-key-file", metavar="FILE", help="API keys, one a line ('#' comments; MCSERVE_API_KEY_FILE)"
+    )
+    http.add_argument(
+        "--allowed-origins",
+        action="append",
+        metavar="ORIGIN",
+        help="answer CORS for these browser origins, e.g. https://app.example (repeat or comma-separate; default: "
+        "no CORS headers)",
+    )
+    http.add_argument(
+        "--log-requests",
+        action="store_const",
+        const=True,
+        help="log prompts and completions (default: no request or response text in the logs)",
     )
     http.add_argument("--served-model-name", help="the name clients pass as 'model' (default: the directory name)")
     http.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
@@ -97,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not reuse checkpoints across requests",
     )
     eng.add_argument("--seed", type=int, help="seed of requests that give none")
+    eng.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of the engine (MCSERVE_THREADS; default: the CPU allowance (affinity, cgroup quota) less "
+        "one core for the HTTP side)",
+    )
+    eng.add_argument(
+        "--slow-step-s", type=float, help="report engine steps longer than this on /health and /metrics (default 10)"
+    )
 
     init = sub.add_parser("init-model", help="write a randomly initialised checkpoint directory")
     init.add_argument("out_dir")
@@ -135,17 +160,26 @@ def engine_kwargs(args: argparse.Namespace, settings: ApiSettings) -> dict[str, 
     kwargs = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
     if settings.served_model_name is not None:
         kwargs["served_model_name"] = settings.served_model_name
+    if settings.threads is not None:
+        kwargs["threads"] = settings.threads
+    kwargs["slow_step_s"] = settings.slow_step_s
     return kwargs
 
 
 def settings_from_args(args: argparse.Namespace, model_dir: Path) -> ApiSettings:
+    origins = [o.strip() for item in args.allowed_origins or () for o in item.split(",") if o.strip()]
     return ApiSettings.from_env(
         host=args.host,
         port=args.port,
         api_keys=tuple(args.api_keys) if args.api_keys else None,
+        api_key_file=args.api_key_file,
         served_model_name=args.served_model_name or model_dir.resolve().name,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
+        allowed_origins=tuple(origins) if origins else None,
+        log_requests=args.log_requests,
+        threads=args.threads,
+        slow_step_s=args.slow_step_s,
     )
 
 
@@ -153,6 +187,12 @@ def load_engine(model_dir: Path, kwargs: dict[str, Any], metrics: Any) -> Any:
     from mcserve.server.engine.async_engine import AsyncEngine
 
     return AsyncEngine.from_model_dir(model_dir, metrics=metrics, **kwargs)
+
+
+def set_interop_threads() -> None:
+    from mcserve.server.engine.cpu_threads import set_interop_threads
+
+    set_interop_threads(1)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -189,7 +229,14 @@ async def serve(
     app = build_app(deferred, tokenizer, settings, metrics)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=5,
+            # h11 buffers the request line and headers up to this, then answers a bare 400; above the
+            # app's own header limit so that clients get its OpenAI-style 431 instead.
+            h11_max_incomplete_event_size=settings.max_header_bytes + 16 * 1024,
         )
     )
     shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -271,6 +318,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_interop_threads()  # before torch runs anything in this process
     try:
         return asyncio.run(serve(model_dir, engine_kwargs(args, settings), settings))
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down

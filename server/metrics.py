@@ -8,8 +8,11 @@ Who records what (each number has exactly one writer, so nothing is counted twic
 - The HTTP layer (`RequestTracker`, from the deltas it streams): prompt_tokens_total,
   generation_tokens_total, request_success_total{finished_reason}, time_to_first_token_seconds,
   inter_token_latency_seconds, e2e_request_latency_seconds.
-- `EngineStats`, read at scrape time (`set_stats`): num_requests_running / waiting, state_slot_usage,
-  checkpoint_pool_usage.
+- `EngineStats`, read at scrape time (`set_stats`): num_requests_running / waiting, state_slot_usage and
+  checkpoint_pool_usage (held by running sequences: the pressure an alert wants), state_slots{state}
+  (running / parked / free) and checkpoint_blocks{state} (running / cached / free). Parked snapshots
+  and idle cached blocks are given up on demand, so they do not count as used.
+- The async engine's watchdog (`on_slow_step`): engine_slow_steps_total, engine_last_slow_step_seconds.
 - The engine, through the `on_*` / `count_*` methods: request_queue_time_seconds, num_preemptions_total,
   prefix_cache_queries_total / prefix_cache_hits_total, checkpoint_evictions_total{reason},
   checkpoint_offloads_total{reason}, ssc_selections_total{layer}.
@@ -65,8 +68,19 @@ class EngineMetrics:
 
         self._running = gauge("num_requests_running", "Requests in the running batch.")
         self._waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
-        self._slot_usage = gauge("state_slot_usage", "Fraction of online-state slots in use (0..1).")
-        self._pool_usage = gauge("checkpoint_pool_usage", "Fraction of checkpoint blocks in use (0..1).")
+        self._slot_usage = gauge(
+            "state_slot_usage", "Fraction of online-state slots held by running sequences (0..1; parked excluded)."
+        )
+        self._pool_usage = gauge(
+            "checkpoint_pool_usage",
+            "Fraction of checkpoint blocks held by running sequences (0..1; idle cached blocks excluded).",
+        )
+        self._slots = Gauge(PREFIX + "state_slots", "State slots by state.", m + ["state"], registry=r)
+        self._blocks = Gauge(
+            PREFIX + "checkpoint_blocks", "Device checkpoint blocks by state.", m + ["state"], registry=r
+        )
+        self._slow_steps = counter("engine_slow_steps", "Engine steps that took longer than the watchdog's budget.")
+        self._last_slow_step = gauge("engine_last_slow_step_seconds", "Duration of the last slow engine step.")
         self._prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self._generation_tokens = counter("generation_tokens", "Generated tokens.")
         self._success = counter("request_success", "Finished sequences by finish reason.", ("finished_reason",))
@@ -101,8 +115,14 @@ class EngineMetrics:
             self._itl,
             self._e2e,
             self._queue,
+            self._slow_steps,
+            self._last_slow_step,
         ):
             metric.labels(model_name)
+        for state in ("running", "parked", "free"):
+            self._slots.labels(model_name, state)
+        for state in ("running", "cached", "free"):
+            self._blocks.labels(model_name, state)
 
     def on_queue_time(self, seconds: float) -> None:
         """Engine: a request was scheduled for the first time after `seconds` in the queue."""
@@ -135,8 +155,27 @@ class EngineMetrics:
         name = self.model_name
         self._running.labels(name).set(stats.num_running)
         self._waiting.labels(name).set(stats.num_waiting)
-        self._slot_usage.labels(name).set(stats.state_slots_used / max(stats.state_slots_total, 1))
-        self._pool_usage.labels(name).set(stats.checkpoint_blocks_used / max(stats.checkpoint_blocks_total, 1))
+        self._slot_usage.labels(name).set(stats.state_slots_running / max(stats.state_slots_total, 1))
+        self._pool_usage.labels(name).set(stats.checkpoint_blocks_running / max(stats.checkpoint_blocks_total, 1))
+        free_slots = stats.state_slots_total - stats.state_slots_running - stats.state_slots_parked
+        for state, n in (
+            ("running", stats.state_slots_running),
+            ("parked", stats.state_slots_parked),
+            ("free", free_slots),
+        ):
+            self._slots.labels(name, state).set(n)
+        free_blocks = stats.checkpoint_blocks_total - stats.checkpoint_blocks_running - stats.checkpoint_blocks_cached
+        for state, n in (
+            ("running", stats.checkpoint_blocks_running),
+            ("cached", stats.checkpoint_blocks_cached),
+            ("free", free_blocks),
+        ):
+            self._blocks.labels(name, state).set(n)
+
+    def on_slow_step(self, seconds: float) -> None:
+        """Async engine: a step took `seconds`, longer than its budget."""
+        self._slow_steps.labels(self.model_name).inc()
+        self._last_slow_step.labels(self.model_name).set(seconds)
 
     def track(self, prompt_tokens: int, arrival_time: float | None = None) -> RequestTracker:
         """HTTP layer: start timing one engine request (`arrival_time` from `time.monotonic()`)."""

@@ -1,4 +1,5 @@
-"""Settings of the HTTP front end, and the one place that reads `MCSERVE_*` environment variables.
+"""Settings of the server process (HTTP front end, CPU threads, watchdog), and the one place that
+reads `MCSERVE_*` environment variables.
 
 Precedence: command-line flag > environment variable > default. `ApiSettings.from_env(env, **flags)`
 applies it; nothing else in the package reads `os.environ`.
@@ -18,6 +19,12 @@ ENV_PREFIX = "MCSERVE_"
 # prompt ~0.5 MB, so 8 MiB leaves room for long multi-turn chats while bounding what one request
 # can make the server buffer.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# All request headers together. Below h11's own 16 KiB cap (which answers a bare 400), so the client
+# gets an OpenAI-style 431 instead; a bearer token and the usual headers take well under 1 KiB.
+DEFAULT_MAX_HEADER_BYTES = 8 * 1024
+# A step this long is reported (metrics, /health): CPU steps of the default model take milliseconds
+# and a full 2,048-token prefill chunk well under a second.
+DEFAULT_SLOW_STEP_S = 10.0
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -27,7 +34,13 @@ class ApiSettings:
     """How the HTTP server listens and what it accepts.
 
     `api_keys`: empty = no authentication; otherwise every endpoint except /health, /metrics and
-    /version needs `Authorization: Bearer <one of them>`.
+    /version needs `Authorization: Bearer <one of them>`. From `--api-key` (repeatable) and
+    `--api-key-file`, else MCSERVE_API_KEY / MCSERVE_API_KEYS (comma-separated) / MCSERVE_API_KEY_FILE.
+    `allowed_origins`: browser origins allowed by CORS (empty: no CORS headers at all).
+    `log_requests`: log prompts and completions (off: no request or response text is ever logged).
+    `max_header_bytes`: larger request headers (all together) get 431.
+    `threads`: the engine's intra-op CPU threads (None: from the process's CPU allowance).
+    `slow_step_s`: an engine step longer than this is counted and shown on /health.
     `served_model_name`: the name clients pass as `model` (None = the engine's `model_name`).
     `max_body_bytes`: larger request bodies get 413, counted on the bytes actually received.
     `sse_ping_s`: keep-alive comment interval on idle streams (0 = never).
@@ -39,9 +52,14 @@ class ApiSettings:
     api_keys: tuple[str, ...] = ()
     served_model_name: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     log_level: str = "info"
     sse_ping_s: float = 15.0
     model_notice: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    log_requests: bool = False
+    threads: int | None = None
+    slow_step_s: float = DEFAULT_SLOW_STEP_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -54,42 +72,92 @@ class ApiSettings:
             raise ConfigError(f"served_model_name must not be blank, got {self.served_model_name!r}")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
+        if not isinstance(self.max_header_bytes, int) or self.max_header_bytes < 1024:
+            raise ConfigError(f"max_header_bytes must be an integer >= 1024, got {self.max_header_bytes!r}")
+        if not isinstance(self.allowed_origins, tuple) or not all(
+            isinstance(o, str) and o and o == o.strip() for o in self.allowed_origins
+        ):
+            raise ConfigError(
+                f"allowed_origins must be a tuple of origins like https://app.example, got {self.allowed_origins!r}"
+            )
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
+        if not isinstance(self.slow_step_s, (int, float)) or not self.slow_step_s > 0:
+            raise ConfigError(f"slow_step_s must be > 0, got {self.slow_step_s!r}")
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {_LOG_LEVELS}, got {self.log_level!r}")
         if not isinstance(self.sse_ping_s, (int, float)) or self.sse_ping_s < 0:
             raise ConfigError(f"sse_ping_s must be >= 0, got {self.sse_ping_s!r}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **flags: object) -> ApiSettings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, api_key_file: str | None = None, **flags: object
+    ) -> ApiSettings:
         """Defaults, overridden by `MCSERVE_<FIELD>` variables, overridden by non-None `flags`.
 
-        `MCSERVE_API_KEY` holds one key or several separated by commas.
+        API keys: those of the flags (`api_keys` and the file `api_key_file`, one key a line) if any
+        are given, else the environment's: MCSERVE_API_KEY and MCSERVE_API_KEYS (one key or several,
+        comma-separated) and the file MCSERVE_API_KEY_FILE, all together.
         """
         env = os.environ if env is None else env
         values: dict[str, object] = {}
         for f in fields(cls):
-            name = ENV_PREFIX + ("API_KEY" if f.name == "api_keys" else f.name.upper())
-            if name in env:
+            name = ENV_PREFIX + f.name.upper()
+            if f.name != "api_keys" and name in env:
                 values[f.name] = _parse(f.name, name, env[name])
+        env_keys = [k for var in ("API_KEY", "API_KEYS") for k in _split(env.get(ENV_PREFIX + var, ""))]
+        if ENV_PREFIX + "API_KEY_FILE" in env:
+            env_keys += read_api_key_file(env[ENV_PREFIX + "API_KEY_FILE"])
+        if env_keys:
+            values["api_keys"] = env_keys
         unknown = set(flags) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown settings {sorted(unknown)}")
         values.update({k: v for k, v in flags.items() if v is not None})
-        if "api_keys" in values:
-            values["api_keys"] = tuple(values["api_keys"])  # type: ignore[arg-type]
+        if api_key_file is not None or flags.get("api_keys") is not None:
+            values["api_keys"] = [
+                *(flags.get("api_keys") or ()),
+                *(read_api_key_file(api_key_file) if api_key_file else ()),
+            ]
+        for name in ("api_keys", "allowed_origins"):
+            if name in values:
+                values[name] = tuple(dict.fromkeys(values[name]))  # type: ignore[call-overload]
         return cls(**values)  # type: ignore[arg-type]
+
+
+def read_api_key_file(path: str) -> list[str]:
+    """One key a line; blank lines and lines starting with '#' are skipped. ConfigError if the file
+    cannot be read or holds no key (an empty file must not silently turn authentication off)."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the API key file {path!r}: {e}") from None
+    keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"the API key file {path!r} holds no key")
+    return keys
+
+
+def _split(raw: str) -> list[str]:
+    return [k.strip() for k in raw.split(",") if k.strip()]
 
 
 def _parse(field_name: str, var: str, raw: str) -> object:
     try:
-        if field_name in ("port", "max_body_bytes"):
+        if field_name in ("port", "max_body_bytes", "max_header_bytes", "threads"):
             return int(raw)
-        if field_name == "sse_ping_s":
+        if field_name in ("sse_ping_s", "slow_step_s"):
             return float(raw)
     except ValueError:
         raise ConfigError(f"{var} must be a number, got {raw!r}") from None
-    if field_name == "api_keys":
-        return tuple(k.strip() for k in raw.split(",") if k.strip())
+    if field_name == "allowed_origins":
+        return tuple(_split(raw))
+    if field_name == "log_requests":
+        if raw.strip().lower() not in ("1", "true", "yes", "0", "false", "no", ""):
+            raise ConfigError(f"{var} must be true or false, got {raw!r}")
+        return raw.strip().lower() in ("1", "true", "yes")
     if field_name == "log_level":
         return raw.lower()
     return raw

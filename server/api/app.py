@@ -6,10 +6,13 @@ from importlib import metadata
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from mcserve.server.api.errors import install_error_handlers
-from mcserve.server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, ErrorGuardMiddleware
+from mcserve.server.api.health import health_report
+from mcserve.server.api.limits import check_messages
+from mcserve.server.api.middleware import ApiKeyMiddleware, ErrorGuardMiddleware, SizeLimitMiddleware
 from mcserve.server.api.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -22,10 +25,10 @@ from mcserve.server.api.serving import ServingContext, parse_body
 from mcserve.server.api.serving_chat import create_chat_completion
 from mcserve.server.api.serving_completion import create_completion
 from mcserve.server.engine.client import EngineClient
-from mcserve.server.errors import InvalidRequestError, NotFoundError
+from mcserve.server.errors import ContextLengthError, InvalidRequestError, NotFoundError
 from mcserve.server.metrics import EngineMetrics
 from mcserve.server.settings import ApiSettings
-from mcserve.server.text.chat import ChatTokenizer, chat_prompt_ids
+from mcserve.server.text.chat import ChatTokenizer
 
 
 def package_version() -> str:
@@ -72,8 +75,8 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        ready = engine.is_ready
-        return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
+        body, status = health_report(engine, ctx.lifecycle)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -87,30 +90,62 @@ def build_app(
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
-        body = await parse_body(request, TokenizeRequest)
+        """The generation endpoints' limits apply, and so does the context bound: a prompt that could
+        never be served is refused (the error says how many tokens it has), which bounds the response."""
+        ctx.check_ready()
+        body = await parse_body(ctx, request, TokenizeRequest)
+        check_messages(body.messages)
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("give exactly one of 'prompt' or 'messages'", param="prompt")
         if body.messages is not None:
             if not body.messages:
                 raise InvalidRequestError("messages must not be empty", param="messages")
-            ids = chat_prompt_ids(
-                tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt is not False
+            ids = await ctx.chat_prompt_ids(
+                body.messages, add_generation_prompt=body.add_generation_prompt is not False
             )
         else:
-            ids = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens is not False)
-        out = TokenizeResponse(tokens=list(ids), count=len(ids), max_model_len=engine.max_model_len)
+            ids = await ctx.text_prompt_ids(
+                body.prompt or "", add_special_tokens=body.add_special_tokens is not False, param="prompt"
+            )
+        limit = engine.max_model_len
+        if len(ids) > limit:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens, more than this model's maximum context length of {limit}",
+                param="messages" if body.messages is not None else "prompt",
+            )
+        out = TokenizeResponse(tokens=list(ids), count=len(ids), max_model_len=limit)
         return JSONResponse(out.model_dump(mode="json"))
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
-        body = await parse_body(request, DetokenizeRequest)
+        ctx.check_ready()
+        body = await parse_body(ctx, request, DetokenizeRequest)
         ctx.check_model(body.model)
+        if len(body.tokens) > engine.max_model_len:
+            raise InvalidRequestError(
+                f"tokens: at most max_model_len={engine.max_model_len} ids, got {len(body.tokens)}",
+                param="tokens",
+                code="limit_exceeded",
+            )
         ctx.check_token_ids(body.tokens, "tokens")
-        return JSONResponse(DetokenizeResponse(prompt=tokenizer.decode(body.tokens)).model_dump(mode="json"))
+        text = await ctx.text.run(tokenizer.decode, body.tokens)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"))
 
-    # Added last = outermost: the guard sees everything, the key is checked before the body is read.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Added last = outermost: the guard sees everything, CORS answers preflights (no key on them),
+    # the key is checked before the body is read.
+    app.add_middleware(
+        SizeLimitMiddleware, max_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes
+    )
     app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Session-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(ErrorGuardMiddleware)
     return app

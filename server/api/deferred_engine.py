@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from mcserve.server.api.errors import EngineNotReadyError
-from mcserve.server.engine.client import EngineClient, EngineStats, GenerateRequest
+from mcserve.server.engine.client import EngineClient, EngineHealth, EngineStats, GenerateRequest
 from mcserve.server.engine.outputs import Delta
 
 
@@ -45,5 +45,8 @@ class DeferredEngine:
 
     def stats(self) -> EngineStats:
         if self.inner is None:
-            return EngineStats(0, 0, 0, 0, 0, 0)
+            return EngineStats(0, 0, 0, 0, 0, 0, 0, 0)
         return self.inner.stats()
+
+    def health(self) -> EngineHealth:
+        return EngineHealth("loading") if self.inner is None else self.inner.health()

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import Send
 
-from mcserve.server.errors import InvalidRequestError, MCServeError, NotFoundError, QueueFullError
+from mcserve.server.errors import AuthenticationError, InvalidRequestError, MCServeError, NotFoundError, QueueFullError
 
 logger = logging.getLogger("mcserve.api")
 
@@ -47,6 +47,34 @@ class PayloadTooLargeError(MCServeError):
         super().__init__(f"request body too large: {got} (limit {limit} bytes)", code="request_too_large")
 
 
+class UnsupportedMediaTypeError(MCServeError):
+    http_status = 415
+    error_type = "invalid_request_error"
+
+    def __init__(self, media_type: str | None) -> None:
+        got = f"'{media_type[:100]}'" if media_type else "none"
+        super().__init__(f"Content-Type must be application/json, got {got}", code="unsupported_media_type")
+
+
+class HeadersTooLargeError(MCServeError):
+    http_status = 431
+    error_type = "invalid_request_error"
+
+    def __init__(self, limit: int, size: int) -> None:
+        super().__init__(f"request headers too large: {size} bytes (limit {limit} bytes)", code="headers_too_large")
+
+
+class ServerDrainingError(MCServeError):
+    """The server is shutting down: in-flight requests finish, new ones go to another replica."""
+
+    http_status = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str = "the server is shutting down; retry on another replica") -> None:
+        super().__init__(message, code="server_draining")
+        self.retry_after_s = 1
+
+
 class InternalServerError(MCServeError):
     http_status = 500
     error_type = "internal_server_error"
@@ -54,7 +82,10 @@ class InternalServerError(MCServeError):
 
 def error_headers(exc: MCServeError) -> dict[str, str]:
     retry = getattr(exc, "retry_after_s", None)
-    return {"Retry-After": str(retry)} if retry is not None else {}
+    out = {"Retry-After": str(retry)} if retry is not None else {}
+    if isinstance(exc, AuthenticationError):
+        out["WWW-Authenticate"] = 'Bearer realm="mcserve"'
+    return out
 
 
 def error_response(exc: MCServeError) -> JSONResponse:

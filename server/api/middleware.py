@@ -1,17 +1,19 @@
-"""Pure-ASGI middleware: the 500 guard, API-key check and request-body limit.
+"""Pure-ASGI middleware: the 500 guard, API-key check and request size limits.
 
-Order, outermost first: ErrorGuard -> ApiKey -> BodyLimit -> FastAPI. The key is checked on headers
-alone, so an unauthenticated client cannot make the server buffer a body.
+Order, outermost first: ErrorGuard -> CORS (only with --allowed-origins; it answers preflights,
+which carry no key) -> ApiKey -> SizeLimit -> FastAPI. The key is checked on headers alone, so an
+unauthenticated client cannot make the server buffer a body.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcserve.server.api.errors import InternalServerError, PayloadTooLargeError, send_error
+from mcserve.server.api.errors import HeadersTooLargeError, InternalServerError, PayloadTooLargeError, send_error
 from mcserve.server.errors import AuthenticationError, InvalidRequestError
 
 logger = logging.getLogger("mcserve.api")
@@ -54,16 +56,29 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
 class ApiKeyMiddleware:
     """`Authorization: Bearer <key>` on everything but OPEN_PATHS when keys are configured.
 
-    Every configured key is compared in constant time (no early exit), so timing reveals neither
-    which key nor how much of it matched.
+    The token is compared with every configured key, always all of them, as SHA-256 digests with
+    `hmac.compare_digest`: equal-length inputs and no early exit, so timing reveals neither which key
+    nor how much of it matched, nor a key's length. A missing header, another scheme and a wrong key
+    get the same 401, with `WWW-Authenticate: Bearer`.
     """
 
     def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
         self.app = app
-        self._keys = [k.encode() for k in api_keys]
+        self._digests = [_digest(k) for k in api_keys]
+
+    def _allowed(self, token: str | None) -> bool:
+        given = _digest(token or "")
+        ok = False
+        for key in self._digests:
+            ok |= hmac.compare_digest(given, key)
+        return ok and token is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,30 +86,32 @@ class ApiKeyMiddleware:
             return
         token = _bearer(scope)
         scope[API_KEY_SCOPE_KEY] = token
-        if self._keys and scope["path"] not in OPEN_PATHS:
-            given = (token or "").encode()
-            ok = False
-            for key in self._keys:
-                ok |= hmac.compare_digest(given, key)
-            if not ok:
-                what = "missing API key (send 'Authorization: Bearer <key>')" if token is None else "invalid API key"
-                await send_error(send, AuthenticationError(what, code="invalid_api_key"))
-                return
+        if self._digests and scope["path"] not in OPEN_PATHS and not self._allowed(token):
+            message = "invalid or missing API key; send 'Authorization: Bearer <key>'"
+            await send_error(send, AuthenticationError(message, code="invalid_api_key"))
+            return
         await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Reads the whole body, counting the bytes received (a lying or absent Content-Length does not
-    help), answers 413 past `max_bytes`, else replays the body to the app. After the body, `receive`
-    goes to the server again so the app still sees `http.disconnect`."""
+class SizeLimitMiddleware:
+    """Headers first: 431 when all of them together pass `max_header_bytes`. Then reads the whole
+    body, counting the bytes received (a lying or absent Content-Length does not help), answers 413
+    past `max_bytes` (at once when Content-Length already says so, before reading anything), else
+    replays the body to the app. After the body, `receive` goes to the server again so the app still
+    sees `http.disconnect`."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_header_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))  # ": " + CRLF
+        if header_bytes > self.max_header_bytes:
+            await send_error(send, HeadersTooLargeError(self.max_header_bytes, header_bytes))
             return
         declared = _content_length(scope)
         if declared == -1:

@@ -1,31 +1,50 @@
 """What every generation endpoint shares: the engine, tokenizer, settings and metrics of one app, and
-the checks between a parsed body and a `GenerateRequest` (model name, readiness, context length,
-token ids)."""
+the steps between the bytes of a request and a `GenerateRequest`: readiness, Content-Type, strict JSON
+(no duplicate keys), model name, prompt text -> token ids off the event loop within the context bound,
+context length, token ids."""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from mcserve.server.api.errors import EngineNotReadyError, invalid_request_from_validation
+from mcserve.server.api.errors import (
+    EngineNotReadyError,
+    ServerDrainingError,
+    UnsupportedMediaTypeError,
+    invalid_request_from_validation,
+)
+from mcserve.server.api.health import Lifecycle
+from mcserve.server.api.limits import check_prompt_bytes
 from mcserve.server.api.middleware import API_KEY_SCOPE_KEY
 from mcserve.server.api.protocol import PromptTokensDetails, UsageInfo
-from mcserve.server.api.streaming import ChunkWriter, ClientDisconnected, EngineRun, sse_response, unless_disconnected
+from mcserve.server.api.streaming import (
+    LOGGED_CHARS,
+    ChunkWriter,
+    ClientDisconnected,
+    EngineRun,
+    sse_response,
+    unless_disconnected,
+)
+from mcserve.server.api.text_worker import TextWorker
 from mcserve.server.engine.client import EngineClient, GenerateRequest
 from mcserve.server.engine.outputs import Usage
 from mcserve.server.engine.sampling_params import SamplingParams
-from mcserve.server.errors import ContextLengthError, InvalidRequestError, NotFoundError
+from mcserve.server.errors import ContextLengthError, EngineDeadError, InvalidRequestError, NotFoundError
 from mcserve.server.metrics import EngineMetrics
 from mcserve.server.settings import ApiSettings
-from mcserve.server.text.chat import ChatTokenizer
+from mcserve.server.text.chat import ChatTokenizer, render_chat
 
 M = TypeVar("M", bound=BaseModel)
+logger = logging.getLogger("mcserve.api")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +61,8 @@ class ServingContext:
     tokenizer: ChatTokenizer
     settings: ApiSettings
     metrics: EngineMetrics
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    text: TextWorker = field(default_factory=TextWorker)
 
     @property
     def model_name(self) -> str:
@@ -49,7 +70,15 @@ class ServingContext:
         return self.settings.served_model_name or self.engine.model_name
 
     def check_ready(self) -> None:
+        """503 unless ready, saying why: loading (retry soon), draining (go elsewhere), dead."""
+        if self.lifecycle.draining:
+            raise ServerDrainingError()
         if not self.engine.is_ready:
+            health = self.engine.health()
+            if health.state == "dead":
+                raise EngineDeadError(
+                    f"{health.error or 'the engine is not running'}; restart the server", code="engine_dead"
+                )
             raise EngineNotReadyError()
 
     def check_model(self, model: str | None) -> None:
@@ -91,6 +120,26 @@ class ServingContext:
             )
         return PreparedPrompt(tuple(ids), room if requested_max_tokens is None else requested_max_tokens)
 
+    def _prompt_ids(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        check_prompt_bytes(text, self.engine.max_model_len, getattr(self.tokenizer, "max_token_bytes", None), param)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _chat_ids(self, messages: Sequence[Any], add_generation_prompt: bool, tools: list | None) -> list[int]:
+        # The template writes any BOS itself, so no special tokens are added (see text/chat.py).
+        text = render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self._prompt_ids(text, False, "messages")
+
+    async def text_prompt_ids(self, text: str, *, add_special_tokens: bool, param: str) -> list[int]:
+        """Token ids of a text prompt, encoded off the event loop; ContextLengthError first if the
+        text has too many bytes to fit in any tokenization."""
+        return await self.text.run(self._prompt_ids, text, add_special_tokens, param)
+
+    async def chat_prompt_ids(
+        self, messages: Sequence[Any], *, add_generation_prompt: bool, tools: list | None = None
+    ) -> list[int]:
+        """The rendered conversation's token ids; rendering and encoding run off the event loop."""
+        return await self.text.run(self._chat_ids, messages, add_generation_prompt, tools)
+
     def check_params(self, params: SamplingParams) -> None:
         params.check_vocab(self.tokenizer.vocab_size)
 
@@ -120,16 +169,66 @@ class ServingContext:
                 )
             )
             trackers.append(self.metrics.track(len(prompt.token_ids), arrival_time=mono))
-        return EngineRun(self.engine, requests, trackers)
+        if self.settings.log_requests:
+            for r in requests:
+                logger.info(
+                    "request %s: %d prompt tokens, prompt %r, params %s",
+                    r.request_id,
+                    len(r.prompt_token_ids),
+                    self.tokenizer.decode(r.prompt_token_ids)[:LOGGED_CHARS],
+                    r.params,
+                )
+        return EngineRun(self.engine, requests, trackers, log_requests=self.settings.log_requests)
 
 
-async def parse_body(http: Request, model: type[M]) -> M:
-    """Strict JSON -> `model`; any problem (bad JSON or UTF-8, wrong type or value) is a 400."""
-    raw = await http.body()
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+def parse_json(raw: bytes, model: type[M]) -> M:
+    """Strict JSON -> `model`; any problem is a 400: bad JSON or UTF-8, a key twice in one object (which
+    value a parser keeps differs between parsers, so a proxy and this server could read different
+    requests), wrong type or value. The duplicate check is a first parse with the standard library;
+    its other errors are left to pydantic, whose messages name the position."""
+    try:
+        json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise InvalidRequestError(f"duplicate key {e.key!r} in a JSON object", code="duplicate_key") from None
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply", code="invalid_json") from None
+    except ValueError:
+        pass
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
         raise invalid_request_from_validation(list(e.errors())) from None
+
+
+def check_content_type(http: Request) -> None:
+    """JSON only (415 otherwise). A browser page can send text/plain or a form to any origin without a
+    CORS preflight; requiring application/json turns such a drive-by request into an error."""
+    media = http.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaTypeError(media or None)
+
+
+async def parse_body(ctx: ServingContext, http: Request, model: type[M]) -> M:
+    """Content-Type, then the body (its size bounded by the middleware), parsed off the event loop."""
+    check_content_type(http)
+    raw = await http.body()
+    return await ctx.text.run(parse_json, raw, model)
 
 
 def usage_info(usages: Sequence[Usage]) -> UsageInfo:

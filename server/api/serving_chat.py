@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mcserve.server.api.limits import check_messages, check_sampling_limits
 from mcserve.server.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -24,7 +25,6 @@ from mcserve.server.api.protocol import (
 from mcserve.server.api.serving import ServingContext, UsageCounter, parse_body, respond
 from mcserve.server.api.streaming import EngineRun, engine_error
 from mcserve.server.engine.outputs import Delta, TokenLogprob
-from mcserve.server.text.chat import chat_prompt_ids
 
 
 def chat_logprobs(items: tuple[TokenLogprob, ...] | None) -> ChatLogprobs | None:
@@ -119,10 +119,11 @@ async def _collect(
 
 async def create_chat_completion(ctx: ServingContext, http: Request) -> Response:
     ctx.check_ready()
-    body = await parse_body(http, ChatCompletionRequest)
+    body = await parse_body(ctx, http, ChatCompletionRequest)
+    check_sampling_limits(body)
+    check_messages(body.messages)
     ctx.check_model(body.model)
-    ids = chat_prompt_ids(
-        ctx.tokenizer,
+    ids = await ctx.chat_prompt_ids(
         body.messages,
         add_generation_prompt=body.add_generation_prompt is not False,
         tools=body.tools if body.tool_choice != "none" else None,

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mcserve.server.api.limits import check_sampling_limits
 from mcserve.server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from mcserve.server.api.serving import PreparedPrompt, ServingContext, UsageCounter, parse_body, respond
 from mcserve.server.api.streaming import EngineRun, engine_error
@@ -105,18 +106,20 @@ async def _collect(
 
 async def create_completion(ctx: ServingContext, http: Request) -> Response:
     ctx.check_ready()
-    body = await parse_body(http, CompletionRequest)
+    body = await parse_body(ctx, http, CompletionRequest)
+    check_sampling_limits(body)
     ctx.check_model(body.model)
     items = body.prompts()
     prompts: list[PreparedPrompt] = []
     for k, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt[{k}]"
         if isinstance(item, str):
-            ids = ctx.tokenizer.encode(item, add_special_tokens=body.add_special_tokens is not False)
+            ids = await ctx.text_prompt_ids(item, add_special_tokens=body.add_special_tokens is not False, param=param)
         else:
-            ctx.check_token_ids(item, param)
             ids = item
         prompts.append(ctx.prepare(ids, body.requested_max_tokens, prompt_param=param, max_tokens_param="max_tokens"))
+        if not isinstance(item, str):  # after the length check, so at most max_model_len ids are scanned
+            ctx.check_token_ids(item, param)
     params = [body.to_sampling_params(max_tokens=p.max_tokens) for p in prompts]
     for p in params:
         ctx.check_params(p)

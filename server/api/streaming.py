@@ -45,15 +45,27 @@ def sse_data(payload: BaseModel | dict) -> bytes:
     return b"data: " + text.encode() + b"\n\n"
 
 
+LOGGED_CHARS = 4096  # of each prompt and completion, with --log-requests
+
+
 class EngineRun:
     """One HTTP request's engine requests, merged. Use: `await run.start()`, `async for k, delta in
-    run`, and always `await run.close(reason)` (idempotent)."""
+    run`, and always `await run.close(reason)` (idempotent).
+
+    `log_requests`: log the completion texts at close (the caller logs the prompt); off, no text of
+    the request or the response reaches the log."""
 
     def __init__(
-        self, engine: EngineClient, requests: Sequence[GenerateRequest], trackers: Sequence[RequestTracker]
+        self,
+        engine: EngineClient,
+        requests: Sequence[GenerateRequest],
+        trackers: Sequence[RequestTracker],
+        *,
+        log_requests: bool = False,
     ) -> None:
         assert len(requests) == len(trackers) > 0
         self.engine = engine
+        self._texts: dict[tuple[int, int], list[str]] | None = {} if log_requests else None
         self.requests = list(requests)
         self._trackers = list(trackers)
         self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -68,6 +80,8 @@ class EngineRun:
         try:
             async for delta in self.engine.generate(self.requests[k]):
                 tracker.on_delta(delta)
+                if self._texts is not None and delta.text:
+                    self._texts.setdefault((k, delta.index), []).append(delta.text)
                 if delta.finish_reason is not None:
                     finished.add(delta.index)
                 self._queue.put_nowait((k, delta))
@@ -123,6 +137,15 @@ class EngineRun:
                         logger.exception("abort of %s failed", req.request_id)
                 if record:
                     self._trackers[k].finish(self._n(k), default_reason=reason)
+            if self._texts is not None:
+                for (k, i), parts in sorted(self._texts.items()):
+                    logger.info(
+                        "completion %s choice %d (%s): %r",
+                        self.requests[k].request_id,
+                        i,
+                        reason,
+                        "".join(parts)[:LOGGED_CHARS],
+                    )
 
 
 class ChunkWriter(Protocol):

@@ -59,6 +59,8 @@ class EngineArgs:
         a bf16 checkpoint is approximate (the state is rounded); fp32 resumes exactly.
     max_num_batched_tokens: None = max(2048, max_num_seqs, segment size).
     mc_aggregation / mc_top_k: override the checkpoint's memory-caching block.
+    threads: intra-op CPU threads of the thread that runs the model; None = the process's CPU
+        allowance less one core for the HTTP side (server/engine/cpu_threads.py).
     """
 
     device: str = "auto"
@@ -78,6 +80,7 @@ class EngineArgs:
     utility_decay: float = 0.99
     seed: int | None = None
     served_model_name: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_waiting"):
@@ -94,6 +97,9 @@ class EngineArgs:
         if self.mc_top_k is not None and (isinstance(self.mc_top_k, bool) or not isinstance(self.mc_top_k, int)
                                           or self.mc_top_k < 1):
             raise ConfigError(f"mc_top_k must be a positive integer, got {self.mc_top_k!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
         if self.served_model_name is not None and not str(self.served_model_name).strip():
             raise ConfigError(f"served_model_name must not be blank, got {self.served_model_name!r}")
 

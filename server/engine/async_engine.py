@@ -9,6 +9,10 @@ event loop its deltas with one `call_soon_threadsafe`; block on the inbox when i
 explicit one, or a cancelled iterator when the client goes away) takes effect before the next step.
 A request the engine refuses (queue full, ...) gets the exception through its queue, before any delta.
 
+Watchdog: the loop stamps the start of every step; a step longer than `slow_step_s` is counted
+(`health()`, metrics `on_slow_step`) when it ends, and `health().step_running_s` shows one that has
+not ended yet, read from any thread.
+
 If a step raises, the engine is dead: every in-flight choice gets a final Delta with finish_reason
 "error", requests not yet added get EngineDeadError, and so does every later `generate`.
 """
@@ -19,12 +23,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from mcserve.server.engine.client import EngineStats, GenerateRequest
+from mcserve.server.engine.client import EngineHealth, EngineStats, GenerateRequest
+from mcserve.server.engine.cpu_threads import use_threads
 from mcserve.server.engine.llm_engine import LLMEngine
 from mcserve.server.engine.outputs import Delta
 from mcserve.server.errors import EngineDeadError, InvalidRequestError, MCServeError
@@ -43,9 +49,16 @@ class _Stream:
         self.n = n
 
 
+DEFAULT_SLOW_STEP_S = 10.0
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, *, start: bool = True) -> None:
+    def __init__(self, engine: LLMEngine, *, start: bool = True, slow_step_s: float = DEFAULT_SLOW_STEP_S) -> None:
         self.engine = engine
+        self.slow_step_s = slow_step_s
+        self._step_started = 0.0  # time.monotonic() when the current step began; 0 between steps
+        self._slow_steps = 0
+        self._last_slow_step_s: float | None = None
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -60,10 +73,11 @@ class AsyncEngine:
             self.start()
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, *, metrics: Any = None, **kwargs: Any) -> AsyncEngine:
+    def from_model_dir(cls, model_dir: str | Path, *, metrics: Any = None, slow_step_s: float = DEFAULT_SLOW_STEP_S,
+                       **kwargs: Any) -> AsyncEngine:
         """Load the model, size the pools (ConfigError if max_num_seqs cannot fit) and start the loop.
         `kwargs`: EngineArgs (server/engine/args.py)."""
-        return cls(LLMEngine.from_model_dir(model_dir, metrics=metrics, **kwargs))
+        return cls(LLMEngine.from_model_dir(model_dir, metrics=metrics, **kwargs), slow_step_s=slow_step_s)
 
     def start(self) -> None:
         self._thread.start()
@@ -78,6 +92,19 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def health(self) -> EngineHealth:
+        started = self._step_started
+        running = time.monotonic() - started if started else 0.0
+        if self._dead is not None:
+            state, error = "dead", f"the engine loop died: {self._dead!r}"
+        elif self._thread.ident is None:
+            state, error = "loading", None  # not started yet
+        elif self._stopped or not self._thread.is_alive():
+            state, error = "dead", "the engine is shut down"
+        else:
+            state, error = "ready", None
+        return EngineHealth(state, error, self.slow_step_s, self._slow_steps, self._last_slow_step_s, running)
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         return self._generate(request)
@@ -126,6 +153,8 @@ class AsyncEngine:
         return EngineDeadError("the engine is shut down")
 
     def _run(self) -> None:
+        if self.engine.num_threads is not None:
+            use_threads(self.engine.num_threads)  # per thread in torch: this one runs the model
         try:
             while True:
                 if not self.engine.has_unfinished() and not self._handle(self._inbox.get()):
@@ -133,13 +162,25 @@ class AsyncEngine:
                 if not self._drain():
                     break
                 if self.engine.has_unfinished():
+                    self._step_started = start = time.monotonic()
                     deltas = self.engine.step()
+                    self._step_started = 0.0
+                    self._on_step_time(time.monotonic() - start)
                     self._stats = self.engine.stats()
                     self._dispatch(deltas)
             self._close()
         except BaseException as e:  # noqa: B036 -- the loop must report any failure to its clients
             log.exception("engine loop died")
             self._die(e)
+
+    def _on_step_time(self, seconds: float) -> None:
+        if seconds <= self.slow_step_s:
+            return
+        self._slow_steps += 1
+        self._last_slow_step_s = seconds
+        log.warning("slow engine step: %.2f s (budget %.2f s): %s", seconds, self.slow_step_s, self.engine.stats())
+        if self.engine.metrics is not None:
+            self.engine.metrics.on_slow_step(seconds)
 
     def _drain(self) -> bool:
         while True:

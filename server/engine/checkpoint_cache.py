@@ -90,6 +90,7 @@ class CheckpointCache:
         self._free_host = list(range(num_host_blocks - 1, -1, -1))
         self._host_freed_now: list[int] = []  # onload sources: reusable only next step (copy order)
         self._by_gpu: dict[int, Checkpoint] = {}
+        self._held_gpu = 0  # GPU checkpoints with refs > 0, kept in step so stats() stay O(1)
         self._by_host: dict[int, Checkpoint] = {}
         self._index: dict[bytes, Checkpoint] = {}
         self._tables: dict[int, list[Checkpoint]] = {}
@@ -111,9 +112,14 @@ class CheckpointCache:
         return len(self._by_gpu)
 
     @property
+    def num_held_blocks(self) -> int:
+        """GPU blocks that running sequences hold."""
+        return self._held_gpu
+
+    @property
     def num_cached_blocks(self) -> int:
         """GPU blocks no sequence holds (idle cache, evictable)."""
-        return sum(1 for c in self._by_gpu.values() if c.refs == 0)
+        return len(self._by_gpu) - self._held_gpu
 
     @property
     def num_used_host_blocks(self) -> int:
@@ -155,6 +161,7 @@ class CheckpointCache:
         table = self._tables[seq_id] = list(hits)
         for c in hits:
             c.refs += 1
+            self._held_gpu += c.refs == 1 and c.gpu is not None
             self._rebase(c)
         for i, c in enumerate(hits):
             if c.gpu is None and not self._onload(c):
@@ -173,6 +180,7 @@ class CheckpointCache:
         table = self._tables.setdefault(seq_id, [])
         c = Checkpoint(len(table), gpu, self.now)
         self._by_gpu[gpu] = c
+        self._held_gpu += 1
         self._pinned.add(c)
         table.append(c)
         return True
@@ -219,6 +227,7 @@ class CheckpointCache:
         for c in table[start:]:
             c.refs -= 1
             assert c.refs >= 0, c
+            self._held_gpu -= c.refs == 0 and c.gpu is not None
             if c.refs == 0 and c.key is None:
                 self._forget(c)
             else:
@@ -331,6 +340,7 @@ class CheckpointCache:
         self._host_freed_now.append(c.host)
         c.host, c.gpu = None, gpu
         self._by_gpu[gpu] = c
+        self._held_gpu += c.refs > 0
         self._pinned.add(c)
         self.counters["onload"] += 1
         return True
@@ -357,6 +367,7 @@ class CheckpointCache:
                 self.counters["evict_unreachable"] += 1
 
     def _free_gpu(self, c: Checkpoint) -> None:
+        self._held_gpu -= c.refs > 0
         del self._by_gpu[c.gpu]
         self._free.append(c.gpu)
         c.gpu = None
@@ -375,6 +386,7 @@ class CheckpointCache:
         """Invariants (tests): no block leaked or double-owned, refcounts match the tables."""
         assert len(self._free) + len(self._by_gpu) == self.num_blocks, "GPU block leaked"
         assert set(self._free).isdisjoint(self._by_gpu) and len(set(self._free)) == len(self._free)
+        assert self._held_gpu == sum(1 for c in self._by_gpu.values() if c.refs), "held-block count drifted"
         host_free = self._free_host + self._host_freed_now
         assert len(host_free) + len(self._by_host) == self.num_host_blocks, "host block leaked"
         assert set(host_free).isdisjoint(self._by_host) and len(set(host_free)) == len(host_free)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from mcserve.server.engine.outputs import Delta
 from mcserve.server.engine.sampling_params import SamplingParams
@@ -28,12 +28,39 @@ class GenerateRequest:
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
+    """Counts between steps. A state slot is held by a running sequence, parked (an end-of-turn
+    snapshot, given up on demand) or free; a checkpoint block on the device is held by running
+    sequences, cached (indexed, no holder, evictable) or free. Only the held ones are pressure."""
+
     num_running: int
     num_waiting: int
-    state_slots_used: int
+    state_slots_running: int
+    state_slots_parked: int
     state_slots_total: int
-    checkpoint_blocks_used: int
+    checkpoint_blocks_running: int
+    checkpoint_blocks_cached: int
     checkpoint_blocks_total: int
+
+
+EngineState = Literal["loading", "ready", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """What /health reports of the engine. `slow_steps` counts finished steps longer than
+    `slow_step_s` (the last one's duration in `last_slow_step_s`); `step_running_s` is how long the
+    step in progress has run (0 between steps), so a step that never ends shows too."""
+
+    state: EngineState
+    error: str | None = None
+    slow_step_s: float | None = None
+    slow_steps: int = 0
+    last_slow_step_s: float | None = None
+    step_running_s: float = 0.0
+
+    @property
+    def stalled(self) -> bool:
+        return self.slow_step_s is not None and self.step_running_s > self.slow_step_s
 
 
 class EngineClient(Protocol):
@@ -54,6 +81,8 @@ class EngineClient(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+    def health(self) -> EngineHealth: ...
 
     @property
     def is_ready(self) -> bool: ...

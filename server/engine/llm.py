@@ -46,7 +46,7 @@ class LLM:
     """`LLM(model_dir, **engine_args)`; engine_args are EngineArgs (server/engine/args.py)."""
 
     def __init__(self, model_dir: str | Path, **engine_args: Any) -> None:
-        self.engine = LLMEngine.from_model_dir(model_dir, **engine_args)
+        self.engine = LLMEngine.from_model_dir(model_dir, **engine_args)  # sets this thread's torch threads
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

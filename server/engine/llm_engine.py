@@ -75,6 +75,7 @@ class LLMEngine:
         self.config = config
         self.model_name = model_name
         self.metrics = metrics
+        self.num_threads: int | None = None  # intra-op threads the driving thread sets (None: leave torch's)
         self.vocab_size = min(model.cfg.vocab_size, tokenizer.vocab_size)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.cfg.eos_token_ids)
         self.scheduler = Scheduler(config)
@@ -90,9 +91,12 @@ class LLMEngine:
     def from_model_dir(cls, model_dir: str | Path, *, metrics: Any = None, **kwargs: Any) -> LLMEngine:
         """Load model and tokenizer, size the pools from the memory budgets; `kwargs` are EngineArgs."""
         from mcserve.server.engine.args import EngineArgs, engine_config, size_pools
+        from mcserve.server.engine.cpu_threads import resolve_threads, use_threads
         from mcserve.server.model.loader import load_model
 
         args = EngineArgs(**kwargs)
+        threads = resolve_threads(args.threads)
+        use_threads(threads)  # the loading thread too; the thread that drives the engine sets it again
         device = args.resolve_device()
         tokenizer = Tokenizer.from_dir(model_dir)
         model = load_model(model_dir, dtype=args.dtype, device=device, **args.mc_overrides())
@@ -106,7 +110,9 @@ class LLMEngine:
         except torch.cuda.OutOfMemoryError as e:
             raise ConfigError(f"cannot allocate {pools.describe()} on {device}: {e}; lower the memory budgets"
                               " or --max-num-seqs") from None
-        log.info("engine for %s on %s (%s): %s", name, device, model.spec, pools.describe())
+        engine.num_threads = threads
+        log.info("engine for %s on %s (%s), %d CPU threads: %s", name, device, model.spec, threads,
+                 pools.describe())
         return engine
 
     @property

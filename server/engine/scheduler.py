@@ -82,10 +82,12 @@ class Scheduler:
         return bool(self._seqs)
 
     def stats(self) -> EngineStats:
+        pool, cache = self.pool, self.cache
         return EngineStats(
             num_running=len(self.running), num_waiting=len(self.waiting),
-            state_slots_used=self.pool.num_slots - self.pool.num_free, state_slots_total=self.pool.num_slots,
-            checkpoint_blocks_used=self.cache.num_used_blocks, checkpoint_blocks_total=self.cache.num_blocks)
+            state_slots_running=pool.num_held, state_slots_parked=pool.num_parked, state_slots_total=pool.num_slots,
+            checkpoint_blocks_running=cache.num_held_blocks, checkpoint_blocks_cached=cache.num_cached_blocks,
+            checkpoint_blocks_total=cache.num_blocks)
 
     def add_request(self, seq: Sequence) -> None:
         """Queue a new sequence. Raises ContextLengthError / QueueFullError."""

@@ -93,6 +93,7 @@ class Tokenizer:
         special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         special |= {i for i in (self._bos_id, self._eos_id, self._pad_id) if i is not None} | self._eos_ids
         self._special_ids = frozenset(special)
+        self._max_token_bytes = _max_token_bytes(backend)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -157,9 +158,18 @@ class Tokenizer:
     def all_special_ids(self) -> frozenset[int]:
         return self._special_ids
 
+    @property
+    def max_token_bytes(self) -> int | None:
+        """L such that every token of an encoding covers between 1 and L bytes of the UTF-8 input, so
+        a text of b bytes has at least ceil(b / L) tokens; None when that cannot be shown for this
+        tokenizer (see `_max_token_bytes`)."""
+        return self._max_token_bytes
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Special-token strings in `text` (e.g. "<|im_start|>") encode to their ids."""
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Special-token strings in `text` (e.g. "<|im_start|>") encode to their ids. The batch call
+        releases the GIL while Rust encodes (the single-text `encode` does not), so a long prompt
+        encoded in a worker thread does not stall the event loop."""
+        ids = self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
         # The tokenizers post-processor may already have added bos; never add it twice.
         if add_special_tokens and self._add_bos and (not ids or ids[0] != self._bos_id):
             ids.insert(0, self._bos_id)
@@ -219,6 +229,34 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template error: {e}") from e
         except (TypeError, KeyError, IndexError, AttributeError, ValueError) as e:
             raise ChatTemplateError(f"chat template error: {type(e).__name__}: {e}") from e
+
+
+def _max_token_bytes(backend: tokenizers.Tokenizer) -> int | None:
+    """The longest token in input bytes, when every token provably covers >= 1 and <= that many bytes.
+
+    Shown for byte-level BPE without a normalizer: the ByteLevel pre-tokenizer maps each input byte to
+    one character of its 256-character alphabet, and if the vocabulary holds all 256, BPE never drops
+    input (no unknowns), so every token is a run of >= 1 whole bytes and its length in characters is
+    its length in bytes; added tokens match their literal content in the raw text. A normalizer could
+    shrink the text (NFC composition, stripping), and other models may map a whole word to one unknown
+    token, so no bound is claimed for them. The post-processor only adds tokens.
+    """
+    from tokenizers.models import BPE
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    if backend.normalizer is not None or not isinstance(backend.pre_tokenizer, ByteLevel):
+        return None
+    if not isinstance(backend.model, BPE):
+        return None
+    vocab = backend.get_vocab(with_added_tokens=False)
+    alphabet = set(ByteLevel.alphabet())
+    if not alphabet <= vocab.keys():
+        return None
+    # One character of the alphabet is one input byte. An entry with other characters can never be
+    # produced; its UTF-8 length is an upper bound anyway.
+    longest = max(len(t) if alphabet.issuperset(t) else len(t.encode()) for t in vocab)
+    added = [len(t.content.encode()) for t in backend.get_added_tokens_decoder().values()]
+    return max([longest, *added])
 
 
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from mcserve.server.engine.client import EngineStats, GenerateRequest
+from mcserve.server.engine.client import EngineHealth, EngineStats, GenerateRequest
 from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
 from mcserve.server.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from tests.server.api.tiny_tokenizer import EOS, TinyTokenizer
@@ -49,6 +49,7 @@ class FakeEngine:
         self.paced_step_s = paced_step_s
         self.peak_inflight = 0
         self.ready = True
+        self.dead_error: str | None = None  # set: the engine reports itself dead
         self.inflight: set[str] = set()
         self.seen: dict[str, GenerateRequest] = {}
         self.aborted: dict[str, float] = {}  # request id -> time.monotonic() of the first abort call
@@ -57,17 +58,24 @@ class FakeEngine:
 
     @property
     def is_ready(self) -> bool:
-        return self.ready
+        return self.ready and self.dead_error is None
 
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.inflight),
             num_waiting=0,
-            state_slots_used=len(self.inflight),
+            state_slots_running=len(self.inflight),
+            state_slots_parked=0,
             state_slots_total=self.max_inflight,
-            checkpoint_blocks_used=0,
+            checkpoint_blocks_running=0,
+            checkpoint_blocks_cached=0,
             checkpoint_blocks_total=64,
         )
+
+    def health(self) -> EngineHealth:
+        if self.dead_error is not None:
+            return EngineHealth("dead", self.dead_error, slow_step_s=10.0)
+        return EngineHealth("ready" if self.ready else "loading", slow_step_s=10.0)
 
     async def abort(self, request_id: str) -> None:
         self.aborted.setdefault(request_id, time.monotonic())

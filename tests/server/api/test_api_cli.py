@@ -21,6 +21,8 @@ from tests.server.api.tiny_tokenizer import TinyTokenizer
 
 
 def test_serve_flags_become_settings_and_engine_kwargs(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("# one key a line\n\nc\n b \n")
     args = cli.build_parser().parse_args(
         [
             "serve",
@@ -44,10 +46,23 @@ def test_serve_flags_become_settings_and_engine_kwargs(tmp_path: Path) -> None:
             "--no-prefix-caching",
             "--checkpoint-memory",
             "0.25",
+            "--threads",
+            "3",
+            "--slow-step-s",
+            "2.5",
+            "--api-key-file",
+            str(key_file),
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+            "--allowed-origins",
+            "http://localhost:3000",
+            "--log-requests",
         ]
     )
     settings = cli.settings_from_args(args, tmp_path)
-    assert (settings.api_keys, settings.port, settings.served_model_name) == (("a", "b"), 9001, tmp_path.name)
+    assert (settings.api_keys, settings.port, settings.served_model_name) == (("a", "b", "c"), 9001, tmp_path.name)
+    assert settings.allowed_origins == ("https://a.example", "https://b.example", "http://localhost:3000")
+    assert settings.log_requests and settings.threads == 3 and settings.slow_step_s == 2.5
     assert cli.engine_kwargs(args, settings) == {
         "max_num_seqs": 8,
         "state_memory": 4 * 2**30,
@@ -57,6 +72,8 @@ def test_serve_flags_become_settings_and_engine_kwargs(tmp_path: Path) -> None:
         "device": "cpu",
         "enable_prefix_caching": False,
         "served_model_name": tmp_path.name,
+        "threads": 3,
+        "slow_step_s": 2.5,
     }
 
 

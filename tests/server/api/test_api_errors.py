@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.server.api.conftest import LiveServer
+from tests.server.api.tiny_tokenizer import TinyTokenizer
 
 MSG = [{"role": "user", "content": "hi"}]
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
@@ -51,7 +52,7 @@ CASES = [
     ("negative temperature", CHAT, chat(temperature=-1), 400, "temperature", None),
     ("top_p zero", CHAT, chat(top_p=0), 400, "top_p", None),
     ("n zero", CHAT, chat(n=0), 400, "n", None),
-    ("huge n", CHAT, chat(n=10**6), 400, "n", None),
+    ("huge n", CHAT, chat(n=10**6), 400, "n", "limit_exceeded"),
     ("presence_penalty 3", CHAT, chat(presence_penalty=3), 400, "presence_penalty", None),
     ("huge seed", CHAT, chat(seed=2**70), 400, "seed", None),
     ("huge max_tokens", CHAT, chat(max_tokens=10**30), 400, "max_tokens", "context_length_exceeded"),
@@ -78,10 +79,35 @@ CASES = [
     ("token prompt over the context", COMP, comp(prompt=[5] * 600), 400, "prompt", "context_length_exceeded"),
     ("1.5 MB prompt", COMP, comp(prompt="y" * 1_500_000), 400, "prompt", "context_length_exceeded"),
     ("3 MB body", COMP, comp(prompt="y" * 3_000_000), 413, None, "request_too_large"),
+    ("duplicate key", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "max_tokens": 9}',
+     400, None, "duplicate_key"),
+    ("duplicate key in a message", CHAT, b'{"messages": [{"role": "user", "role": "system", "content": "x"}]}',
+     400, None, "duplicate_key"),
+    ("nested too deeply", CHAT, b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None,
+     "invalid_json"),
+    ("too many messages", CHAT, chat(messages=MSG * 2049), 400, "messages", "limit_exceeded"),
+    ("too many stop strings", CHAT, chat(stop=[str(i) for i in range(17)]), 400, "stop", "limit_exceeded"),
+    ("long stop string", CHAT, chat(stop=["ok", "s" * 257]), 400, "stop[1]", "limit_exceeded"),
+    ("too many stop_token_ids", CHAT, chat(stop_token_ids=[5] * 1025), 400, "stop_token_ids", "limit_exceeded"),
+    ("too many logit_bias entries", CHAT, chat(logit_bias={str(i): 1 for i in range(1025)}), 400, "logit_bias",
+     "limit_exceeded"),
+    ("long message name", CHAT, chat(messages=[{"role": "user", "content": "x", "name": "n" * 257}]), 400,
+     "messages[0].name", "limit_exceeded"),
+    ("long model name", CHAT, chat(model="m" * 257), 400, "model", "limit_exceeded"),
+    ("1.9 MB chat prompt", CHAT, chat(messages=[{"role": "user", "content": "q" * 1_900_000}]), 400, "messages",
+     "context_length_exceeded"),
+    ("tokenize over the context", "/tokenize", json.dumps({"prompt": "t" * 5000}).encode(), 400, "prompt",
+     "context_length_exceeded"),
+    ("detokenize over the context", "/detokenize", json.dumps({"tokens": [5] * 513}).encode(), 400, "tokens",
+     "limit_exceeded"),
     ("tokenize both", "/tokenize", json.dumps({"prompt": "a", "messages": MSG}).encode(), 400, "prompt", None),
     ("detokenize bad id", "/detokenize", json.dumps({"tokens": [-5]}).encode(), 400, "tokens", None),
 ]
 # fmt: on
+
+
+def _json(headers: dict[str, str]) -> dict[str, str]:
+    return {**headers, "Content-Type": "application/json"}
 
 
 def _check_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
@@ -100,7 +126,7 @@ def test_bad_input_table(
         live_server.base_url + path,
         content=body,
         timeout=10,
-        headers={**live_server.auth, "Content-Type": "application/json"},
+        headers=_json(live_server.auth),
     )
     error = _check_error(r, status, param, code)
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
@@ -113,10 +139,14 @@ def _prompt_len(live: LiveServer, messages: list[dict]) -> int:
 
 def test_context_overflow_message_gives_both_lengths(live_server: LiveServer) -> None:
     long = [{"role": "user", "content": "x" * 600}]
-    r = httpx.post(live_server.base_url + CHAT, content=chat(messages=long), headers=live_server.auth, timeout=5)
+    r = httpx.post(live_server.base_url + CHAT, content=chat(messages=long), headers=_json(live_server.auth), timeout=5)
     message = _check_error(r, 400, "messages", "context_length_exceeded")["message"]
-    assert f"is 512 tokens, but the prompt has {_prompt_len(live_server, long)} tokens" in message
-    r = httpx.post(live_server.base_url + CHAT, content=chat(max_tokens=500), headers=live_server.auth, timeout=5)
+    # Refused before tokenizing; TinyTokenizer's tokens are 1 byte each, so the lower bound is exact.
+    rendered = len(TinyTokenizer().apply_chat_template(long).encode())
+    assert f"is 512 tokens, but the prompt has at least {rendered} tokens" in message
+    r = httpx.post(
+        live_server.base_url + CHAT, content=chat(max_tokens=500), headers=_json(live_server.auth), timeout=5
+    )
     message = _check_error(r, 400, "max_tokens", "context_length_exceeded")["message"]
     n = _prompt_len(live_server, MSG)
     assert f"is 512 tokens, but {n + 500} tokens were requested ({n} in the prompt + 500 in max_tokens)" in message
@@ -129,7 +159,7 @@ def test_chunked_body_over_the_limit_without_content_length(live_server: LiveSer
             yield b"z" * 65536
         yield b'"}'
 
-    r = httpx.post(live_server.base_url + COMP, content=body(), headers=live_server.auth, timeout=10)
+    r = httpx.post(live_server.base_url + COMP, content=body(), headers=_json(live_server.auth), timeout=10)
     _check_error(r, 413, None, "request_too_large")
     assert live_server.health() == 200
 
@@ -144,7 +174,7 @@ def test_chunked_body_over_the_limit_without_content_length(live_server: LiveSer
     ],
 )
 def test_bad_api_key_is_401_and_open_paths_stay_open(live_server: LiveServer, headers: dict) -> None:
-    r = httpx.post(live_server.base_url + CHAT, content=chat(), headers=headers, timeout=5)
+    r = httpx.post(live_server.base_url + CHAT, content=chat(), headers=_json(headers), timeout=5)
     error = _check_error(r, 401, None, "invalid_api_key")
     assert error["type"] == "authentication_error"
     assert httpx.get(live_server.base_url + "/v1/models", headers=headers).status_code == 401
@@ -162,10 +192,10 @@ def test_engine_crash_is_a_logged_500_and_the_server_keeps_serving(live_server: 
     r = httpx.post(
         live_server.base_url + CHAT,
         content=chat(messages=[{"role": "user", "content": "[[crash]]"}]),
-        headers=live_server.auth,
+        headers=_json(live_server.auth),
         timeout=5,
     )
     assert r.status_code == 500 and r.json()["error"]["type"] == "internal_server_error"
     assert "fake engine crashed before the first token" in live_server.log()
-    ok = httpx.post(live_server.base_url + CHAT, content=chat(), headers=live_server.auth, timeout=5)
+    ok = httpx.post(live_server.base_url + CHAT, content=chat(), headers=_json(live_server.auth), timeout=5)
     assert ok.status_code == 200 and live_server.health() == 200

@@ -60,14 +60,20 @@ def test_gauges_from_stats_and_vllm_buckets() -> None:
         EngineStats(
             num_running=3,
             num_waiting=2,
-            state_slots_used=3,
-            state_slots_total=4,
-            checkpoint_blocks_used=16,
+            state_slots_running=3,
+            state_slots_parked=1,
+            state_slots_total=8,
+            checkpoint_blocks_running=16,
+            checkpoint_blocks_cached=40,
             checkpoint_blocks_total=64,
         )
     )
     assert _value(m, "mcserve:num_requests_running") == 3 and _value(m, "mcserve:num_requests_waiting") == 2
-    assert _value(m, "mcserve:state_slot_usage") == 0.75 and _value(m, "mcserve:checkpoint_pool_usage") == 0.25
+    # Usage is what running sequences hold: parked snapshots and idle cached blocks are given up on demand.
+    assert _value(m, "mcserve:state_slot_usage") == 3 / 8 and _value(m, "mcserve:checkpoint_pool_usage") == 0.25
+    slots = {s: _value(m, "mcserve:state_slots", state=s) for s in ("running", "parked", "free")}
+    blocks = {s: _value(m, "mcserve:checkpoint_blocks", state=s) for s in ("running", "cached", "free")}
+    assert slots == {"running": 3, "parked": 1, "free": 4} and blocks == {"running": 16, "cached": 40, "free": 8}
     buckets = {float(dict(k[1])["le"]) for k in _samples(m) if k[0] == "mcserve:time_to_first_token_seconds_bucket"}
     assert buckets == {*TTFT_BUCKETS, float("inf")}
     buckets = {float(dict(k[1])["le"]) for k in _samples(m) if k[0] == "mcserve:inter_token_latency_seconds_bucket"}

@@ -16,6 +16,7 @@ PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
 
 class TinyTokenizer:
     vocab_size = 256 + OFFSET
+    max_token_bytes = 1  # every token of an encoding is one byte of the text
     eos_token_ids = (EOS,)
     bos_token_id = BOS
 

@@ -230,5 +230,6 @@ def test_update_skips_rows_of_sequences_gone_mid_step() -> None:
     assert d.scheduler.update(plan, out) == [b]
     d.verify()
     stats = d.scheduler.stats()
-    assert (stats.num_running, stats.num_waiting, stats.state_slots_used) == (1, 0, 1)
-    assert stats.checkpoint_blocks_used == 1 and stats.checkpoint_blocks_total == 64  # b's segment 0
+    assert (stats.num_running, stats.num_waiting, stats.state_slots_running, stats.state_slots_parked) == (1, 0, 1, 0)
+    assert stats.checkpoint_blocks_running == 1 and stats.checkpoint_blocks_total == 64  # b's segment 0
+    assert stats.checkpoint_blocks_cached == 0  # a's block was never indexed: freed with it
