@@ -97,7 +97,7 @@ def test_server_errors_are_printed_and_failed_turns_leave_the_history(server: Li
 def test_a_bad_key_fails_at_start_with_the_server_message(server: LiveServer, capsys) -> None:
     out = io.StringIO()
     assert main(["--url", server.base_url, "--api-key", "wrong"], read_line=input, out=out) == 1
-    assert "401: invalid API key" in capsys.readouterr().err
+    assert "401: invalid or missing API key" in capsys.readouterr().err
 
 
 def _read_until(proc: subprocess.Popen, buf: bytearray, done, timeout: float = 10.0) -> None:

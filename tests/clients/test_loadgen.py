@@ -159,7 +159,7 @@ def test_cli_writes_json_without_nan_and_prints_the_table(server: LiveServer, tm
 
 def test_cli_reports_an_unreachable_model_list(server: LiveServer, capsys) -> None:
     assert main(["--url", server.base_url, "--api-key", "wrong", "-n", "1", "-o", ""]) == 2
-    assert "401 invalid API key" in capsys.readouterr().err
+    assert "401 invalid or missing API key" in capsys.readouterr().err
 
 
 def test_length_distributions_parse_and_stay_in_range() -> None:
