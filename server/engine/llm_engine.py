@@ -10,7 +10,8 @@ stop_reason = the id), eos unless `ignore_eos` ("stop"), a stop string completed
 ("stop", stop_reason = the string), `max_tokens` ("length"), `max_model_len` ("length", decided by
 the scheduler). The sampler masks eos and stop tokens below `min_tokens`; stop strings are matched
 from the first token (min_tokens does not defer them). A stop or eos token stays in `token_ids`
-but adds no text.
+but adds no text. A sequence with a grammar (`params.structured`) also stops ("stop") on the token
+that completes it, and fails ("error") if the grammar cannot go on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from mcserve.server.engine.runner.factory import make_runner
 from mcserve.server.engine.sampler import SamplingRow
 from mcserve.server.engine.scheduler import Scheduler
 from mcserve.server.engine.sequence import Sequence
+from mcserve.server.engine.structured.compiler import GrammarCompiler
+from mcserve.server.engine.structured.masks import GrammarError, TokenMasks
 from mcserve.server.errors import ConfigError, ContextLengthError, InvalidRequestError, QueueFullError
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mcserve.server.text.detokenizer import IncrementalDetokenizer
@@ -79,7 +82,10 @@ class LLMEngine:
         self.vocab_size = min(model.cfg.vocab_size, tokenizer.vocab_size)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.cfg.eos_token_ids)
         self.scheduler = Scheduler(config)
-        self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer.backend.to_str(), self.eos_token_ids)
+        self.masks = TokenMasks(self.grammars)
+        self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size,
+                                  masks=self.masks)
         self.engine_counters: Counter[str] = Counter()
         self._published: Counter[str] = Counter()  # scheduler counters already reported to metrics
         self._requests: dict[str, _Request] = {}
@@ -145,6 +151,8 @@ class LLMEngine:
             raise InvalidRequestError(f"token id {bad!r} is out of range for vocab size {self.vocab_size}",
                                       param="prompt")
         request.params.check_vocab(self.vocab_size)
+        if request.params.structured is not None:
+            self.grammars.check(request.params.structured)
 
     def add_request(self, request: GenerateRequest) -> None:
         """Queue all `n` choices of `request`, or none: InvalidRequestError, ContextLengthError,
@@ -166,6 +174,8 @@ class LLMEngine:
                                                include_stop_str_in_output=sp.include_stop_str_in_output)
             req.choices.append(_Choice(seq, i, detok))
         for c in req.choices:
+            if sp.structured is not None:
+                self.masks.add(c.seq.seq_id, sp.structured)
             self.scheduler.add_request(c.seq)
             self._by_seq[c.seq.seq_id] = (req, c)
         self._requests[rid] = req
@@ -185,6 +195,7 @@ class LLMEngine:
         self._idle_steps = self._idle_steps + 1 if plan.is_empty and self._requests else 0
         assert self._idle_steps < MAX_IDLE_STEPS, f"no progress in {self._idle_steps} steps: {self.scheduler.stats()}"
         self._on_scheduled(plan)
+        self.masks.launch()  # next masks of the guided sequences, computed while the model runs
         out = self.runner.execute(plan, self._sampling_rows(plan))
         deltas = []
         for seq in self.scheduler.update(plan, out.step):
@@ -218,6 +229,10 @@ class LLMEngine:
         req, c = self._by_seq[seq.seq_id]
         sp, tok = req.request.params, seq.token_ids[-1]
         reason, stop_reason, text = None, None, ""
+        try:
+            grammar = self.masks.accept(seq.seq_id, tok)
+        except GrammarError as e:
+            return self._finish(req, c, "error", None, (tok,), "", None, error=f"structured output: {e}")
         if tok in sp.stop_token_ids:
             reason, stop_reason = "stop", tok
         elif tok in self.eos_token_ids and not sp.ignore_eos:
@@ -226,6 +241,8 @@ class LLMEngine:
             text = c.detok.push(tok, check_stop=seq.num_output_tokens >= sp.min_tokens)
             if c.detok.stopped:
                 reason, stop_reason = "stop", c.detok.stop_reason
+        if reason is None and grammar == "done":
+            reason = "stop"
         if reason is None and sp.max_tokens is not None and seq.num_output_tokens >= sp.max_tokens:
             reason = "length"
         if reason is None and seq.is_finished:  # the scheduler ended it at max_model_len
@@ -238,9 +255,11 @@ class LLMEngine:
         return self._finish(req, c, reason, stop_reason, (tok,), text, logprobs)
 
     def _finish(self, req: _Request, c: _Choice, reason: str, stop_reason: str | int | None,
-                tokens: tuple[int, ...], text: str, logprobs: tuple[TokenLogprob, ...] | None) -> Delta:
+                tokens: tuple[int, ...], text: str, logprobs: tuple[TokenLogprob, ...] | None,
+                error: str | None = None) -> Delta:
         if not c.seq.is_finished:
             self.scheduler.finish(c.seq.seq_id, reason)
+        self.masks.remove(c.seq.seq_id)
         c.finished = True
         req.num_finished += 1
         del self._by_seq[c.seq.seq_id]
@@ -249,7 +268,7 @@ class LLMEngine:
             del self._requests[req.request.request_id]
             usage = Usage(len(req.request.prompt_token_ids), sum(x.seq.num_output_tokens for x in req.choices),
                           req.choices[0].seq.num_cached_tokens)
-        return Delta(req.request.request_id, c.index, tokens, text, logprobs, reason, stop_reason, usage)
+        return Delta(req.request.request_id, c.index, tokens, text, logprobs, reason, stop_reason, usage, error)
 
     def _logprob(self, tok: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
         chosen, top = lp

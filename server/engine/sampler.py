@@ -8,7 +8,9 @@ Order of operations for a row (each stage is skipped for the whole batch when no
    (OpenAI), `+logit_bias[t]`, and `-inf` for eos and `stop_token_ids` while fewer than `min_tokens`
    tokens have been generated. With `ignore_eos` an eos does not finish the sequence, so it is not
    masked; stop tokens still finish it, so they are. Penalties come before the bias so that a bias is
-   exactly additive on the final logit.
+   exactly additive on the final logit. Last, the grammar mask (`allowed`, one int32 bitmask
+   `[B, ceil(V/32)]` for the whole batch, see structured/masks.py): a token whose bit is clear
+   gets `-inf`; rows without a grammar are all ones.
 2. temperature `T`: below `GREEDY_TEMPERATURE` (0 included) the row takes the argmax of the adjusted
    logits, ties to the lowest id. Otherwise logits are multiplied by `1/T`.
 3. truncation: top_k (every token tied with the k-th largest survives), then top_p over what top_k
@@ -21,8 +23,8 @@ output position), so its tokens depend only on its own logits and that key, not 
 shares or its place in it (every stage is row-wise and uses the same arithmetic in every path).
 Unseeded rows share the sampler's global generator.
 
-Logprobs are those of the adjusted distribution (after penalties, bias and the min_tokens mask,
-before temperature and truncation). vLLM reports the raw model's by default; we report what the
+Logprobs are those of the adjusted distribution (after penalties, bias, the min_tokens mask and the
+grammar mask, before temperature and truncation). vLLM reports the raw model's by default; we report what the
 penalties made of it, which is what the greedy choice is made from. They are floored at
 `LOGPROB_FLOOR` so that banned tokens stay JSON-serialisable.
 """
@@ -165,13 +167,18 @@ class Sampler:
         else:
             self._generator.manual_seed(seed & _U64)
         self._row_generator = torch.Generator(device=self.device)  # reseeded for each seeded row
+        self._bit_shifts = torch.arange(32, dtype=torch.int32, device=self.device)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 allowed: torch.Tensor | None = None) -> SamplerOutput:
+        """`allowed`: the grammar bitmask `[B, W]` int32 (host or device), None = no row has a grammar."""
         logits = self._check(logits, rows)
         if not rows:
             return SamplerOutput([])
         plan = _plan(rows, self.vocab_size)
         adjusted = self._adjust(logits, plan)
+        if allowed is not None:
+            adjusted = self._mask(adjusted, allowed, fresh=adjusted is not logits)
         tokens = self._choose(adjusted, plan)  # [B] int64
         return self._collect(adjusted, tokens, plan)
 
@@ -216,6 +223,18 @@ class Sampler:
             vals = self._to_device(plan.add_vals, torch.float32)
             out.index_put_((idx[0], idx[1]), vals, accumulate=True)
         return out
+
+    def _mask(self, logits: torch.Tensor, allowed: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """-inf where the bitmask's bit is clear, in one op over the batch; `fresh`: `logits` is ours
+        to modify. Bits past the vocabulary are ignored; a bitmask narrower than it bans the rest."""
+        b, v = logits.shape
+        assert allowed.dtype == torch.int32 and allowed.dim() == 2 and allowed.shape[0] == b, (allowed.shape, b)
+        words = self._to_device(allowed, torch.int32)
+        bits = ((words[:, :, None] >> self._bit_shifts) & 1).view(b, -1)  # [B, 32 W]
+        if bits.shape[1] < v:
+            bits = torch.nn.functional.pad(bits, (0, v - bits.shape[1]))
+        out = logits if fresh else logits.clone()
+        return out.masked_fill_(bits[:, :v] == 0, -math.inf)
 
     def _choose(self, adjusted: torch.Tensor, plan: _Plan) -> torch.Tensor:
         if all(plan.greedy):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mcserve.server.engine.structured.spec import StructuredSpec
 from mcserve.server.errors import InvalidRequestError
 
 _MAX_LOGPROBS = 20
@@ -26,6 +27,7 @@ class SamplingParams:
     `logprobs`: None = none; k >= 0 = the sampled token's logprob plus the top k alternatives.
     `seed`: makes this request's samples reproducible whatever else shares its batch.
     `mc_top_k`: lowers SSC's top_k for this request (None = the model's).
+    `structured`: a grammar the output must follow (structured/spec.py); the engine compiles it.
     """
 
     n: int = 1
@@ -47,6 +49,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     mc_top_k: int | None = None
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.n, int) and 1 <= self.n <= 64, "n", f"n must be in [1, 64], got {self.n!r}")

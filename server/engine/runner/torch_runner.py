@@ -25,6 +25,7 @@ from mcserve.server.engine.runner.decode_batch import pack_decode
 from mcserve.server.engine.runner.pools import DevicePools
 from mcserve.server.engine.runner.router_weights import BlockWeights
 from mcserve.server.engine.sampler import Sampler, SamplingRow
+from mcserve.server.engine.structured.masks import TokenMasks
 from mcserve.server.model.batched_prefill import PrefillInput
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
@@ -32,8 +33,11 @@ from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 class TorchModelRunner(ModelRunner):
     def __init__(self, model: MCGatedDeltaNetForCausalLM, num_state_slots: int, num_checkpoint_blocks: int,
                  num_host_blocks: int = 0, ckpt_dtype: torch.dtype | None = None, seed: int | None = None,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, masks: TokenMasks | None = None) -> None:
+        """`masks`: the guided sequences' grammar masks, gathered after the forward, just before
+        sampling (their computation overlaps the forward, see structured/masks.py)."""
         self.model = model
+        self.masks = masks
         self.device = model.device
         self.spec = model.spec
         self.pools = DevicePools(model, num_state_slots, num_checkpoint_blocks, num_host_blocks, ckpt_dtype)
@@ -85,7 +89,8 @@ class TorchModelRunner(ModelRunner):
         if not row_ids:
             return {}, {}
         rows = [sampling[s] for s in row_ids]
-        sampled = self.sampler(torch.cat(logits), rows)
+        allowed = self.masks.bitmask(row_ids) if self.masks is not None else None
+        sampled = self.sampler(torch.cat(logits), rows, allowed)
         token_ids = dict(zip(row_ids, sampled.token_ids, strict=True))
         logprobs: Logprobs = {}
         if sampled.logprobs is not None:

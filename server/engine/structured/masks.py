@@ -1,0 +1,134 @@
+"""`TokenMasks`: each guided sequence's grammar state, and the one bitmask per step that the sampler
+applies to the whole batch.
+
+Bitmask layout (llguidance's and xgrammar's): int32 `[B, ceil(V/32)]`, bit `t % 32` of word `t // 32`
+set = token `t` allowed. Rows of sequences without a grammar are all ones. `V` is the grammar
+tokenizer's vocabulary; logits columns past it (a padded lm_head) are cut by the sampler first.
+
+Per step (the engine drives it):
+1. `launch()` after scheduling: the masks of every sequence whose grammar moved since its last mask
+   are computed on a worker thread (llguidance's `LLExecutor` fills them in parallel, without the
+   GIL), while the engine thread runs the model forward;
+2. `bitmask(seq_ids)` just before sampling waits for that work and gathers the batch's rows;
+3. `accept(seq_id, token)` after sampling advances the grammar by the token.
+A sequence added between steps gets its first mask in the next `launch()`, so its first token (the
+one sampled at the end of its prefill) is masked too.
+
+Each guided sequence owns one row of a pooled mask tensor while it lives; a row freed while the
+worker may still write it is recycled only at the next `launch()`, after the worker has finished.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import llguidance as llg
+import torch
+
+from mcserve.server.engine.structured.compiler import GrammarCompiler
+from mcserve.server.engine.structured.spec import StructuredSpec
+
+_ALL = -1  # int32 with every bit set: no token masked
+GrammarStatus = Literal["open", "done"]
+
+
+@dataclass(slots=True)
+class _State:
+    matcher: llg.LLMatcher
+    row: int = 0  # 0 = no row yet (row 0 of the pool is the shared all-ones row)
+    dirty: bool = True  # the grammar moved since `row` was filled
+
+
+class GrammarError(Exception):
+    """The grammar cannot continue (a token it rejects, or a parser limit hit); the message says which."""
+
+
+class TokenMasks:
+    def __init__(self, compiler: GrammarCompiler, num_threads: int | None = None) -> None:
+        self.compiler = compiler
+        self.width = (compiler.vocab_size + 31) // 32
+        self._pool = torch.full((16, self.width), _ALL, dtype=torch.int32)
+        self._free = list(range(self._pool.shape[0] - 1, 0, -1))
+        self._released: list[int] = []
+        self._states: dict[int, _State] = {}
+        # Leave a core for the model; the mask work per step is small and splits by sequence.
+        threads = num_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
+        self._executor = llg.LLExecutor(threads)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="mcserve-masks")
+        self._pending: Future[None] | None = None
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def add(self, seq_id: int, spec: StructuredSpec) -> None:
+        assert seq_id not in self._states, seq_id
+        self._states[seq_id] = _State(self.compiler.matcher(spec))
+
+    def remove(self, seq_id: int) -> None:
+        st = self._states.pop(seq_id, None)
+        if st is not None and st.row:
+            self._released.append(st.row)
+
+    def launch(self) -> None:
+        """Start computing the masks of every sequence whose grammar moved (no-op if none did)."""
+        self._wait()
+        self._free.extend(self._released)
+        self._released.clear()
+        todo: list[tuple[llg.LLMatcher, int]] = []
+        for st in self._states.values():
+            if st.dirty:
+                if not st.row:
+                    st.row = self._take_row()
+                st.dirty = False
+                todo.append((st.matcher, st.row))
+        if todo:
+            pool = self._pool
+            self._pending = self._worker.submit(
+                self._executor.unsafe_compute_mask_ptr, todo, pool.data_ptr(), self.width * 4, pool.shape[0])
+
+    def bitmask(self, seq_ids: list[int]) -> torch.Tensor | None:
+        """`[len(seq_ids), width]` int32 for one step's sampled rows, in that order; None when none
+        of them has a grammar (the sampler then skips the mask)."""
+        rows = [self._states[s].row if s in self._states else 0 for s in seq_ids]
+        if not any(rows):
+            return None
+        self._wait()
+        assert not any(self._states[s].dirty for s in seq_ids if s in self._states), "mask not launched"
+        return self._pool[torch.tensor(rows, dtype=torch.long)]
+
+    def accept(self, seq_id: int, token_id: int) -> GrammarStatus | None:
+        """Advance `seq_id`'s grammar by the token it sampled: "done" when the grammar is complete
+        (nothing but eos could follow), "open" otherwise, None without a grammar; GrammarError when
+        the grammar cannot take the token."""
+        st = self._states.get(seq_id)
+        if st is None:
+            return None
+        self._wait()  # the worker may be reading this matcher
+        m = st.matcher
+        if not m.consume_token(token_id):
+            raise GrammarError(m.get_error() or f"token {token_id} is not allowed by the grammar")
+        st.dirty = True
+        return "done" if m.is_stopped() else "open"
+
+    def close(self) -> None:
+        self._wait()
+        self._worker.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _take_row(self) -> int:
+        if not self._free:
+            old = self._pool
+            self._pool = torch.full((2 * old.shape[0], self.width), _ALL, dtype=torch.int32)
+            self._pool[: old.shape[0]] = old
+            self._free = list(range(self._pool.shape[0] - 1, old.shape[0] - 1, -1))
+        return self._free.pop()
