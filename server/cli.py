@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--served-model-name", help="the name clients pass as 'model' (default: the directory name)")
     http.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
     http.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    http.add_argument("--tool-call-parser", choices=("hermes", "none"),
+                      help="the model's tool-call syntax (default: tokenizer_config.json's, else hermes)")
     eng = serve.add_argument_group("engine (default: the engine's own)")
     eng.add_argument("--max-num-seqs", type=int, help="running sequences at most")
     eng.add_argument("--max-model-len", type=int, help="context length (prompt + output) in tokens")
@@ -180,6 +182,7 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> ApiSettings
         log_requests=args.log_requests,
         threads=args.threads,
         slow_step_s=args.slow_step_s,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -26,6 +26,7 @@ DEFAULT_MAX_HEADER_BYTES = 8 * 1024
 # and a full 2,048-token prefill chunk well under a second.
 DEFAULT_SLOW_STEP_S = 10.0
 
+TOOL_CALL_PARSERS = ("hermes", "none")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -45,6 +46,8 @@ class ApiSettings:
     `max_body_bytes`: larger request bodies get 413, counted on the bytes actually received.
     `sse_ping_s`: keep-alive comment interval on idle streams (0 = never).
     `model_notice`: an operator's note on the model (MCSERVE_MODEL_NOTICE), shown in /v1/models and at start-up.
+    `tool_call_parser`: the model's tool-call syntax, "hermes" or "none" (None = tokenizer_config.json's
+    `tool_call_parser`, else "hermes").
     """
 
     host: str = "127.0.0.1"
@@ -60,6 +63,7 @@ class ApiSettings:
     log_requests: bool = False
     threads: int | None = None
     slow_step_s: float = DEFAULT_SLOW_STEP_S
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -90,6 +94,8 @@ class ApiSettings:
             raise ConfigError(f"log_level must be one of {_LOG_LEVELS}, got {self.log_level!r}")
         if not isinstance(self.sse_ping_s, (int, float)) or self.sse_ping_s < 0:
             raise ConfigError(f"sse_ping_s must be >= 0, got {self.sse_ping_s!r}")
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ConfigError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}")
 
     @classmethod
     def from_env(

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from mcserve.server.engine.sampling_params import SamplingParams
+from mcserve.server.engine.structured.spec import StructuredSpec
 from mcserve.server.errors import InvalidRequestError
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -35,12 +36,73 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallIn(_Request):
+    """A tool call of an earlier assistant turn, sent back in the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON Schema of the arguments object; None = any object
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching `json_schema.schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` extra: exactly one of its fields."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _SamplingRequest(_Request):
@@ -69,6 +131,12 @@ class _SamplingRequest(_Request):
     priority: int | None = None
     session_id: str | None = Field(default=None, max_length=256)
     mc_top_k: int | None = None
+    # vLLM's structured-output extras (server/api/structured.py maps them to one StructuredSpec)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -80,7 +148,8 @@ class _SamplingRequest(_Request):
         if self.priority is not None and not -(2**63) <= self.priority < 2**63:
             raise InvalidRequestError(f"priority must be a 64-bit integer, got {self.priority}", param="priority")
 
-    def _build(self, *, max_tokens: int | None, logprobs: int | None, renames: dict[str, str]) -> SamplingParams:
+    def _build(self, *, max_tokens: int | None, logprobs: int | None, renames: dict[str, str],
+               structured: StructuredSpec | None = None) -> SamplingParams:
         bias: dict[int, float] = {}
         for key, value in (self.logit_bias or {}).items():
             try:
@@ -116,6 +185,7 @@ class _SamplingRequest(_Request):
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 logprobs=logprobs,
                 logit_bias=bias,
+                structured=structured,
             )
         except InvalidRequestError as e:
             # SamplingParams names its own field; report the one the client sent.
@@ -129,9 +199,10 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     @property
     def max_tokens_field(self) -> str:
@@ -142,23 +213,18 @@ class ChatCompletionRequest(_SamplingRequest):
         """The client's cap on output tokens; None = up to the context limit."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def to_sampling_params(self, *, max_tokens: int | None) -> SamplingParams:
-        """`max_tokens`: the cap after defaulting (the caller knows the prompt and context length)."""
+    def to_sampling_params(self, *, max_tokens: int | None, structured: StructuredSpec | None = None) -> SamplingParams:
+        """`max_tokens`: the cap after defaulting (the caller knows the prompt and context length);
+        `structured`: the grammar server/api/structured.py made of the request."""
         self._check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError(
-                f"response_format type {self.response_format.get('type')!r} is not supported; only 'text'",
-                param="response_format",
-            )
-        if self.tool_choice not in (None, "none", "auto"):
-            raise InvalidRequestError("tool_choice other than 'none' or 'auto' is not supported", param="tool_choice")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._build(
             max_tokens=max_tokens,
             logprobs=logprobs,
             renames={"logprobs": "top_logprobs", "max_tokens": self.max_tokens_field},
+            structured=structured,
         )
 
 
@@ -186,7 +252,7 @@ class CompletionRequest(_SamplingRequest):
         """16 when absent (OpenAI's default); an explicit null means up to the context limit."""
         return self.max_tokens
 
-    def to_sampling_params(self, *, max_tokens: int | None) -> SamplingParams:
+    def to_sampling_params(self, *, max_tokens: int | None, structured: StructuredSpec | None = None) -> SamplingParams:
         self._check_common()
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
@@ -196,7 +262,7 @@ class CompletionRequest(_SamplingRequest):
             )
         if self.echo and self.logprobs is not None:
             raise InvalidRequestError("echo with logprobs is not supported (no prompt logprobs)", param="echo")
-        return self._build(max_tokens=max_tokens, logprobs=self.logprobs, renames={})
+        return self._build(max_tokens=max_tokens, logprobs=self.logprobs, renames={}, structured=structured)
 
 
 class TokenizeRequest(_Request):
@@ -246,9 +312,43 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
+class _Sparse(_Response):
+    """Serialised without its None fields (stream deltas carry only what changed)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class DeltaFunctionCall(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Sparse):
+    """One piece of a streamed tool call: the first has id, type and name; later ones extend arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
 
 
 class ChatChoice(_Response):
@@ -269,15 +369,12 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
-class ChatDelta(_Response):
+class ChatDelta(_Sparse):
     """Serialised without its unset fields: the closing delta of a choice is `{}`, as OpenAI sends it."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):

@@ -69,6 +69,11 @@ class ServingContext:
         """The name clients use (settings override the engine's)."""
         return self.settings.served_model_name or self.engine.model_name
 
+    @property
+    def tool_call_parser(self) -> str:
+        """The tool-call syntax: the setting, else the tokenizer's config, else Hermes ("none" = never parse)."""
+        return self.settings.tool_call_parser or getattr(self.tokenizer, "tool_call_parser", None) or "hermes"
+
     def check_ready(self) -> None:
         """503 unless ready, saying why: loading (retry soon), draining (go elsewhere), dead."""
         if self.lifecycle.draining:

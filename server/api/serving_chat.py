@@ -24,7 +24,11 @@ from mcserve.server.api.protocol import (
 )
 from mcserve.server.api.serving import ServingContext, UsageCounter, parse_body, respond
 from mcserve.server.api.streaming import EngineRun, engine_error
+from mcserve.server.api.structured import structured_spec
+from mcserve.server.api.tool_calls import HermesToolParser
+from mcserve.server.api.tool_choice import forced_tool_spec, parses_tool_calls, rendered_tools
 from mcserve.server.engine.outputs import Delta, TokenLogprob
+from mcserve.server.errors import InvalidRequestError
 
 
 def chat_logprobs(items: tuple[TokenLogprob, ...] | None) -> ChatLogprobs | None:
@@ -47,11 +51,14 @@ class ChatChunkWriter:
     """Stream chunks: a role chunk per choice, then one chunk per delta (the last of a choice carries
     its finish_reason), then the usage chunk with `choices: []` when the client asked for it."""
 
-    def __init__(self, request_id: str, model: str, n: int, prompt_len: int, include_usage: bool) -> None:
+    def __init__(self, request_id: str, model: str, n: int, prompt_len: int, include_usage: bool,
+                 tool_calls: bool = False) -> None:
+        """`tool_calls`: parse each choice's text for tool calls (tools given, tool_choice not "none")."""
         self.request_id, self.model, self.n = request_id, model, n
         self.include_usage = include_usage
         self.created = int(time.time())
         self.usage = UsageCounter([prompt_len])
+        self.parsers = [HermesToolParser() for _ in range(n)] if tool_calls else None
 
     def _chunk(self, choices: list[ChatChunkChoice], **extra: object) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices, **extra)  # type: ignore[arg-type]
@@ -64,13 +71,21 @@ class ChatChunkWriter:
 
     def on_delta(self, k: int, delta: Delta) -> list[BaseModel]:
         self.usage.add(k, len(delta.token_ids), delta.usage)
-        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+        text, calls, finish = delta.text, [], delta.finish_reason
+        if self.parsers is not None:
+            parser = self.parsers[delta.index]
+            text, calls = parser.feed(text)
+            if finish is not None:
+                more, last = parser.finish()
+                text, calls = text + more, calls + last
+                finish = tool_finish_reason(finish, parser)
+        if not text and not calls and finish is None and not delta.logprobs:
             return []
         choice = ChatChunkChoice(
             index=delta.index,
-            delta=ChatDelta(content=delta.text or None),
+            delta=ChatDelta(content=text or None, tool_calls=calls or None),
             logprobs=chat_logprobs(delta.logprobs),
-            finish_reason=delta.finish_reason,
+            finish_reason=finish,
             stop_reason=delta.stop_reason,
         )
         return [self._chunk([choice])]
@@ -79,8 +94,23 @@ class ChatChunkWriter:
         return [self._chunk([], usage=self.usage.total())] if self.include_usage else []
 
 
+def tool_finish_reason(reason: str, parser: HermesToolParser) -> str:
+    """OpenAI's "tool_calls" when the model stopped after calling tools."""
+    return "tool_calls" if reason == "stop" and parser.calls else reason
+
+
+def _message(text: str, tool_calls: bool) -> tuple[AssistantMessage, HermesToolParser | None]:
+    if not tool_calls:
+        return AssistantMessage(content=text), None
+    parser = HermesToolParser()
+    content, _ = parser.feed(text)
+    content += parser.finish()[0]
+    calls = parser.calls or None
+    return AssistantMessage(content=content or (None if calls else ""), tool_calls=calls), parser
+
+
 async def _collect(
-    run: EngineRun, body: ChatCompletionRequest, request_id: str, model: str, prompt_len: int
+    run: EngineRun, body: ChatCompletionRequest, request_id: str, model: str, prompt_len: int, parse_tools: bool
 ) -> ChatCompletionResponse:
     n = run.requests[0].params.n
     texts: list[list[str]] = [[] for _ in range(n)]
@@ -104,16 +134,17 @@ async def _collect(
         raise
     finally:
         await run.close(reason)  # unfinished choices count as aborted (client gone) or failed
-    choices = [
-        ChatChoice(
+    choices = []
+    for i in range(n):
+        message, parser = _message("".join(texts[i]), parse_tools)
+        reason = finish[i].finish_reason if finish[i] else None
+        choices.append(ChatChoice(
             index=i,
-            message=AssistantMessage(content="".join(texts[i])),
+            message=message,
             logprobs=None if logprobs[i] is None else ChatLogprobs(content=logprobs[i]),
-            finish_reason=finish[i].finish_reason if finish[i] else None,
+            finish_reason=tool_finish_reason(reason, parser) if reason and parser else reason,
             stop_reason=finish[i].stop_reason if finish[i] else None,
-        )
-        for i in range(n)
-    ]
+        ))
     return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage.total())
 
 
@@ -126,21 +157,27 @@ async def create_chat_completion(ctx: ServingContext, http: Request) -> Response
     ids = await ctx.chat_prompt_ids(
         body.messages,
         add_generation_prompt=body.add_generation_prompt is not False,
-        tools=body.tools if body.tool_choice != "none" else None,
+        tools=rendered_tools(body),
     )
     prompt = ctx.prepare(
         ids, body.requested_max_tokens, prompt_param="messages", max_tokens_param=body.max_tokens_field
     )
-    params = body.to_sampling_params(max_tokens=prompt.max_tokens)
+    parse_tools = parses_tool_calls(body) and ctx.tool_call_parser == "hermes"
+    forced = forced_tool_spec(body)
+    if forced is not None and not parse_tools:
+        raise InvalidRequestError(f"tool_choice {body.tool_choice!r} needs a tool-call parser; this server runs "
+                                  f"with --tool-call-parser {ctx.tool_call_parser}", param="tool_choice")
+    params = body.to_sampling_params(max_tokens=prompt.max_tokens, structured=structured_spec(body, forced))
     ctx.check_params(params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     run = ctx.engine_run(request_id, [prompt], [params], body, http)
-    writer = ChatChunkWriter(request_id, ctx.model_name, params.n, len(ids), body.include_usage)
+    writer = ChatChunkWriter(request_id, ctx.model_name, params.n, len(ids), body.include_usage,
+                             tool_calls=parse_tools)
     return await respond(
         ctx,
         http,
         run,
         stream=bool(body.stream),
         writer=writer,
-        collect=lambda: _collect(run, body, request_id, ctx.model_name, len(ids)),
+        collect=lambda: _collect(run, body, request_id, ctx.model_name, len(ids), parse_tools),
     )

@@ -17,6 +17,7 @@ from mcserve.server.api.limits import check_sampling_limits
 from mcserve.server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from mcserve.server.api.serving import PreparedPrompt, ServingContext, UsageCounter, parse_body, respond
 from mcserve.server.api.streaming import EngineRun, engine_error
+from mcserve.server.api.structured import structured_spec
 from mcserve.server.engine.outputs import Delta
 
 
@@ -120,7 +121,8 @@ async def create_completion(ctx: ServingContext, http: Request) -> Response:
         prompts.append(ctx.prepare(ids, body.requested_max_tokens, prompt_param=param, max_tokens_param="max_tokens"))
         if not isinstance(item, str):  # after the length check, so at most max_model_len ids are scanned
             ctx.check_token_ids(item, param)
-    params = [body.to_sampling_params(max_tokens=p.max_tokens) for p in prompts]
+    spec = structured_spec(body)
+    params = [body.to_sampling_params(max_tokens=p.max_tokens, structured=spec) for p in prompts]
     for p in params:
         ctx.check_params(p)
     echo = None

@@ -167,7 +167,8 @@ class Sampler:
         else:
             self._generator.manual_seed(seed & _U64)
         self._row_generator = torch.Generator(device=self.device)  # reseeded for each seeded row
-        self._bit_shifts = torch.arange(32, dtype=torch.int32, device=self.device)
+        # bit i of an int32 word (1 << 31 wraps to the sign bit, which is what the bitmask uses)
+        self._bit_values = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).to(torch.int32).to(self.device)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
                  allowed: torch.Tensor | None = None) -> SamplerOutput:
@@ -178,7 +179,7 @@ class Sampler:
         plan = _plan(rows, self.vocab_size)
         adjusted = self._adjust(logits, plan)
         if allowed is not None:
-            adjusted = self._mask(adjusted, allowed, fresh=adjusted is not logits)
+            adjusted = self._mask(adjusted, allowed)
         tokens = self._choose(adjusted, plan)  # [B] int64
         return self._collect(adjusted, tokens, plan)
 
@@ -224,17 +225,16 @@ class Sampler:
             out.index_put_((idx[0], idx[1]), vals, accumulate=True)
         return out
 
-    def _mask(self, logits: torch.Tensor, allowed: torch.Tensor, fresh: bool) -> torch.Tensor:
-        """-inf where the bitmask's bit is clear, in one op over the batch; `fresh`: `logits` is ours
-        to modify. Bits past the vocabulary are ignored; a bitmask narrower than it bans the rest."""
+    def _mask(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """A new tensor: `logits` where the bitmask's bit is set, -inf elsewhere, in one pass over the
+        batch. Bits past the vocabulary are ignored; a bitmask narrower than it bans the rest."""
         b, v = logits.shape
         assert allowed.dtype == torch.int32 and allowed.dim() == 2 and allowed.shape[0] == b, (allowed.shape, b)
         words = self._to_device(allowed, torch.int32)
-        bits = ((words[:, :, None] >> self._bit_shifts) & 1).view(b, -1)  # [B, 32 W]
-        if bits.shape[1] < v:
-            bits = torch.nn.functional.pad(bits, (0, v - bits.shape[1]))
-        out = logits if fresh else logits.clone()
-        return out.masked_fill_(bits[:, :v] == 0, -math.inf)
+        ok = (words[:, :, None] & self._bit_values).view(b, -1).bool()  # [B, 32 W]
+        if ok.shape[1] < v:
+            ok = torch.nn.functional.pad(ok, (0, v - ok.shape[1]))
+        return torch.where(ok[:, :v], logits, -math.inf)
 
     def _choose(self, adjusted: torch.Tensor, plan: _Plan) -> torch.Tensor:
         if all(plan.greedy):

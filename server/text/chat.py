@@ -9,6 +9,7 @@ accepted.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -63,11 +64,24 @@ def template_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
         if msg.name is not None:
             item["name"] = msg.name
         if msg.tool_calls is not None:
-            item["tool_calls"] = msg.tool_calls
+            item["tool_calls"] = [_template_tool_call(c) for c in msg.tool_calls]
         if msg.tool_call_id is not None:
             item["tool_call_id"] = msg.tool_call_id
         out.append(item)
     return out
+
+
+def _template_tool_call(call: Any) -> dict[str, Any]:
+    """protocol.ToolCallIn -> a dict whose `arguments` is an object when the JSON text is one: what
+    Hugging Face templates expect (ours takes either)."""
+    arguments: Any = call.function.arguments
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        arguments = parsed
+    return {"id": call.id, "type": call.type, "function": {"name": call.function.name, "arguments": arguments}}
 
 
 def render_chat(

@@ -19,20 +19,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mcserve.server.errors import ModelLoadError
 from mcserve.server.text.detokenizer import IncrementalDetokenizer
+from mcserve.server.text.templates import DEFAULT_CHAT_TEMPLATE
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # newer HF checkpoints keep the template in its own file
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
 CHATML_END_TOKEN = "<|im_end|>"
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 
 class TokenizerLoadError(ModelLoadError):
     """tokenizer.json / tokenizer_config.json cannot be used. The message names the file and field."""
@@ -47,6 +40,7 @@ class Tokenizer:
 
     `chat_template` is a Jinja2 source string, or a {name: source} dict whose "default" entry is used
     (and "tool_use", if present, when tools are given); None means DEFAULT_CHAT_TEMPLATE.
+    `tool_call_parser`: tokenizer_config.json's `tool_call_parser` (the model's tool-call syntax, e.g. "hermes").
     `source` names the config file in error messages.
     """
 
@@ -59,9 +53,11 @@ class Tokenizer:
         pad_token: str | None = None,
         add_bos_token: bool = False,
         chat_template: str | Mapping[str, str] | None = None,
+        tool_call_parser: str | None = None,
         source: str = CONFIG_FILE,
     ) -> None:
         self._backend = backend
+        self.tool_call_parser = tool_call_parser
         vocab = backend.get_vocab(with_added_tokens=True)
         # One more than the largest id, so it sizes an embedding table even if ids have gaps.
         self._vocab_size = max(vocab.values(), default=-1) + 1
@@ -116,6 +112,9 @@ class Tokenizer:
         add_bos = cfg.get("add_bos_token", False)
         if not isinstance(add_bos, bool):
             raise TokenizerLoadError(src, "add_bos_token", f"must be true or false, got {add_bos!r}")
+        parser = cfg.get("tool_call_parser")
+        if parser is not None and not isinstance(parser, str):
+            raise TokenizerLoadError(src, "tool_call_parser", f"must be a string, got {parser!r}")
         template = cfg.get("chat_template")
         if template is None:
             template = _read_text(root / TEMPLATE_FILE, required=False)
@@ -126,6 +125,7 @@ class Tokenizer:
             pad_token=_token_field(cfg, "pad_token", src),
             add_bos_token=add_bos,
             chat_template=_template_field(template, src),
+            tool_call_parser=parser,
             source=src,
         )
 

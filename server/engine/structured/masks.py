@@ -21,6 +21,7 @@ worker may still write it is recycled only at the next `launch()`, after the wor
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -59,6 +60,7 @@ class TokenMasks:
         self._executor = llg.LLExecutor(threads)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="mcserve-masks")
         self._pending: Future[None] | None = None
+        self.wait_s = 0.0  # time the engine thread spent blocked on the worker (what overlap did not hide)
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._states
@@ -123,6 +125,10 @@ class TokenMasks:
     def _wait(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
+            if not pending.done():
+                start = time.perf_counter()
+                pending.result()
+                self.wait_s += time.perf_counter() - start
             pending.result()
 
     def _take_row(self) -> int:

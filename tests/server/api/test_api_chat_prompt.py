@@ -25,14 +25,18 @@ def test_template_messages_flatten_parts_and_map_developer() -> None:
         _msgs(
             {"role": "developer", "content": "rules"},
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": [1]}'}},
+                {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "not json"}}]},
             {"role": "tool", "content": "42", "tool_call_id": "c1"},
         )
     )
     assert out == [
         {"role": "system", "content": "rules"},
         {"role": "user", "content": "a\nb"},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function"}]},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": [1]}}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "not json"}}]},
         {"role": "tool", "content": "42", "tool_call_id": "c1"},
     ]
 

@@ -12,6 +12,7 @@ from tests.server.api.tiny_tokenizer import TinyTokenizer
 
 MSG = [{"role": "user", "content": "hi"}]
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def chat(**fields: object) -> bytes:
@@ -64,7 +65,20 @@ CASES = [
     ("negative stop_token_ids", CHAT, chat(stop_token_ids=[-1]), 400, "stop_token_ids", None),
     ("mc_top_k zero", CHAT, chat(mc_top_k=0), 400, "mc_top_k", None),
     ("stream_options without stream", CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options", None),
-    ("json_schema response_format", CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format", None),
+    ("json_schema without a schema", CHAT, chat(response_format={"type": "json_schema"}), 400,
+     "response_format.json_schema", None),
+    ("unknown response_format", CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type",
+     "invalid_value"),
+    ("two constraints", CHAT, chat(response_format={"type": "json_object"}, guided_regex="a+"), 400, "response_format",
+     None),
+    ("structured_outputs with two", COMP, comp(structured_outputs={"regex": "a", "choice": ["b"]}), 400,
+     "structured_outputs", None),
+    ("empty guided_choice", COMP, comp(guided_choice=[]), 400, "guided_choice", None),
+    ("tool_choice required without tools", CHAT, chat(tool_choice="required"), 400, "tool_choice", None),
+    ("tool_choice names an unknown tool", CHAT, chat(tools=[TOOL], tool_choice={"type": "function", "function": {
+     "name": "nope"}}), 400, "tool_choice.function.name", None),
+    ("tool without a name", CHAT, chat(tools=[{"type": "function", "function": {}}]), 400, "tools[0].function.name",
+     "invalid_value"),
     ("unknown model", CHAT, chat(model="gpt-5"), 404, "model", "model_not_found"),
     ("prompt over the context", CHAT, chat(messages=[{"role": "user", "content": "x" * 600}]), 400, "messages",
      "context_length_exceeded"),

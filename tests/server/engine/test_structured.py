@@ -91,7 +91,7 @@ def test_bitmask_is_applied_bit_for_bit(vocab: int, words: int) -> None:
     sampler = Sampler(vocab, "cpu", seed=0)
     rows = [SamplingRow(SamplingParams(temperature=0.0, logprobs=0))] * 5
     want = _reference_mask(logits[:, :vocab], bitmask)
-    assert torch.equal(sampler._mask(logits[:, :vocab], bitmask, fresh=False), want)
+    assert torch.equal(sampler._mask(logits[:, :vocab], bitmask), want)
     out = sampler(logits, rows, bitmask)
     assert out.token_ids == want.argmax(-1).tolist()
     assert out.token_ids[0] == logits[0, :vocab].argmax().item()  # an all-ones row is left alone

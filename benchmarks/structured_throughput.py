@@ -1,0 +1,91 @@
+"""Decode throughput with a JSON schema active vs none, so the grammar's cost per token is known.
+
+    OMP_NUM_THREADS=1 python benchmarks/structured_throughput.py [--model DIR] [--batch-sizes 1,64]
+
+Both runs generate exactly --output-len greedy tokens per sequence (ignore_eos) from the same random
+prompts, with the same logit_bias: every token containing "]" gets -100, so the guided output, a
+JSON array of strings (`{"type": "array", "items": {"type": "string"}}`), can never close and
+runs to max_tokens. Inside a string nearly the whole vocabulary is allowed, the costly case for a
+token mask (the whole token trie is walked). Each row is the median of --repeats runs after a
+warm-up; "mask wait" is the engine thread's time blocked on mask computation per step (what the
+worker thread did not hide behind the model's forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+from common import machine, model_dir
+
+from mcserve.server.engine.llm import LLM
+from mcserve.server.engine.sampling_params import SamplingParams
+from mcserve.server.engine.structured.spec import StructuredSpec
+
+SCHEMA = {"type": "array", "items": {"type": "string"}}
+
+
+def run(llm: LLM, batch: int, prompt_len: int, output_len: int, params: SamplingParams, seed: int
+        ) -> tuple[float, int, int, float]:
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, llm.engine.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    engine = llm.engine
+    steps0, wait0 = engine.counters["steps"], engine.masks.wait_s
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert generated == batch * output_len, generated
+    if params.structured is not None:
+        assert all(o.outputs[0].text.startswith("[") for o in outs), outs[0].outputs[0].text
+        json.loads(outs[0].outputs[0].text[:1] + "]")  # the guided text opens a JSON array
+    return elapsed, generated, engine.counters["steps"] - steps0, engine.masks.wait_s - wait0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model directory (default: a random model of --preset)")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-sizes", default="1,64")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    path = model_dir(args.model, args.preset)
+    print(f"model: {path} ({args.preset} preset unless --model), device {args.device}")
+    print(f"machine: {machine()}")
+    print(f"prompt {args.prompt_len} tokens, output {args.output_len} tokens (greedy, ignore_eos), "
+          f"median of {args.repeats} runs; schema {json.dumps(SCHEMA)}\n")
+    print("| batch | none tok/s | schema tok/s | cost | ms/step none | ms/step schema | mask wait ms/step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        llm = LLM(path, device=args.device, max_num_seqs=batch, max_model_len=args.prompt_len + args.output_len + 1,
+                  enable_prefix_caching=False)
+        tok = llm.engine.tokenizer
+        bias = {t: -100.0 for t in range(llm.engine.vocab_size) if "]" in tok.decode([t], skip_special_tokens=False)}
+        free = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True, logit_bias=bias)
+        guided = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True, logit_bias=bias,
+                                structured=StructuredSpec.json_schema(SCHEMA, "bench"))
+        rows = {}
+        for params in (free, guided):  # warm-up
+            run(llm, batch, args.prompt_len, 8, dataclasses.replace(params, max_tokens=8), seed=1)
+        # Interleaved, so a neighbour's load on the machine hits both alike.
+        runs: dict[str, list] = {"none": [], "schema": []}
+        for r in range(args.repeats):
+            for name, params in (("none", free), ("schema", guided)):
+                runs[name].append(run(llm, batch, args.prompt_len, args.output_len, params, seed=2 + r))
+        for name in runs:
+            rows[name] = sorted(runs[name])[len(runs[name]) // 2]
+        (t0, n0, s0, _), (t1, n1, s1, w1) = rows["none"], rows["schema"]
+        cost = (n0 / t0) / (n1 / t1) - 1
+        print(f"| {batch} | {n0 / t0:,.0f} | {n1 / t1:,.0f} | {100 * cost:+.1f}% | {1000 * t0 / s0:.2f} | "
+              f"{1000 * t1 / s1:.2f} | {1000 * w1 / s1:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
