@@ -28,9 +28,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from mctrain.batches import BatchSampler  # noqa: E402
-from mctrain.checkpoint import MODEL_SIZES, count_parameters, init_model, save_checkpoint, train_config  # noqa: E402
+from mctrain.chat_data import CHAT_META, ChatData  # noqa: E402
+from mctrain.checkpoint import (  # noqa: E402
+    DECAY_INITS,
+    MODEL_SIZES,
+    count_parameters,
+    init_model,
+    save_checkpoint,
+    train_config,
+)
 from mctrain.corpus import EOT, KV_TOKEN, QUERY_TOKEN, read_corpus  # noqa: E402
-from mctrain.evaluation import autocast_for, heldout_nll, quick_recall_acc, token_bytes  # noqa: E402
+from mctrain.evaluation import autocast_for, heldout_nll, masked_nll, quick_recall_acc, token_bytes  # noqa: E402
 from mctrain.mc_forward import check_backend, default_backend, hidden_states, logits  # noqa: E402
 from mctrain.recall import RecallTask  # noqa: E402
 from mctrain.schedule import CosineSchedule, plan_total_steps  # noqa: E402
@@ -71,6 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--recall-frac", type=float, default=0.2, help="fraction of each batch that is MQAR")
     ap.add_argument("--recall-max-pairs", type=int, default=64)
     ap.add_argument("--recall-weight", type=float, default=1.0)
+    ap.add_argument("--chat-frac", type=float, default=0.0, help="fraction of each batch that is chat windows "
+                    "(needs the chat arrays of scripts/build_chat_data.py in --data-dir)")
+    ap.add_argument("--decay-init", default="fla", choices=list(DECAY_INITS), help="how A_log and dt_bias start "
+                    "(mctrain.checkpoint.DECAY_INITS)")
     ap.add_argument("--evals", type=int, default=8, help="held-out evaluations over the run (and at the end)")
     ap.add_argument("--eval-windows", type=int, default=4, help="held-out windows per source per evaluation")
     ap.add_argument("--log-every", type=int, default=20)
@@ -155,13 +167,15 @@ def main(argv: list[str] | None = None) -> dict:
     task = RecallTask(data.vocab_size, tok.token_to_id(KV_TOKEN), tok.token_to_id(QUERY_TOKEN))
     cfg = train_config(args.size, data.vocab_size, tok.token_to_id(EOT), args.aggregation, args.segment_size,
                        args.top_k, args.state_init)
-    model = init_model(cfg, args.seed)
+    model = init_model(cfg, args.seed, args.decay_init)
     model.to(device).train()
     n_params = count_parameters(model)
     opt = optimizer(model, args, device)
+    chat = ChatData.load(args.data_dir) if args.chat_frac > 0 or (Path(args.data_dir) / CHAT_META).is_file() else None
     sampler = BatchSampler(data, task, args.batch_size, args.seq_len, args.recall_frac, args.recall_max_pairs,
-                           args.seed)
+                           args.seed, chat, args.chat_frac)
     eval_windows = data.heldout_windows(args.seq_len + 1, args.eval_windows)
+    chat_windows = chat.heldout_windows(args.seq_len + 1)[: 4 * args.eval_windows] if chat is not None else []
     bytes_of = token_bytes(tok)
     rng = np.random.default_rng(args.seed + 1)
     held = data.heldout
@@ -187,11 +201,15 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         res = heldout_nll(model, eval_windows, bytes_of, autocast_dtype=amp, backend=backend)
         acc = quick_recall_acc(model, eval_recall, autocast_dtype=amp, backend=backend)
+        chat_loss = (masked_nll(model, chat_windows, autocast_dtype=amp, backend=backend)["loss"] if chat_windows
+                     else None)
         model.train()
         row = dict(event="eval", step=step, heldout_loss=res["loss"], heldout_ppl=res["ppl"], heldout_bpb=res["bpb"],
-                   recall_acc=acc, eval_s=time.time() - t0, elapsed=time.time() - t_start)
+                   recall_acc=acc, chat_heldout_loss=chat_loss, eval_s=time.time() - t0, elapsed=time.time() - t_start)
         log.write(**row)
-        print(f"\n[eval step {step}] held-out ppl {res['ppl']:.2f} bpb {res['bpb']:.3f} recall {acc:.3f}", flush=True)
+        chat_txt = "" if chat_loss is None else f" chat ppl {math.exp(chat_loss):.2f}"
+        print(f"\n[eval step {step}] held-out ppl {res['ppl']:.2f} bpb {res['bpb']:.3f} recall {acc:.3f}{chat_txt}",
+              flush=True)
         return row
 
     def sync() -> None:
@@ -202,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     if max_seconds is None and args.time_budget is not None:
         max_seconds = args.time_budget * 1.1 + 10
     step, stopped_early, step_time = 0, False, None
-    loss_sums = torch.zeros(3, device=device)  # lm loss, recall loss, recall accuracy, summed since last log
+    loss_sums = torch.zeros(4, device=device)  # lm loss, recall loss, recall accuracy, chat loss, since last log
     n_sums = 0
     t_probe = t_log = time.time()
     while step < total:
@@ -222,7 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             hit = (lg.argmax(-1) == batch.targets).float()
             rc_acc = (hit * batch.recall_mask).sum() / batch.recall_mask.sum().clamp_min(1)
-            loss_sums += torch.stack([lm_loss.detach(), rc_loss.detach(), rc_acc])
+            rows = batch.chat_rows
+            chat_loss = ((nll[rows] * batch.lm_mask[rows]).sum() / batch.lm_mask[rows].sum().clamp_min(1)).detach()
+            loss_sums += torch.stack([lm_loss.detach(), rc_loss.detach(), rc_acc, chat_loss])
         n_sums += 1
         step += 1
 
@@ -242,9 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
                 if bar is not None:
                     bar.total = total
         if step % args.log_every == 0 or step == total:
-            lm, rc, ra = (loss_sums / n_sums).tolist()
+            lm, rc, ra, cl = (loss_sums / n_sums).tolist()
             now = time.time()
             row = dict(event="train", step=step, lr=sched.lr(step - 1), lm_loss=lm, recall_loss=rc, recall_acc=ra,
+                       chat_loss=cl,
                        grad_norm=float(gnorm), tokens=step * args.batch_size * args.seq_len, elapsed=now - t_start,
                        tok_per_s=n_sums * args.batch_size * args.seq_len / max(now - t_log, 1e-9))
             log.write(**row)
@@ -253,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
             if bar is not None:
                 bar.set_postfix(lm=f"{lm:.3f}", recall=f"{ra:.2f}", lr=f"{row['lr']:.1e}", refresh=False)
             else:
-                print(f"step {step}/{total if total < 10**9 else '?'} lm {lm:.3f} recall {rc:.3f} acc {ra:.2f} "
+                print(f"step {step}/{total if total < 10**9 else '?'} lm {lm:.3f} chat {cl:.3f} recall {rc:.3f} "
+                      f"acc {ra:.2f} "
                       f"lr {row['lr']:.2e} {row['tok_per_s'] / 1e3:.0f}k tok/s {row['elapsed']:.0f}s", flush=True)
             if not math.isfinite(lm):
                 raise SystemExit(f"loss is {lm} at step {step}; stopping")

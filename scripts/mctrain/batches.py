@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mctrain.chat_data import ChatData
 from mctrain.recall import RecallTask
 from mctrain.token_data import TokenData
 
@@ -17,18 +18,21 @@ class Batch:
     targets: torch.Tensor  # [B, T] int64
     lm_mask: torch.Tensor  # [B, T] float: 1 where the target is scored as language modelling
     recall_mask: torch.Tensor  # [B, T] float: 1 where the target is a recall answer
+    chat_rows: slice = slice(0, 0)  # the rows that are chat windows (scored on assistant tokens only)
 
     def to(self, device: torch.device) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
-        return Batch(*(move(t) for t in (self.inputs, self.targets, self.lm_mask, self.recall_mask)))
+        return Batch(*(move(t) for t in (self.inputs, self.targets, self.lm_mask, self.recall_mask)),
+                     chat_rows=self.chat_rows)
 
 
 @dataclass
 class BatchSampler:
     """Rows [0, round(batch * recall_frac)) of every batch are recall sequences, scored on their answers
-    only; the other rows are plain text, scored on every token. Deterministic for a seed."""
+    only; the next round(batch * chat_frac) rows are chat windows, scored on the assistant's tokens;
+    the other rows are plain text, scored on every token. Deterministic for a seed."""
 
     data: TokenData
     task: RecallTask
@@ -37,15 +41,24 @@ class BatchSampler:
     recall_frac: float
     max_pairs: int
     seed: int
+    chat: ChatData | None = None
+    chat_frac: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.recall_frac <= 1:
-            raise ValueError(f"recall_frac must be in [0, 1], got {self.recall_frac}")
+        if not 0 <= self.recall_frac <= 1 or not 0 <= self.chat_frac <= 1 or self.recall_frac + self.chat_frac > 1:
+            raise ValueError(f"recall_frac and chat_frac must be in [0, 1] with a sum <= 1, got "
+                             f"{self.recall_frac}, {self.chat_frac}")
+        if self.chat_frac > 0 and self.chat is None:
+            raise ValueError(f"chat_frac {self.chat_frac} needs chat data")
         self.rng = np.random.default_rng(self.seed)
 
     @property
     def recall_rows(self) -> int:
         return round(self.batch_size * self.recall_frac)
+
+    @property
+    def chat_rows(self) -> slice:
+        return slice(self.recall_rows, self.recall_rows + round(self.batch_size * self.chat_frac))
 
     def next(self) -> Batch:
         B, T = self.batch_size, self.seq_len
@@ -57,6 +70,10 @@ class BatchSampler:
             recall[r, seq.query_pos] = 1.0
         lm = np.zeros((B, T), dtype=np.float32)
         lm[self.recall_rows:] = 1.0
+        chat = self.chat_rows
+        if chat.stop > chat.start:
+            ids[chat], mask = self.chat.sample_windows(self.rng, chat.stop - chat.start, T + 1)
+            lm[chat] = mask[:, 1:]  # a target is scored where the token it asks for is
         ids_t = torch.from_numpy(ids)
         return Batch(ids_t[:, :-1].contiguous(), ids_t[:, 1:].contiguous(), torch.from_numpy(lm),
-                     torch.from_numpy(recall))
+                     torch.from_numpy(recall), chat_rows=chat)

@@ -65,6 +65,27 @@ def heldout_nll(model: MCGatedDeltaNetForCausalLM, windows: list[tuple[str, np.n
                 per_source={k: _summary(*v) for k, v in per.items()})
 
 
+@torch.no_grad()
+def masked_nll(model: MCGatedDeltaNetForCausalLM, windows: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 16,
+               autocast_dtype: torch.dtype | None = torch.bfloat16, backend: str | None = None) -> dict:
+    """Mean next-token NLL over the scored targets of (ids [W], mask [W]) windows: target t (= ids[t+1])
+    counts where mask[t+1] (the chat data's assistant tokens). Returns {"loss", "ppl", "tokens"}."""
+    device = model.device
+    backend = backend or default_backend(device)
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        part = windows[i:i + batch_size]
+        ids = torch.from_numpy(np.stack([w for w, _ in part])).to(device)
+        mask = torch.from_numpy(np.stack([m[1:] for _, m in part]).astype(np.float32)).to(device)
+        with autocast_for(device, autocast_dtype):
+            lg = logits(model, hidden_states(model, ids[:, :-1], backend))
+        nll = F.cross_entropy(lg.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        total += float((nll * mask).sum())
+        count += int(mask.sum())
+    loss = total / max(count, 1)
+    return dict(loss=loss, ppl=math.exp(loss), tokens=count)
+
+
 def _summary(nll: float, tokens: int, nbytes: int) -> dict:
     loss = nll / max(tokens, 1)
     return dict(loss=loss, ppl=math.exp(loss), bpb=nll / math.log(2) / max(nbytes, 1), tokens=int(tokens))

@@ -17,12 +17,14 @@ BYTE_ALPHABET_SIZE = 256
 
 
 def train_byte_level_bpe(
-    texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS
+    texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    split_digits: bool = False,
 ) -> tokenizers.Tokenizer:
     """Byte-level BPE: every byte is a token, so any text encodes without an unknown token.
 
     Special tokens get the first ids (0, 1, ...) in the given order; training is deterministic for a
-    given corpus and vocab size.
+    given corpus and vocab size. `split_digits` makes every digit its own token (numbers never merge),
+    which lets a small model learn arithmetic digit by digit.
     """
     minimum = BYTE_ALPHABET_SIZE + len(special_tokens)
     if vocab_size < minimum:
@@ -30,7 +32,9 @@ def train_byte_level_bpe(
             f"vocab_size must be >= {minimum} (256 bytes + {len(special_tokens)} special tokens), got {vocab_size}"
         )
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -9,8 +9,10 @@ so that a broken loader, tokenizer or kernel fails here (random weights give ~vo
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from mcserve.server.model.default import SHIPPED_DIR, is_shipped
@@ -49,3 +51,74 @@ def test_default_model_heldout_perplexity_below_threshold():
     nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
     ppl = math.exp(float(nll))
     assert ppl < MAX_SAMPLE_PPL, f"held-out sample perplexity {ppl:.2f} >= {MAX_SAMPLE_PPL}"
+
+
+# Issue 13: the shipped model must use its cache and answer a chat turn. The model shipped today
+# (trained on text, fla's decay init) fails both: served as `none` its loss on the repeat sample is
+# lower than with its own ssc (3.980 vs 4.096 nats, CPU float32), and it answers chat prompts with
+# play characters. The follow-up that ships the chat model (scripts/gpu_train_chat.sh) sets
+# MIN_MC_NLL_GAIN from its measurement and removes the xfail marks; strict xfail makes them fail as
+# soon as they pass, so they cannot be forgotten.
+REPEAT_SAMPLE = Path(__file__).parents[1] / "data" / "mc_repeat_sample.txt"
+MIN_MC_NLL_GAIN = 0.01  # nats per token on the second copy: served as `none` minus own aggregation
+ARITHMETIC = (("What is 2 + 3?", 5), ("What is 4 + 4?", 8), ("What is 9 - 5?", 4), ("What is 3 x 3?", 9))
+MIN_ARITHMETIC_CORRECT = 3
+DEFINITIONS = (("What does happiness mean?", "happiness"), ("Define courage.", "courage"),
+               ('What does the word "river" mean?', "river"))
+MIN_DEFINITIONS_ON_TOPIC = 2
+PREMODEL = "issue 13: the shipped model predates the chat model; remove when it ships"
+
+
+def _second_copy_nll(model, ids: list[int]) -> float:
+    n_seg = len(ids) // model.spec.segment_size
+    states, ckpts = model.allocate_states(1), model.allocate_checkpoints(n_seg)
+    states.clear(0)
+    logits, _ = model.prefill(ids, 0, 0, [], list(range(n_seg)), states, ckpts, all_logits=True)
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+    return float(nll[len(ids) // 2:].mean())
+
+
+@pytest.mark.xfail(strict=True, reason=PREMODEL)
+def test_memory_caching_lowers_the_loss_on_a_long_sample():
+    """Held-out text twice: on the second copy the cached checkpoints of the first can help. Served as
+    `none` (no checkpoint read) the loss must be higher by MIN_MC_NLL_GAIN."""
+    tok = Tokenizer.from_dir(SHIPPED_DIR)
+    ids = tok.encode(REPEAT_SAMPLE.read_text(encoding="utf-8"), add_special_tokens=False)
+    own = load_model(SHIPPED_DIR, dtype="float32", device="cpu")
+    assert own.spec.reads_cache and len(ids) > 8 * own.spec.segment_size
+    none = load_model(SHIPPED_DIR, dtype="float32", device="cpu", aggregation="none")
+    gain = _second_copy_nll(none, ids) - _second_copy_nll(own, ids)
+    assert gain >= MIN_MC_NLL_GAIN, f"served as none minus own aggregation: {gain:.4f} nats < {MIN_MC_NLL_GAIN}"
+
+
+def _answers(questions: list[str]) -> list[str]:
+    from mcserve.server.engine.llm import LLM
+    from mcserve.server.engine.sampling_params import SamplingParams
+
+    tok = Tokenizer.from_dir(SHIPPED_DIR)
+    prompts = [tok.encode(tok.apply_chat_template([dict(role="user", content=q)]), add_special_tokens=False)
+               for q in questions]
+    llm = LLM(SHIPPED_DIR, device="cpu", max_num_seqs=8)
+    params = SamplingParams(max_tokens=32, temperature=0.0, repetition_penalty=1.1)
+    return [o.outputs[0].text for o in llm.generate(prompts, params)]
+
+
+def _number(reply: str) -> int | None:
+    """The first integer after the first '=', else the only integer of the reply (several: None)."""
+    if "=" in reply:
+        found = re.findall(r"-?\d+", reply.split("=", 1)[1])
+        return int(found[0]) if found else None
+    found = re.findall(r"-?\d+", reply)
+    return int(found[0]) if len(found) == 1 else None
+
+
+@pytest.mark.xfail(strict=True, reason=PREMODEL)
+def test_default_model_answers_chat_prompts_on_topic():
+    questions = [q for q, _ in ARITHMETIC] + [q for q, _ in DEFINITIONS]
+    replies = _answers(questions)
+    arith = [_number(r) == a for (_, a), r in zip(ARITHMETIC, replies, strict=False)]
+    # a definition is on topic if it names the headword and says more than the question did
+    defs = [re.search(rf"\b{w}\b", r, re.I) is not None and len(set(r.lower().split()) - set(q.lower().split())) >= 3
+            for (q, w), r in zip(DEFINITIONS, replies[len(ARITHMETIC):], strict=True)]
+    shown = list(zip(questions, replies, strict=True))
+    assert sum(arith) >= MIN_ARITHMETIC_CORRECT and sum(defs) >= MIN_DEFINITIONS_ON_TOPIC, shown

@@ -1,0 +1,240 @@
+"""The recall experiment of issue 13: does Memory Caching recall what one recurrent state cannot hold?
+
+Two models identical but for the aggregation (`grm`, a differentiable router over every checkpoint,
+vs `none`, a plain Gated DeltaNet) train on pure synthetic MQAR (scripts/mctrain/mqar.py) from the
+same seed, batches and schedule; then both are evaluated through the serving path, the MC model
+also served as `ssc` (top-k) and as `none` (its cache switched off).
+
+    python scripts/recall_experiment.py train --aggregation grm --out runs/recall/grm --steps 3000
+    python scripts/recall_experiment.py train --aggregation none --out runs/recall/none --steps 3000
+    python scripts/recall_experiment.py eval --model grm=runs/recall/grm/model --model none=runs/recall/none/model \
+        --out docs/model/recall_mqar.json --md docs/model/recall_mqar.md --plot docs/model/recall_mqar.png
+
+`scripts/run_recall.sh` runs all three (CPU or GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from mctrain import mqar, mqar_eval  # noqa: E402
+from mctrain.checkpoint import DECAY_INITS, count_parameters, init_model, save_checkpoint, train_config  # noqa: E402
+from mctrain.evaluation import autocast_for  # noqa: E402
+from mctrain.mc_forward import hidden_states, logits  # noqa: E402
+from mctrain.schedule import CosineSchedule  # noqa: E402
+
+from mcserve.server.model.loader import load_model  # noqa: E402
+
+EVAL_PAIRS = (4, 8, 16, 32, 64, 96, 128, 160)
+
+
+def task_of(args: argparse.Namespace) -> mqar.MQARTask:
+    return mqar.MQARTask(seq_len=args.seq_len, n_filler=args.n_filler, n_keys=args.n_keys, n_values=args.n_values,
+                         max_prefix=args.max_prefix)
+
+
+def add_task_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--n-filler", type=int, default=64)
+    ap.add_argument("--n-keys", type=int, default=512)
+    ap.add_argument("--n-values", type=int, default=512)
+    ap.add_argument("--max-prefix", type=int, default=64, help="filler before the pairs: uniform in [0, this]")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train one model")
+    add_task_args(tr)
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--size", default="recall", choices=["recall", "recall-small"])
+    tr.add_argument("--aggregation", default="grm", choices=["grm", "ssc", "none"])
+    tr.add_argument("--segment-size", type=int, default=32)
+    tr.add_argument("--top-k", type=int, default=4, help="stored in the config; used when served as ssc")
+    tr.add_argument("--decay-init", default="slow", choices=list(DECAY_INITS))
+    tr.add_argument("--steps", type=int, required=True)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument("--warmup", type=int, default=100)
+    tr.add_argument("--min-lr-ratio", type=float, default=0.1)
+    tr.add_argument("--weight-decay", type=float, default=0.1)
+    tr.add_argument("--grad-clip", type=float, default=1.0)
+    tr.add_argument("--min-pairs", type=int, default=4)
+    tr.add_argument("--start-pairs", type=int, default=16, help="curriculum: the pair cap at step 0")
+    tr.add_argument("--max-pairs", type=int, default=160)
+    tr.add_argument("--ramp-frac", type=float, default=0.4, help="curriculum: fraction of steps to reach max-pairs")
+    tr.add_argument("--log-every", type=int, default=25)
+    tr.add_argument("--eval-every", type=int, default=250)
+    tr.add_argument("--max-seconds", type=float, help="stop early past this many seconds (a safety net)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ev = sub.add_parser("eval", help="evaluate trained models through the serving path")
+    add_task_args(ev)
+    ev.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
+    ev.add_argument("--variants", default="ssc,none", help="aggregations to also serve cache-reading models with")
+    ev.add_argument("--pairs", default=",".join(map(str, EVAL_PAIRS)))
+    ev.add_argument("--per-count", type=int, default=16, help="sequences per pair count")
+    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--md")
+    ev.add_argument("--plot")
+    return ap.parse_args(argv)
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def train(args: argparse.Namespace) -> dict:
+    from train import optimizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = task_of(args)
+    device = pick_device(args.device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = train_config(args.size, task.vocab_size, 0, args.aggregation, args.segment_size, args.top_k)
+    model = init_model(cfg, args.seed, args.decay_init).to(device).train()
+    opt = optimizer(model, args, device)
+    sched = CosineSchedule(args.lr, args.warmup, args.steps, args.min_lr_ratio)
+    cur = mqar.PairCurriculum(args.min_pairs, min(args.start_pairs, args.max_pairs), min(args.max_pairs,
+                              task.max_pairs), round(args.steps * args.ramp_frac))
+    rng = np.random.default_rng(args.seed)  # the batches: the same for every aggregation
+    probe_pairs = sorted({min(n, task.max_pairs) for n in (8, cfg.head_dim, 4 * cfg.head_dim)})
+    probe = mqar.eval_suite(task, probe_pairs, 4, args.seed + 1)
+    settings = dict(vars(args), params=count_parameters(model), device=str(device), vocab_size=task.vocab_size,
+                    head_dim=cfg.head_dim, config=cfg.to_dict())
+    log = (out / "log.jsonl").open("w")
+    log.write(json.dumps(dict(event="start", **settings)) + "\n")
+    print(f"{args.aggregation}: {settings['params'] / 1e3:.0f}k parameters, decay init {args.decay_init}, "
+          f"{args.steps} steps of {args.batch_size} x {args.seq_len} on {device}", flush=True)
+    t0 = t_log = time.time()
+    sums, n_sums, stopped_early = np.zeros(2), 0, False
+    step = 0
+    while step < args.steps:
+        counts = [cur.sample(rng, step) for _ in range(args.batch_size)]
+        ids, tgt = (torch.from_numpy(a).to(device) for a in mqar.batch(task, rng, counts))
+        mask = tgt >= 0
+        with autocast_for(device, amp):
+            lg = logits(model, hidden_states(model, ids, "torch")[mask])  # [Q, V]: only the query keys are scored
+        loss = F.cross_entropy(lg.float(), tgt[mask])
+        for group in opt.param_groups:
+            group["lr"] = sched.lr(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            acc = float((lg.argmax(-1) == tgt[mask]).float().mean())
+        sums += np.array([float(loss.detach()), acc])
+        n_sums += 1
+        step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.time()
+            row = dict(event="train", step=step, loss=sums[0] / n_sums, acc=sums[1] / n_sums, pair_cap=cur.cap(step),
+                       lr=sched.lr(step - 1), elapsed=now - t0, step_s=(now - t_log) / n_sums)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(f"step {step}/{args.steps} loss {row['loss']:.3f} acc {row['acc']:.3f} cap {row['pair_cap']} "
+                  f"{row['step_s']:.2f}s/step {row['elapsed']:.0f}s", flush=True)
+            sums[:], n_sums, t_log = 0, 0, now
+        if step % args.eval_every == 0 or step == args.steps:
+            row = dict(event="eval", step=step, **probe_acc(model, probe, amp), elapsed=time.time() - t0)
+            log.write(json.dumps(row) + "\n")
+            print(f"[eval step {step}] " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("acc")),
+                  flush=True)
+        if args.max_seconds is not None and time.time() - t0 > args.max_seconds:
+            stopped_early = True
+            print(f"stopping early at step {step}: past {args.max_seconds:.0f}s", flush=True)
+            break
+    summary = dict(settings, steps_done=step, stopped_early=stopped_early, train_seconds=time.time() - t0)
+    save_checkpoint(model, out / "model", None, "fp32", summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log.write(json.dumps(dict(event="done", steps_done=step, train_seconds=summary["train_seconds"])) + "\n")
+    log.close()
+    return summary
+
+
+@torch.no_grad()
+def probe_acc(model, probe: list[tuple[int, mqar.MQARSeq]], amp) -> dict:
+    """Accuracy per pair count of the probe set with the batched forward (progress only)."""
+    model.eval()
+    ids = torch.from_numpy(np.stack([s.ids for _, s in probe])).to(model.device)
+    with autocast_for(model.device, amp):
+        lg = logits(model, hidden_states(model, ids, "torch"))
+    model.train()
+    out: dict[str, list[int]] = {}
+    for r, (n, s) in enumerate(probe):
+        pred = lg[r, torch.as_tensor(s.query_pos, device=model.device)].argmax(-1).cpu().numpy()
+        h = out.setdefault(f"acc_{n}", [0, 0])
+        h[0] += int((pred == s.answers).sum())
+        h[1] += len(s.answers)
+    return {k: h / c for k, (h, c) in out.items()}
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = task_of(args)
+    device = pick_device(args.device)
+    pairs = [int(x) for x in args.pairs.split(",")]
+    suite = mqar.eval_suite(task, pairs, args.per_count, args.seed)
+    results: dict = dict(models={}, settings=dict(n_pairs=pairs, per_count=args.per_count, seed=args.seed,
+                                                  seq_len=args.seq_len, device=str(device)))
+    for spec in args.model:
+        name, _, model_dir = spec.partition("=")
+        if not model_dir:
+            raise SystemExit(f"--model wants NAME=DIR, got {spec!r}")
+        own = load_model(model_dir, dtype="float32", device=device)
+        results["settings"]["head_dim"] = own.cfg.head_dim
+        served = [(name, None)] + [(f"{name}-as-{v}", v) for v in args.variants.split(",")
+                                   if v and own.spec.reads_cache and v != own.spec.aggregation]
+        for label, agg in served:
+            t0 = time.time()
+            model = own if agg is None else load_model(model_dir, dtype="float32", device=device, aggregation=agg)
+            training = json.loads((Path(model_dir) / "training.json").read_text())
+            results["models"][label] = dict(
+                dir=str(model_dir), served_aggregation=model.spec.aggregation, top_k=model.spec.top_k,
+                segment_size=model.spec.segment_size, params=count_parameters(model),
+                training={k: training.get(k) for k in ("aggregation", "steps_done", "batch_size", "lr", "decay_init",
+                                                       "train_seconds", "device")},
+                recall=mqar_eval.accuracy(model, suite), eval_seconds=time.time() - t0)
+            r = results["models"][label]["recall"]
+            print(f"{label}: " + " ".join(f"{n}:{100 * a:.1f}" for n, a in zip(r["n_pairs"], r["by_pairs"],
+                                                                              strict=True))
+                  + f" ({time.time() - t0:.0f}s)", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    table = mqar_eval.markdown(results)
+    print(table)
+    if args.md:
+        Path(args.md).write_text(table)
+    seg = next(iter(results["models"].values()))["segment_size"]
+    title = f"MQAR recall through the serving path (T = {args.seq_len}, segment {seg})"
+    if args.plot and not mqar_eval.plot(results, args.plot, title):
+        print("matplotlib is not installed: no plot")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    return train(args) if args.cmd == "train" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
