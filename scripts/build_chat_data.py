@@ -45,7 +45,9 @@ def capped(sources: list[Source]) -> list[Source]:
         cap = TEXT_CAPS.get(s.name)
         text = s.train_text
         if cap is not None and len(text) > cap:
-            text = text[:text.rfind("\n\n", 0, cap)]
+            cut = text.rfind("\n\n", 0, cap)
+            cut = cut if cut > 0 else text.rfind("\n", 0, cap)  # a source without blank lines (the KJV)
+            text = text[:cut if cut > 0 else cap]
         out.append(Source(s.name, 1.0, text, s.heldout_text))
     return out
 

@@ -90,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ev.add_argument("--out", required=True)
     ev.add_argument("--md")
     ev.add_argument("--plot")
+    rp = sub.add_parser("report", help="tables and plot from an eval JSON (e.g. one made where matplotlib is missing)")
+    rp.add_argument("results")
+    rp.add_argument("--md")
+    rp.add_argument("--plot")
     return ap.parse_args(argv)
 
 
@@ -220,19 +224,25 @@ def evaluate(args: argparse.Namespace) -> dict:
                   + f" ({time.time() - t0:.0f}s)", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return report(results, args.md, args.plot)
+
+
+def report(results: dict, md: str | None, plot: str | None) -> dict:
     table = mqar_eval.markdown(results)
     print(table)
-    if args.md:
-        Path(args.md).write_text(table)
+    if md:
+        Path(md).write_text(table)
     seg = next(iter(results["models"].values()))["segment_size"]
-    title = f"MQAR recall through the serving path (T = {args.seq_len}, segment {seg})"
-    if args.plot and not mqar_eval.plot(results, args.plot, title):
+    title = f"MQAR recall through the serving path (T = {results['settings']['seq_len']}, segment {seg})"
+    if plot and not mqar_eval.plot(results, plot, title):
         print("matplotlib is not installed: no plot")
     return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.cmd == "report":
+        return report(json.loads(Path(args.results).read_text()), args.md, args.plot)
     return train(args) if args.cmd == "train" else evaluate(args)
 
 
