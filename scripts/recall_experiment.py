@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -198,6 +199,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     pairs = [int(x) for x in args.pairs.split(",")]
     suite = mqar.eval_suite(task, pairs, args.per_count, args.seed)
+    edges = (0, *(2**i for i in range(4, max(5, math.ceil(math.log2(args.seq_len)) + 1))))  # 0, 16, 32, ..., >= T
     results: dict = dict(models={}, settings=dict(n_pairs=pairs, per_count=args.per_count, seed=args.seed,
                                                   seq_len=args.seq_len, device=str(device)))
     for spec in args.model:
@@ -217,7 +219,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                 segment_size=model.spec.segment_size, params=count_parameters(model),
                 training={k: training.get(k) for k in ("aggregation", "steps_done", "batch_size", "lr", "decay_init",
                                                        "train_seconds", "device")},
-                recall=mqar_eval.accuracy(model, suite), eval_seconds=time.time() - t0)
+                recall=mqar_eval.accuracy(model, suite, edges), eval_seconds=time.time() - t0)
             r = results["models"][label]["recall"]
             print(f"{label}: " + " ".join(f"{n}:{100 * a:.1f}" for n, a in zip(r["n_pairs"], r["by_pairs"],
                                                                               strict=True))

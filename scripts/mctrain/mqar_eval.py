@@ -16,7 +16,7 @@ from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mctrain.evaluation import serving_logits
 from mctrain.mqar import MQARSeq
 
-DISTANCE_EDGES = (0, 64, 128, 256, 512, 1024)
+DISTANCE_EDGES = (0, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def accuracy(model: MCGatedDeltaNetForCausalLM, suite: list[tuple[int, MQARSeq]],
