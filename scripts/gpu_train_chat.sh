@@ -5,13 +5,14 @@
 # wheels are needed: fla's chunk backward refuses Triton 3.6 on Hopper, so the torch core runs.
 #
 #   bash scripts/gpu_train_chat.sh                      # ~5.5 min training + ~1.5 min evaluation
-#   SIZE=tiny BATCH=4 SEQ=128 TRAIN_SECONDS=20 OUT=/tmp/dry bash scripts/gpu_train_chat.sh   # CPU dry run
+#   SIZE=tiny BATCH=4 SEQ=128 TRAIN_SECONDS=20 EVAL_ARGS="--arith 8 --max-windows 2" OUT=/tmp/dry \
+#       bash scripts/gpu_train_chat.sh                                     # CPU dry run
 #
 # Writes to $OUT 8 files of < 16 MiB: the checkpoint as a tar in 3 parts (chat_model.tar.0{0,1,2};
 # `cat chat_model.tar.0* | tar -x -C DIR` gives DIR/model), chat_console.log, chat_log.jsonl,
 # chat_summary.json, chat_eval.json and chat_eval.md. The model is packed before the evaluation
 # runs, so an evaluation failure cannot lose it. Knobs (env): TRAIN_SECONDS, BATCH, SEQ, SEG, TOPK,
-# SIZE, CHAT_FRAC, RECALL_FRAC, LR, DATA, EXTRA_TRAIN_ARGS.
+# SIZE, CHAT_FRAC, RECALL_FRAC, LR, DATA, EXTRA_TRAIN_ARGS, EVAL_ARGS.
 set -euo pipefail
 OUT=${OUT:-$PWD/out}
 TRAIN_SECONDS=${TRAIN_SECONDS:-330}
@@ -45,7 +46,7 @@ split -n 3 -d runs/chat_model.tar "$OUT/chat_model.tar."
 cp runs/chat/log.jsonl "$OUT/chat_log.jsonl"
 cp runs/chat/summary.json "$OUT/chat_summary.json"
 
-python3 scripts/eval_chat.py --model runs/chat/model --data-dir "$DATA" --seq-len "$SEQ" \
+python3 scripts/eval_chat.py --model runs/chat/model --data-dir "$DATA" --seq-len "$SEQ" ${EVAL_ARGS:-} \
     --out "$OUT/chat_eval.json" --md "$OUT/chat_eval.md" 2>&1 | tee -a "$OUT/chat_console.log" \
     || echo "evaluation FAILED (the model is packed)" | tee -a "$OUT/chat_console.log"
 ls -la "$OUT"

@@ -18,7 +18,8 @@ class Batch:
     targets: torch.Tensor  # [B, T] int64
     lm_mask: torch.Tensor  # [B, T] float: 1 where the target is scored as language modelling
     recall_mask: torch.Tensor  # [B, T] float: 1 where the target is a recall answer
-    chat_rows: slice = field(default_factory=lambda: slice(0, 0))  # the rows that are chat windows (scored on assistant tokens only)
+    # the rows that are chat windows (scored on assistant tokens only)
+    chat_rows: slice = field(default_factory=lambda: slice(0, 0))
 
     def to(self, device: torch.device) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
