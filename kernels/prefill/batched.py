@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mcserve.kernels.mc_spec import MCSpec
-from mcserve.kernels.prefill.packed import core_rounds, readout_rounds
+from mcserve.kernels.prefill.packed import core_rounds, readout_rounds, short_conv_rows
 from mcserve.kernels.prefill.varlen import VarlenBatch
 
 log = logging.getLogger(__name__)
@@ -26,15 +26,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class PrefillKernels:
     """core(q, k, v, g, beta, batch, spec, state_pool, ckpt_pool) -> o [T, HV, dv];
-    readout(o, q, u, k, key_sum0, batch, spec, ckpt_pool, ckpt_key_pool, weights) -> y [T, HV, dv].
-    Contracts: packed.py's `core_rounds` and `readout_rounds`, which every implementation equals."""
+    readout(o, q, u, k, key_sum0, batch, spec, ckpt_pool, ckpt_key_pool, weights) -> y [T, HV, dv];
+    conv(ext, tok_rows, weight, bias) -> y [T, D] (the model's short conv over the packed chunks).
+    Contracts: packed.py's `core_rounds`, `readout_rounds`, `short_conv_rows`, which every
+    implementation equals."""
 
     name: str
     core: Callable[..., torch.Tensor]
     readout: Callable[..., torch.Tensor]
+    conv: Callable[..., torch.Tensor]
 
 
-TORCH_KERNELS = PrefillKernels("torch", core_rounds, readout_rounds)
+TORCH_KERNELS = PrefillKernels("torch", core_rounds, readout_rounds, short_conv_rows)
 
 
 def select_kernels(device: torch.device | str, spec: MCSpec, dtype: torch.dtype) -> PrefillKernels:
@@ -52,12 +55,13 @@ def select_kernels(device: torch.device | str, spec: MCSpec, dtype: torch.dtype)
         core, core_name = core_rounds, "torch"
     try:
         from mcserve.kernels.prefill.triton import readout_triton
-        readout, readout_name = readout_triton, "triton"
+        from mcserve.kernels.prefill.triton_conv import short_conv_triton
+        readout, conv, readout_name = readout_triton, short_conv_triton, "triton"
     except ImportError as e:
-        log.warning("prefill: Triton is not importable (%s); the MC readout runs in torch", e)
-        readout, readout_name = readout_rounds, "torch"
-    log.info("prefill path: %s core, %s readout", core_name, readout_name)
-    return PrefillKernels(f"{core_name}+{readout_name}", core, readout)
+        log.warning("prefill: Triton is not importable (%s); the MC readout and short conv run in torch", e)
+        readout, conv, readout_name = readout_rounds, short_conv_rows, "torch"
+    log.info("prefill path: %s core, %s readout and short conv", core_name, readout_name)
+    return PrefillKernels(f"{core_name}+{readout_name}", core, readout, conv)
 
 
 def segment_keys(

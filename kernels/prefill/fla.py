@@ -113,10 +113,9 @@ class _Continue:
 
 def _continue_layout(batch: VarlenBatch, bt: int) -> _Continue:
     C, dev = batch.segment_size, batch.device
-    cu, dest, inner, ends, chunks_before = [0], [], [], [], 0
+    cu, inner, ends, chunks_before = [0], [], [], 0
     for i, ch in enumerate(batch.chunks):
         pad = ch.start_pos % bt
-        dest.extend(range(cu[-1] + pad, cu[-1] + pad + ch.length))
         for j, block in enumerate(ch.write_blocks):
             b = (ch.start_pos // C + j + 1) * C
             if b < ch.end_pos:
@@ -131,7 +130,12 @@ def _continue_layout(batch: VarlenBatch, bt: int) -> _Continue:
         return torch.tensor(x, dtype=torch.long).to(dev)
 
     cu_cpu = torch.tensor(cu, dtype=torch.long)
-    return _Continue(cu=cu_cpu.to(dev), cu_cpu=cu_cpu, dest=t(dest) if padded else None, rows=cu[-1],
+    dest = None
+    if padded:  # token j of chunk i goes to padded row cu[i] + pad_i + j = its packed row + (cu[i] + pad_i - cu_i)
+        shift = torch.tensor([cu[i] + c.start_pos % bt - batch.cu[i] for i, c in enumerate(batch.chunks)])
+        lengths = torch.tensor([c.length for c in batch.chunks])
+        dest = (torch.arange(batch.num_tokens) + torch.repeat_interleave(shift, lengths)).to(dev)
+    return _Continue(cu=cu_cpu.to(dev), cu_cpu=cu_cpu, dest=dest, rows=cu[-1],
                      inner_h=t([h for h, _ in inner]), inner_blocks=t([b for _, b in inner]),
                      end_seqs=t([i for i, _ in ends]), end_blocks=t([b for _, b in ends]))
 

@@ -10,6 +10,7 @@ beta = 0 and k = 0, which leave the state unchanged, and are dropped from every 
   states in and out of their slots, checkpoints written to their blocks at boundaries.
 - `readout_rounds`: the MC readout of every token from the memory tables, after the core has written
   this step's checkpoints; reads only the checkpoints that some token of the round selects.
+- `short_conv_rows`: the short causal conv + SiLU of every token (the model's, before the core).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mcserve.kernels.mc_spec import MCSpec
 from mcserve.kernels.prefill.torch import delta_rule_chunk
@@ -179,3 +181,19 @@ def readout_rounds(
         y_r = g_on.repeat_interleave(G, dim=2)[..., None] * o[rd.rows].to(dt) + mixed
         y[rd.dest] = y_r.reshape(S * L, HV, dv)[rd.src]
     return y
+
+
+def short_conv_rows(ext: torch.Tensor, tok_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """The short causal depthwise conv + SiLU of packed chunks. ext [rows, D] is the *extended* layout
+    (per chunk its W-1 conv-state rows, then its tokens: server/model/batched_prefill.py), tok_rows [T]
+    each token's row in it, weight [D, W], bias [D] -> y [T, D] in ext's dtype:
+    silu(sum_j ext[r - W + 1 + j] w[:, j] + bias) in fp32, taps in order, as `ShortConv.forward_seq`."""
+    W = weight.shape[1]
+    w = weight.float()
+    y = ext[tok_rows - (W - 1)].float() * w[:, 0]
+    for j in range(1, W):
+        y = y + ext[tok_rows - (W - 1) + j].float() * w[:, j]
+    if bias is not None:
+        y = y + bias.float()
+    return F.silu(y).to(ext.dtype)

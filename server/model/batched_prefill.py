@@ -71,11 +71,10 @@ class _ConvLayout:
 
 def _conv_layout(batch: VarlenBatch, w1: int) -> _ConvLayout:
     C = batch.segment_size
-    state_rows, tok_rows, final, bound, blocks = [], [], [], [], []
+    state_rows, final, bound, blocks = [], [], [], []
     base = 0
     for ch in batch.chunks:
         state_rows.extend(range(base, base + w1))
-        tok_rows.extend(range(base + w1, base + w1 + ch.length))
         # after e tokens of the chunk its last w1 inputs are extended rows base + e .. base + e + w1 - 1
         final.append(list(range(base + ch.length, base + ch.length + w1)))
         for j, block in enumerate(ch.write_blocks):
@@ -88,12 +87,15 @@ def _conv_layout(batch: VarlenBatch, w1: int) -> _ConvLayout:
     def t(x: list, *shape: int) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long).reshape(*shape).to(dev)
 
-    return _ConvLayout(rows=base, state_rows=t(state_rows, -1), tok_rows=t(tok_rows, -1),
+    # chunk i's tokens sit (i + 1) * w1 rows below their packed rows
+    lengths = torch.tensor([c.length for c in batch.chunks])
+    tok_rows = torch.arange(batch.num_tokens) + torch.repeat_interleave((torch.arange(len(lengths)) + 1) * w1, lengths)
+    return _ConvLayout(rows=base, state_rows=t(state_rows, -1), tok_rows=tok_rows.to(dev),
                        final=t(final, len(final), w1), bound=t(bound, len(bound), w1), bound_blocks=t(blocks, -1))
 
 
-def _conv_packed(attn: GatedDeltaNetAttention, x: torch.Tensor, conv_state: torch.Tensor, lay: _ConvLayout
-                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _conv_packed(attn: GatedDeltaNetAttention, x: torch.Tensor, conv_state: torch.Tensor, lay: _ConvLayout,
+                 kernels: PrefillKernels) -> tuple[list[torch.Tensor], torch.Tensor]:
     """x [T, d] -> ([q, k, v] after the causal conv + SiLU, the extended input [rows, conv_dim]).
     conv_state [n, conv_dim, W-1]: each chunk's slot."""
     raw = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)  # [T, conv_dim]
@@ -101,17 +103,12 @@ def _conv_packed(attn: GatedDeltaNetAttention, x: torch.Tensor, conv_state: torc
     if not cfg.use_short_conv:
         return list(torch.split(F.silu(raw), [cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)), raw
     convs = attn._convs()
-    w1 = attn.conv_width
-    weight = torch.cat([c.weight[:, 0, :] for c in convs]).float()  # [conv_dim, W]
+    weight = torch.cat([c.weight[:, 0, :] for c in convs])  # [conv_dim, W]
+    bias = torch.cat([c.bias for c in convs]) if convs[0].bias is not None else None
     ext = raw.new_empty(lay.rows, raw.shape[1])
     ext[lay.state_rows] = conv_state.transpose(1, 2).reshape(-1, raw.shape[1]).to(raw.dtype)
     ext[lay.tok_rows] = raw
-    y = ext[lay.tok_rows - w1].float() * weight[:, 0]
-    for j in range(1, w1 + 1):
-        y = y + ext[lay.tok_rows - w1 + j].float() * weight[:, j]
-    if convs[0].bias is not None:
-        y = y + torch.cat([c.bias for c in convs]).float()
-    y = F.silu(y).to(raw.dtype)
+    y = kernels.conv(ext, lay.tok_rows, weight, bias)
     return list(torch.split(y, [cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)), ext
 
 
@@ -140,7 +137,7 @@ def prefill_batch(
         w1 = attn.conv_width
         lay = batch.memo(("conv", w1), lambda w1=w1: _conv_layout(batch, w1))
         h = block.attn_norm(x)
-        qkv, ext = _conv_packed(attn, h, states.conv[li, slots], lay)
+        qkv, ext = _conv_packed(attn, h, states.conv[li, slots], lay, kernels)
         q, k, v, g, beta, u = attn.heads(h, qkv, sd)
         w = torch.zeros_like(total) if read else None
         y = batched_mc_gdn(q, k, v, g, beta, u, spec, batch, states.ssm[li], states.key_sum[li], ckpts.ssm[:, li],

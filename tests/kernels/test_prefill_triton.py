@@ -95,3 +95,19 @@ def test_poisoned_outputs_and_pool_entries_are_not_read() -> None:
         torch.empty = real_empty
     assert torch.isfinite(got).all()
     assert torch.allclose(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("W,bias", [(4, False), (2, True)])
+def test_short_conv_matches_torch(W: int, bias: bool) -> None:
+    from mcserve.kernels.prefill.packed import short_conv_rows
+    from mcserve.kernels.prefill.triton_conv import short_conv_triton
+
+    g = torch.Generator().manual_seed(W)
+    D, rows = 37, 50
+    ext = torch.randn(rows, D, generator=g).to(DEV)
+    tok_rows = torch.tensor([r for r in range(W - 1, rows) if r % 9 != 0]).to(DEV)  # some rows are state rows
+    weight = torch.randn(D, W, generator=g).to(DEV)
+    b = torch.randn(D, generator=g).to(DEV) if bias else None
+    want = short_conv_rows(ext, tok_rows, weight, b)
+    got = short_conv_triton(ext, tok_rows, weight, b)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
