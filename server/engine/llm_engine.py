@@ -1,17 +1,11 @@
-"""The synchronous engine: model, tokenizer, scheduler, runner, sampler and per-choice detokenizers.
+"""The synchronous engine: model, tokenizer, scheduler, runner and per-choice detokenizers.
 
-One step is `plan = scheduler.schedule(); out = runner.execute(plan); scheduler.update(plan, out)`,
-then the stop conditions of every sequence that got a token, which produce the `Delta`s. A request
-with `n` choices is `n` sequences. Not thread-safe: AsyncEngine drives it from one thread, LLM
-offline without threads.
-
-Stop conditions, checked on each new token in this order: a `stop_token_ids` token ("stop",
-stop_reason = the id), eos unless `ignore_eos` ("stop"), a stop string completed by the text
-("stop", stop_reason = the string), `max_tokens` ("length"), `max_model_len` ("length", decided by
-the scheduler). The sampler masks eos and stop tokens below `min_tokens`; stop strings are matched
-from the first token (min_tokens does not defer them). A stop or eos token stays in `token_ids`
-but adds no text. A sequence with a grammar (`params.structured`) also stops ("stop") on the token
-that completes it, and fails ("error") if the grammar cannot go on.
+One step is `plan = scheduler.schedule(); out = runner.execute(plan, sampling); seqs =
+scheduler.update(plan, out)`, then the stop rules (stop_rules.py) of every sequence that got a
+token, which produce the `Delta`s, and the metrics (metrics_publisher.py). A request with `n`
+choices is `n` sequences. Not thread-safe: AsyncEngine drives it from one thread, LLM offline
+without threads. A sequence with a grammar (`params.structured`) fails ("error") if the grammar
+cannot accept its token.
 """
 
 from __future__ import annotations
@@ -27,12 +21,14 @@ import torch
 
 from mcserve.server.engine.client import EngineStats, GenerateRequest
 from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.metrics_publisher import MetricsPublisher
 from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
 from mcserve.server.engine.plan import StepPlan
 from mcserve.server.engine.runner.factory import make_runner
 from mcserve.server.engine.sampler import SamplingRow
 from mcserve.server.engine.scheduler import Scheduler
 from mcserve.server.engine.sequence import Sequence
+from mcserve.server.engine.stop_rules import check_stop
 from mcserve.server.engine.structured.compiler import GrammarCompiler
 from mcserve.server.engine.structured.masks import GrammarError, TokenMasks
 from mcserve.server.errors import ConfigError, ContextLengthError, InvalidRequestError, QueueFullError
@@ -44,10 +40,6 @@ log = logging.getLogger(__name__)
 
 MAX_IDLE_STEPS = 8
 
-_SELECTIONS_EVERY = 16  # steps between transfers of the per-layer checkpoint-read counts
-# scheduler counter -> (metrics method, label); see server/metrics.py
-_EVICTIONS = {"evict_idle": "idle", "evict_unreachable": "unreachable", "evict_host": "host",
-              "drop_running": "running"}
 
 
 @dataclass(slots=True)
@@ -77,7 +69,6 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.model_name = model_name
-        self.metrics = metrics
         self.num_threads: int | None = None  # intra-op threads the driving thread sets (None: leave torch's)
         self.vocab_size = min(model.cfg.vocab_size, tokenizer.vocab_size)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.cfg.eos_token_ids)
@@ -87,7 +78,7 @@ class LLMEngine:
         self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size,
                                   masks=self.masks)
         self.engine_counters: Counter[str] = Counter()
-        self._published: Counter[str] = Counter()  # scheduler counters already reported to metrics
+        self.publisher = MetricsPublisher(metrics, self.scheduler.counters, self.runner, model.spec.reads_cache)
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, tuple[_Request, _Choice]] = {}
         self._token_text: dict[int, str] = {}
@@ -120,6 +111,15 @@ class LLMEngine:
         log.info("engine for %s on %s (%s), %d CPU threads: %s", name, device, model.spec, threads,
                  pools.describe())
         return engine
+
+    @property
+    def metrics(self) -> Any:
+        """The EngineMetrics the engine reports to (None: none); settable, e.g. by tests."""
+        return self.publisher.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Any) -> None:
+        self.publisher.metrics = metrics
 
     @property
     def max_model_len(self) -> int:
@@ -197,10 +197,9 @@ class LLMEngine:
         self._on_scheduled(plan)
         self.masks.launch()  # next masks of the guided sequences, computed while the model runs
         out = self.runner.execute(plan, self._sampling_rows(plan))
-        deltas = []
-        for seq in self.scheduler.update(plan, out.step):
-            deltas.append(self._advance(seq, out.logprobs.get(seq.seq_id)))
-        self._publish()
+        seqs = self.scheduler.update(plan, out.step)
+        deltas = [self._advance(seq, out.logprobs.get(seq.seq_id)) for seq in seqs]
+        self.publisher.publish(self.engine_counters["steps"])
         return deltas
 
     def _sampling_rows(self, plan: StepPlan) -> dict[int, SamplingRow]:
@@ -218,41 +217,25 @@ class LLMEngine:
             req, c = self._by_seq[chunk.seq_id]
             if not c.scheduled:
                 c.scheduled = True
-                if self.metrics is not None:
-                    self.metrics.on_queue_time(now - req.arrival)
+                self.publisher.on_queue_time(now - req.arrival)
         self.engine_counters["steps"] += 1
         self.engine_counters["prefill_tokens"] += sum(len(c.token_ids) for c in plan.prefill)
         self.engine_counters["decode_tokens"] += len(plan.decode)
 
     def _advance(self, seq: Sequence, lp: tuple[float, list[tuple[int, float]]] | None) -> Delta:
-        """The delta for the token `seq` just got; applies the stop conditions."""
+        """The delta for the token `seq` just got, after the stop rules."""
         req, c = self._by_seq[seq.seq_id]
-        sp, tok = req.request.params, seq.token_ids[-1]
-        reason, stop_reason, text = None, None, ""
+        tok = seq.token_ids[-1]
         try:
             grammar = self.masks.accept(seq.seq_id, tok)
         except GrammarError as e:
             return self._finish(req, c, "error", None, (tok,), "", None, error=f"structured output: {e}")
-        if tok in sp.stop_token_ids:
-            reason, stop_reason = "stop", tok
-        elif tok in self.eos_token_ids and not sp.ignore_eos:
-            reason = "stop"
-        else:
-            text = c.detok.push(tok, check_stop=seq.num_output_tokens >= sp.min_tokens)
-            if c.detok.stopped:
-                reason, stop_reason = "stop", c.detok.stop_reason
-        if reason is None and grammar == "done":
-            reason = "stop"
-        if reason is None and sp.max_tokens is not None and seq.num_output_tokens >= sp.max_tokens:
-            reason = "length"
-        if reason is None and seq.is_finished:  # the scheduler ended it at max_model_len
-            reason = seq.finish_reason
+        check = check_stop(tok, seq.num_output_tokens, req.request.params, self.eos_token_ids, c.detok,
+                           seq.finish_reason, grammar_done=grammar == "done")
         logprobs = None if lp is None else (self._logprob(tok, lp),)
-        if reason is None:
-            return Delta(req.request.request_id, c.index, (tok,), text, logprobs)
-        if not c.detok.stopped:
-            text += c.detok.flush()
-        return self._finish(req, c, reason, stop_reason, (tok,), text, logprobs)
+        if check.finish_reason is None:
+            return Delta(req.request.request_id, c.index, (tok,), check.text, logprobs)
+        return self._finish(req, c, check.finish_reason, check.stop_reason, (tok,), check.text, logprobs)
 
     def _finish(self, req: _Request, c: _Choice, reason: str, stop_reason: str | int | None,
                 tokens: tuple[int, ...], text: str, logprobs: tuple[TokenLogprob, ...] | None,
@@ -279,28 +262,3 @@ class LLMEngine:
         if s is None:
             s = self._token_text[tok] = self.tokenizer.decode([tok], skip_special_tokens=False)
         return s
-
-    def _publish(self) -> None:
-        """Report what the scheduler counted since the last step to the metrics object; the runner's
-        per-layer checkpoint reads every `_SELECTIONS_EVERY` steps (they cost a device->host copy)."""
-        m = self.metrics
-        if m is None:
-            return
-        if self.model.spec.reads_cache and self.engine_counters["steps"] % _SELECTIONS_EVERY == 0:
-            for layer, n in enumerate(self.runner.take_selections()):
-                if n:
-                    m.count_ssc_selections(layer, n)
-        now, before = self.scheduler.counters, self._published
-        diff = {k: now[k] - before[k] for k in now if now[k] != before[k]}
-        if not diff:
-            return
-        before.update(diff)
-        if diff.get("preempt"):
-            m.on_preemption(diff["preempt"])
-        if diff.get("prefix_query_tokens"):
-            m.on_prefix_cache_query(diff["prefix_query_tokens"], diff.get("prefix_hit_tokens", 0))
-        for key, label in _EVICTIONS.items():
-            if diff.get(key):
-                m.count_eviction(label, diff[key])
-        if diff.get("offload"):
-            m.count_offload(diff["offload"])
