@@ -68,3 +68,14 @@ def test_earlier_rules_win() -> None:
     assert run(SamplingParams(max_tokens=None, stop_token_ids=(5,)), [1, 5], ended_at=1) == ("b", [(1, "stop", 5)])
     # A stop string completed by the max_tokens-th token: "stop" with the string.
     assert run(SamplingParams(max_tokens=3, stop=("cd",)), _ids("bcd")) == ("b", [(2, "stop", "cd")])
+
+
+def test_a_completed_grammar_stops_after_stop_strings_before_length() -> None:
+    detok = IncrementalDetokenizer(_decode, stop=("bc",))
+    p = SamplingParams(max_tokens=2, stop=("bc",))
+    assert check_stop(1, 1, p, EOS, detok, grammar_done=False).finish_reason is None
+    check = check_stop(2, 2, p, EOS, detok, grammar_done=True)  # stop string, grammar and length at once
+    assert (check.finish_reason, check.stop_reason) == ("stop", "bc")
+    detok = IncrementalDetokenizer(_decode)
+    check = check_stop(1, 2, SamplingParams(max_tokens=2), EOS, detok, grammar_done=True)
+    assert (check.finish_reason, check.stop_reason, check.text) == ("stop", None, "b")
