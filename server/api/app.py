@@ -21,6 +21,7 @@ from mcserve.server.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from mcserve.server.api.request_id import RequestIdMiddleware
 from mcserve.server.api.serving import ServingContext, parse_body
 from mcserve.server.api.serving_chat import create_chat_completion
 from mcserve.server.api.serving_completion import create_completion
@@ -148,4 +149,5 @@ def build_app(
             max_age=600,
         )
     app.add_middleware(ErrorGuardMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id, a 500 too
     return app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -22,6 +21,7 @@ from mcserve.server.api.protocol import (
     ChatTokenLogprob,
     TopLogprob,
 )
+from mcserve.server.api.request_id import request_id as request_id_of
 from mcserve.server.api.serving import ServingContext, UsageCounter, parse_body, respond
 from mcserve.server.api.streaming import EngineRun, engine_error
 from mcserve.server.api.structured import structured_spec
@@ -169,7 +169,7 @@ async def create_chat_completion(ctx: ServingContext, http: Request) -> Response
                                   f"with --tool-call-parser {ctx.tool_call_parser}", param="tool_choice")
     params = body.to_sampling_params(max_tokens=prompt.max_tokens, structured=structured_spec(body, forced))
     ctx.check_params(params)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = f"chatcmpl-{request_id_of(http.scope)}"
     run = ctx.engine_run(request_id, [prompt], [params], body, http)
     writer = ChatChunkWriter(request_id, ctx.model_name, params.n, len(ids), body.include_usage,
                              tool_calls=parse_tools)

@@ -7,7 +7,6 @@ the stream's chunks merged, so both paths share one writer.
 from __future__ import annotations
 
 import time
-import uuid
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -15,6 +14,7 @@ from starlette.responses import Response
 
 from mcserve.server.api.limits import check_sampling_limits
 from mcserve.server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from mcserve.server.api.request_id import request_id as request_id_of
 from mcserve.server.api.serving import PreparedPrompt, ServingContext, UsageCounter, parse_body, respond
 from mcserve.server.api.streaming import EngineRun, engine_error
 from mcserve.server.api.structured import structured_spec
@@ -128,7 +128,7 @@ async def create_completion(ctx: ServingContext, http: Request) -> Response:
     echo = None
     if body.echo:
         echo = [item if isinstance(item, str) else ctx.tokenizer.decode(item) for item in items]
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    request_id = f"cmpl-{request_id_of(http.scope)}"
     run = ctx.engine_run(request_id, prompts, params, body, http)
     n = params[0].n
     writer = CompletionChunkWriter(

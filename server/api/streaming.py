@@ -90,8 +90,9 @@ class EngineRun:
             self._queue.put_nowait((k, e))
 
     async def start(self) -> None:
-        """Submit every request and wait until each has produced its first delta, so that errors the
-        engine raises up front (invalid request, queue full) become an HTTP status, not a stream event."""
+        """Submit every request and wait until the engine has accepted each (its first delta: the
+        engine sends an empty one on queueing), so that errors it raises up front (invalid request,
+        queue full) become an HTTP status, not a stream event, and a stream starts while queued."""
         self._tasks = [asyncio.ensure_future(self._pump(k)) for k in range(len(self.requests))]
         pending = set(range(len(self.requests)))
         while pending:

@@ -7,7 +7,9 @@ immutable configuration). `_streams` (request id -> its queue) is shared under `
 Engine loop: drain the inbox (adds, aborts, stop), run one step if anything is unfinished, hand each
 event loop its deltas with one `call_soon_threadsafe`; block on the inbox when idle. So an abort (an
 explicit one, or a cancelled iterator when the client goes away) takes effect before the next step.
-A request the engine refuses (queue full, ...) gets the exception through its queue, before any delta.
+A request the engine refuses (queue full, ...) gets the exception through its queue, before any delta;
+one it accepts gets an empty delta (no tokens, no text) at once, so a stream can start before the
+first token exists.
 
 Watchdog: the loop stamps the start of every step; a step longer than `slow_step_s` is counted
 (`health()`, metrics `on_slow_step`) when it ends, and `health().step_running_s` shows one that has
@@ -202,6 +204,7 @@ class AsyncEngine:
                 self._send(rid, e)
             else:
                 self._open[rid] = set(range(payload.params.n))
+                self._dispatch([Delta(rid, 0, (), "")])  # accepted: the HTTP layer may answer now
         elif kind == "abort":
             self._dispatch(self.engine.abort(payload))
         else:

@@ -68,7 +68,8 @@ class EngineClient(Protocol):
 
     `generate` validates the request against the model (context length, token ids) and raises
     `InvalidRequestError`/`ContextLengthError` before yielding anything, `QueueFullError` when
-    the waiting queue is full. It yields `Delta`s until every choice has a finish_reason.
+    the waiting queue is full. Once the engine has queued the request it may yield an empty `Delta`
+    (choice 0, no tokens, no text: "accepted"); then `Delta`s until every choice has a finish_reason.
     Cancelling the iterator (client disconnect) aborts the request and frees its resources
     within one engine step.
     """

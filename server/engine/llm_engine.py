@@ -162,6 +162,9 @@ class LLMEngine:
         if rid in self._requests:
             raise InvalidRequestError(f"request id {rid!r} is already in flight", param="request_id")
         waiting, limit = len(self.scheduler.waiting), self.config.max_waiting
+        if sp.n > limit:  # would wait forever for room: the client's error, not a retry
+            raise InvalidRequestError(f"n={sp.n} choices can never fit this server's waiting queue of {limit} "
+                                      "sequences; lower n", param="n")
         if waiting + sp.n > limit:
             raise QueueFullError(f"the waiting queue holds {waiting} of {limit} sequences, no room for {sp.n} more;"
                                  " retry later")
