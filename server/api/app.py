@@ -13,6 +13,7 @@ from mcserve.server.api.errors import install_error_handlers
 from mcserve.server.api.health import health_report
 from mcserve.server.api.limits import check_messages
 from mcserve.server.api.middleware import ApiKeyMiddleware, ErrorGuardMiddleware, SizeLimitMiddleware
+from mcserve.server.api.openapi import install_openapi
 from mcserve.server.api.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -50,6 +51,7 @@ def build_app(
     app = FastAPI(title="mcserve", version=package_version(), description="OpenAI-compatible API")
     app.state.ctx = ctx
     install_error_handlers(app)
+    install_openapi(app)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
