@@ -149,7 +149,7 @@ class _SamplingRequest(_Request):
             raise InvalidRequestError(f"priority must be a 64-bit integer, got {self.priority}", param="priority")
 
     def _build(self, *, max_tokens: int | None, logprobs: int | None, renames: dict[str, str],
-               structured: StructuredSpec | None = None) -> SamplingParams:
+               structured: StructuredSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         bias: dict[int, float] = {}
         for key, value in (self.logit_bias or {}).items():
             try:
@@ -186,6 +186,7 @@ class _SamplingRequest(_Request):
                 logprobs=logprobs,
                 logit_bias=bias,
                 structured=structured,
+                prompt_logprobs=prompt_logprobs,
             )
         except InvalidRequestError as e:
             # SamplingParams names its own field; report the one the client sent.
@@ -236,6 +237,7 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
     add_special_tokens: bool | None = True
+    prompt_logprobs: int | None = None  # vLLM extra: each prompt token's logprob and top alternatives
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
@@ -260,9 +262,10 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidRequestError(
                 f"best_of must equal n, got best_of={self.best_of} n={self.n or 1}", param="best_of"
             )
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError("echo with logprobs is not supported (no prompt logprobs)", param="echo")
-        return self._build(max_tokens=max_tokens, logprobs=self.logprobs, renames={}, structured=structured)
+        # echo + logprobs scores the echoed prompt too: prompt logprobs with as many alternatives
+        ks = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return self._build(max_tokens=max_tokens, logprobs=self.logprobs, renames={}, structured=structured,
+                           prompt_logprobs=max(ks) if ks else None)
 
 
 class TokenizeRequest(_Request):
@@ -397,9 +400,15 @@ class ChatCompletionChunk(_Response):
 
 class CompletionLogprobs(_Response):
     tokens: list[str] = []
-    token_logprobs: list[float | None] = []
+    token_logprobs: list[float | None] = []  # None: the echoed prompt's first token (nothing precedes it)
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+
+class PromptLogprob(_Response):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
 
 
 class CompletionChoice(_Response):
@@ -408,6 +417,8 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # vLLM's shape: per prompt token {token id: entry} (the token itself and the top alternatives), None first
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(_Response):

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mcserve.server.api.limits import check_messages, check_sampling_limits
+from mcserve.server.api.logprobs import TokenBytesFn, chat_logprobs
 from mcserve.server.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -19,7 +20,6 @@ from mcserve.server.api.protocol import (
     ChatDelta,
     ChatLogprobs,
     ChatTokenLogprob,
-    TopLogprob,
 )
 from mcserve.server.api.request_id import request_id as request_id_of
 from mcserve.server.api.serving import ServingContext, UsageCounter, parse_body, respond
@@ -27,24 +27,8 @@ from mcserve.server.api.streaming import EngineRun, engine_error
 from mcserve.server.api.structured import structured_spec
 from mcserve.server.api.tool_calls import HermesToolParser
 from mcserve.server.api.tool_choice import forced_tool_spec, parses_tool_calls, rendered_tools
-from mcserve.server.engine.outputs import Delta, TokenLogprob
+from mcserve.server.engine.outputs import Delta
 from mcserve.server.errors import InvalidRequestError
-
-
-def chat_logprobs(items: tuple[TokenLogprob, ...] | None) -> ChatLogprobs | None:
-    if items is None:
-        return None
-    return ChatLogprobs(
-        content=[
-            ChatTokenLogprob(
-                token=t.token,
-                logprob=t.logprob,
-                bytes=list(t.token.encode()),
-                top_logprobs=[TopLogprob(token=s, logprob=lp, bytes=list(s.encode())) for _, s, lp in t.top],
-            )
-            for t in items
-        ]
-    )
 
 
 class ChatChunkWriter:
@@ -52,9 +36,10 @@ class ChatChunkWriter:
     its finish_reason), then the usage chunk with `choices: []` when the client asked for it."""
 
     def __init__(self, request_id: str, model: str, n: int, prompt_len: int, include_usage: bool,
-                 tool_calls: bool = False) -> None:
+                 token_bytes: TokenBytesFn, tool_calls: bool = False) -> None:
         """`tool_calls`: parse each choice's text for tool calls (tools given, tool_choice not "none")."""
         self.request_id, self.model, self.n = request_id, model, n
+        self.token_bytes = token_bytes
         self.include_usage = include_usage
         self.created = int(time.time())
         self.usage = UsageCounter([prompt_len])
@@ -84,7 +69,7 @@ class ChatChunkWriter:
         choice = ChatChunkChoice(
             index=delta.index,
             delta=ChatDelta(content=text or None, tool_calls=calls or None),
-            logprobs=chat_logprobs(delta.logprobs),
+            logprobs=chat_logprobs(delta.logprobs, self.token_bytes),
             finish_reason=finish,
             stop_reason=delta.stop_reason,
         )
@@ -110,7 +95,8 @@ def _message(text: str, tool_calls: bool) -> tuple[AssistantMessage, HermesToolP
 
 
 async def _collect(
-    run: EngineRun, body: ChatCompletionRequest, request_id: str, model: str, prompt_len: int, parse_tools: bool
+    run: EngineRun, body: ChatCompletionRequest, request_id: str, model: str, prompt_len: int, parse_tools: bool,
+    token_bytes: TokenBytesFn,
 ) -> ChatCompletionResponse:
     n = run.requests[0].params.n
     texts: list[list[str]] = [[] for _ in range(n)]
@@ -126,7 +112,8 @@ async def _collect(
             usage.add(k, len(delta.token_ids), delta.usage)
             texts[delta.index].append(delta.text)
             if delta.logprobs is not None and logprobs[delta.index] is not None:
-                logprobs[delta.index].extend(chat_logprobs(delta.logprobs).content)  # type: ignore[union-attr]
+                lp = chat_logprobs(delta.logprobs, token_bytes)
+                logprobs[delta.index].extend(lp.content)  # type: ignore[union-attr]
             if delta.finish_reason is not None:
                 finish[delta.index] = delta
     except Exception:
@@ -172,12 +159,13 @@ async def create_chat_completion(ctx: ServingContext, http: Request) -> Response
     request_id = f"chatcmpl-{request_id_of(http.scope)}"
     run = ctx.engine_run(request_id, [prompt], [params], body, http)
     writer = ChatChunkWriter(request_id, ctx.model_name, params.n, len(ids), body.include_usage,
-                             tool_calls=parse_tools)
+                             ctx.tokenizer.token_bytes, tool_calls=parse_tools)
     return await respond(
         ctx,
         http,
         run,
         stream=bool(body.stream),
         writer=writer,
-        collect=lambda: _collect(run, body, request_id, ctx.model_name, len(ids), parse_tools),
+        collect=lambda: _collect(run, body, request_id, ctx.model_name, len(ids), parse_tools,
+                                 ctx.tokenizer.token_bytes),
     )

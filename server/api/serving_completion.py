@@ -6,6 +6,7 @@ the stream's chunks merged, so both paths share one writer.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from pydantic import BaseModel
@@ -13,31 +14,83 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mcserve.server.api.limits import check_sampling_limits
-from mcserve.server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from mcserve.server.api.logprobs import TextOffsets, TokenBytesFn, completion_logprobs
+from mcserve.server.api.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    PromptLogprob,
+)
 from mcserve.server.api.request_id import request_id as request_id_of
 from mcserve.server.api.serving import PreparedPrompt, ServingContext, UsageCounter, parse_body, respond
 from mcserve.server.api.streaming import EngineRun, engine_error
 from mcserve.server.api.structured import structured_spec
-from mcserve.server.engine.outputs import Delta
+from mcserve.server.engine.outputs import Delta, TokenLogprob
+from mcserve.server.text.token_bytes import display_token
 
 
 class CompletionChunkWriter:
+    """`echo`: per prompt, its text, sent before the first output; `prompt_ids`: per prompt, its ids
+    (scored when `echo_logprobs` is set: echo + logprobs); `prompt_logprobs`: vLLM's extra, k or None."""
+
     def __init__(
-        self, request_id: str, model: str, n: int, prompt_lens: list[int], echo: list[str] | None, include_usage: bool
+        self, request_id: str, model: str, n: int, prompt_ids: list[tuple[int, ...]], echo: list[str] | None,
+        include_usage: bool, token_bytes: TokenBytesFn, *, special_ids: frozenset[int] = frozenset(),
+        echo_logprobs: int | None = None, prompt_logprobs: int | None = None,
     ) -> None:
         self.request_id, self.model, self.n = request_id, model, n
         self.echo = echo
         self.include_usage = include_usage
         self.created = int(time.time())
-        self.usage = UsageCounter(prompt_lens)
+        self.usage = UsageCounter([len(p) for p in prompt_ids])
+        self.prompt_ids = prompt_ids
+        self.token_bytes = token_bytes
+        self.special_ids = special_ids
+        self.echo_logprobs, self.prompt_logprobs = echo_logprobs, prompt_logprobs
         self._started: set[int] = set()
-        self._offset: dict[int, int] = {}  # choice index -> characters of text so far
+        self._offsets: dict[int, TextOffsets] = {}  # choice index -> its text's character offsets
 
     def _chunk(self, choices: list[CompletionChoice], **extra: object) -> CompletionResponse:
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices, **extra)  # type: ignore[arg-type]
 
     def opening(self) -> list[BaseModel]:
         return []
+
+    def _offsets_of(self, index: int, k: int) -> TextOffsets:
+        """Scored echo: offsets count from the prompt's first token; else from after the echo."""
+        if index not in self._offsets:
+            start = 0 if self.echo is None or self.echo_logprobs is not None else len(self.echo[k])
+            self._offsets[index] = TextOffsets(start, self.special_ids)
+        return self._offsets[index]
+
+    def _prompt_entries(self, k: int, index: int, scored: tuple[TokenLogprob | None, ...]) -> CompletionLogprobs:
+        """The echoed prompt's logprobs (the first token has none), offsets from 0."""
+        assert self.echo_logprobs is not None
+        offsets, ids = self._offsets_of(index, k), self.prompt_ids[k]
+        first = ids[0]
+        b = self.token_bytes(first)
+        out = CompletionLogprobs(tokens=[display_token(b)], token_logprobs=[None], top_logprobs=[None],
+                                 text_offset=[offsets.add(first, b)])
+        trimmed = [dataclasses.replace(t, top=t.top[: self.echo_logprobs]) for t in scored[1:] if t is not None]
+        rest = completion_logprobs(trimmed, self.token_bytes, offsets)
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(out, name).extend(getattr(rest, name))
+        return out
+
+    def _vllm_prompt_logprobs(self, scored: tuple[TokenLogprob | None, ...]) -> list[dict[str, PromptLogprob] | None]:
+        assert self.prompt_logprobs is not None
+        out: list[dict[str, PromptLogprob] | None] = []
+        for t in scored:
+            if t is None:
+                out.append(None)
+                continue
+            entry = {str(i): PromptLogprob(logprob=lp, rank=r + 1, decoded_token=display_token(self.token_bytes(i)))
+                     for r, (i, _, lp) in enumerate(t.top[: self.prompt_logprobs])}
+            entry[str(t.token_id)] = PromptLogprob(logprob=t.logprob, rank=t.rank,
+                                                   decoded_token=display_token(self.token_bytes(t.token_id)))
+            out.append(entry)
+        return out
 
     def on_delta(self, k: int, delta: Delta) -> list[BaseModel]:
         self.usage.add(k, len(delta.token_ids), delta.usage)
@@ -46,22 +99,23 @@ class CompletionChunkWriter:
         if self.echo is not None and index not in self._started:
             text = self.echo[k] + text
         self._started.add(index)
-        if not text and delta.finish_reason is None and not delta.logprobs:
+        scored = delta.prompt_logprobs
+        if not text and delta.finish_reason is None and not delta.logprobs and scored is None:
             return []
-        offset = self._offset.get(index, 0)
         logprobs = None
+        if scored is not None and self.echo_logprobs is not None:
+            logprobs = self._prompt_entries(k, index, scored)
         if delta.logprobs is not None:
-            logprobs = CompletionLogprobs()
-            pos = offset + len(text) - len(delta.text)  # the echoed prompt has no logprobs
-            for t in delta.logprobs:
-                logprobs.tokens.append(t.token)
-                logprobs.token_logprobs.append(t.logprob)
-                logprobs.top_logprobs.append({s: lp for _, s, lp in t.top})
-                logprobs.text_offset.append(pos)
-                pos += len(t.token)
-        self._offset[index] = offset + len(text)
+            out = completion_logprobs(delta.logprobs, self.token_bytes, self._offsets_of(index, k))
+            if logprobs is None:
+                logprobs = out
+            else:
+                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(logprobs, name).extend(getattr(out, name))
+        vllm = self._vllm_prompt_logprobs(scored) if scored is not None and self.prompt_logprobs is not None else None
         choice = CompletionChoice(
-            index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason, stop_reason=delta.stop_reason
+            index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+            prompt_logprobs=vllm,
         )
         return [self._chunk([choice])]
 
@@ -93,6 +147,8 @@ async def _collect(
                             getattr(merged.logprobs, name).extend(getattr(part.logprobs, name))
                     if part.finish_reason is not None:
                         merged.finish_reason, merged.stop_reason = part.finish_reason, part.stop_reason
+                    if part.prompt_logprobs is not None:
+                        merged.prompt_logprobs = part.prompt_logprobs
     except Exception:
         reason = "error"
         raise
@@ -132,7 +188,9 @@ async def create_completion(ctx: ServingContext, http: Request) -> Response:
     run = ctx.engine_run(request_id, prompts, params, body, http)
     n = params[0].n
     writer = CompletionChunkWriter(
-        request_id, ctx.model_name, n, [len(p.token_ids) for p in prompts], echo, body.include_usage
+        request_id, ctx.model_name, n, [p.token_ids for p in prompts], echo, body.include_usage,
+        ctx.tokenizer.token_bytes, special_ids=frozenset(getattr(ctx.tokenizer, "all_special_ids", ())),
+        echo_logprobs=body.logprobs if body.echo else None, prompt_logprobs=body.prompt_logprobs,
     )
     return await respond(
         ctx,

@@ -10,6 +10,7 @@ cannot accept its token.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from mcserve.server.engine.metrics_publisher import MetricsPublisher
 from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
 from mcserve.server.engine.plan import StepPlan
 from mcserve.server.engine.runner.factory import make_runner
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.sampler import SamplingRow
 from mcserve.server.engine.scheduler import Scheduler
 from mcserve.server.engine.sequence import Sequence
@@ -49,6 +51,7 @@ class _Choice:
     detok: IncrementalDetokenizer
     scheduled: bool = False
     finished: bool = False
+    prompt_lps: dict[int, TokenLogprob] | None = None  # position -> entry, when prompt logprobs are asked
 
 
 @dataclass(slots=True)
@@ -175,7 +178,8 @@ class LLMEngine:
                            session_id=request.session_id, api_key=request.api_key, params=sp)
             detok = self.tokenizer.detokenizer(request.prompt_token_ids, sp.skip_special_tokens, stop=sp.stop,
                                                include_stop_str_in_output=sp.include_stop_str_in_output)
-            req.choices.append(_Choice(seq, i, detok))
+            seq.reuse_prefix = sp.prompt_logprobs is None
+            req.choices.append(_Choice(seq, i, detok, prompt_lps={} if sp.prompt_logprobs is not None else None))
         for c in req.choices:
             if sp.structured is not None:
                 self.masks.add(c.seq.seq_id, sp.structured)
@@ -200,6 +204,7 @@ class LLMEngine:
         self._on_scheduled(plan)
         self.masks.launch()  # next masks of the guided sequences, computed while the model runs
         out = self.runner.execute(plan, self._sampling_rows(plan))
+        self._record_prompt_logprobs(out.prompt_logprobs)
         seqs = self.scheduler.update(plan, out.step)
         deltas = [self._advance(seq, out.logprobs.get(seq.seq_id)) for seq in seqs]
         self.publisher.publish(self.engine_counters["steps"])
@@ -210,7 +215,8 @@ class LLMEngine:
         for seq_id in [r.seq_id for r in plan.decode] + [c.seq_id for c in plan.prefill]:
             req, c = self._by_seq[seq_id]
             sp, seq = req.request.params, c.seq
-            prompt = seq.token_ids[:seq.num_prompt_tokens] if sp.repetition_penalty != 1.0 else ()
+            wants_prompt = sp.repetition_penalty != 1.0 or (sp.prompt_logprobs is not None and seq.is_prefilling)
+            prompt = seq.token_ids[:seq.num_prompt_tokens] if wants_prompt else ()
             rows[seq_id] = SamplingRow(sp, prompt, seq.output_token_ids, self.eos_token_ids, c.index)
         return rows
 
@@ -237,8 +243,15 @@ class LLMEngine:
                            seq.finish_reason, grammar_done=grammar == "done")
         logprobs = None if lp is None else (self._logprob(tok, lp),)
         if check.finish_reason is None:
-            return Delta(req.request.request_id, c.index, (tok,), check.text, logprobs)
-        return self._finish(req, c, check.finish_reason, check.stop_reason, (tok,), check.text, logprobs)
+            delta = Delta(req.request.request_id, c.index, (tok,), check.text, logprobs)
+        else:
+            delta = self._finish(req, c, check.finish_reason, check.stop_reason, (tok,), check.text, logprobs)
+        if c.prompt_lps is not None and seq.num_output_tokens == 1:  # the first token: after the prefill
+            prompt = seq.token_ids[:seq.num_prompt_tokens]
+            assert len(c.prompt_lps) == len(prompt) - 1, (len(c.prompt_lps), len(prompt))
+            scored = tuple(c.prompt_lps[p] for p in range(1, len(prompt)))
+            delta = dataclasses.replace(delta, prompt_logprobs=(None, *scored))
+        return delta
 
     def _finish(self, req: _Request, c: _Choice, reason: str, stop_reason: str | int | None,
                 tokens: tuple[int, ...], text: str, logprobs: tuple[TokenLogprob, ...] | None,
@@ -255,6 +268,17 @@ class LLMEngine:
             usage = Usage(len(req.request.prompt_token_ids), sum(x.seq.num_output_tokens for x in req.choices),
                           req.choices[0].seq.num_cached_tokens)
         return Delta(req.request.request_id, c.index, tokens, text, logprobs, reason, stop_reason, usage, error)
+
+    def _record_prompt_logprobs(self, scored: dict[int, tuple[int, list[PromptLogprob]]]) -> None:
+        """Keep each prompt position's entry once (a recomputed prefill, after preemption, scores again)."""
+        for seq_id, (first, entries) in scored.items():
+            _, c = self._by_seq[seq_id]
+            assert c.prompt_lps is not None
+            ids = c.seq.token_ids
+            for pos, (lp, rank, top) in enumerate(entries, start=first):
+                if pos not in c.prompt_lps:
+                    c.prompt_lps[pos] = TokenLogprob(ids[pos], self._text_of(ids[pos]), lp,
+                                                     tuple((t, self._text_of(t), v) for t, v in top), rank)
 
     def _logprob(self, tok: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
         chosen, top = lp

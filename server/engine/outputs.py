@@ -11,6 +11,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[int, str, float], ...] = ()  # (token_id, token, logprob), best first
+    rank: int | None = None  # 1 = the most likely token; set for prompt logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,8 @@ class Delta:
     `finish_reason` is set on the choice's last delta: "stop" (eos, stop string or stop token),
     "length" (max_tokens or the context limit), "abort" or "error" (then `error` says why).
     `usage` is set on the last delta of the whole request (all choices finished).
+    `prompt_logprobs` (when the params ask): on the choice's first delta with a token, one entry per
+    prompt token, None for the first (nothing precedes it).
     """
 
     request_id: str
@@ -43,3 +46,4 @@ class Delta:
     usage: Usage | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None

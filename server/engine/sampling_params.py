@@ -28,6 +28,9 @@ class SamplingParams:
     `seed`: makes this request's samples reproducible whatever else shares its batch.
     `mc_top_k`: lowers SSC's top_k for this request (None = the model's).
     `structured`: a grammar the output must follow (structured/spec.py); the engine compiles it.
+    `prompt_logprobs`: None = none; k >= 0 = each prompt token's logprob (of the raw model, given the
+    tokens before it) plus the top k alternatives. The prompt is then computed from position 0 (no
+    cached prefix), since every position's logits are needed.
     """
 
     n: int = 1
@@ -50,6 +53,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     mc_top_k: int | None = None
     structured: StructuredSpec | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.n, int) and 1 <= self.n <= 64, "n", f"n must be in [1, 64], got {self.n!r}")
@@ -80,6 +84,9 @@ class SamplingParams:
                f"stop_token_ids must be non-negative integers, got {list(self.stop_token_ids)!r}")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= _MAX_LOGPROBS),
                "logprobs", f"top_logprobs must be in [0, {_MAX_LOGPROBS}], got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None
+               or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= _MAX_LOGPROBS),
+               "prompt_logprobs", f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         _check(all(isinstance(t, int) and t >= 0 and _finite(b) and -100.0 <= b <= 100.0
                    for t, b in self.logit_bias.items()), "logit_bias",
                "logit_bias maps token ids to values in [-100, 100]")

@@ -26,7 +26,8 @@ preemption: num_state_slots >= max_num_seqs and parked snapshots are evicted on 
 
 Prefix reuse on admission: the deepest cached boundary b*C <= num_tokens - 1 (one token must be
 computed to produce logits) is restored from checkpoint b-1; a parked snapshot at a later position of
-the same segment is taken over instead. A sequence reaching max_model_len finishes with "length".
+the same segment is taken over instead; a sequence with `reuse_prefix` false (prompt logprobs) takes
+neither. A sequence reaching max_model_len finishes with "length".
 """
 
 from __future__ import annotations
@@ -199,12 +200,12 @@ class Scheduler:
         cfg, C = self.config, self.config.segment_size
         target = seq.num_tokens
         hashes, hits = [], []
-        if cfg.enable_prefix_caching:
+        if cfg.enable_prefix_caching and seq.reuse_prefix:
             hashes = seq.prefix_hashes(C)
             hits = self.cache.match(hashes, (target - 1) // C)
         n = self.cache.attach(seq.seq_id, hits)
         start, snap = n * C, None
-        if cfg.snapshots:
+        if cfg.snapshots and seq.reuse_prefix:
             snap = self.pool.find(hashes[n], seq.token_ids, start, target - 1)
             if snap is not None and snap.num_tokens > start:
                 start = snap.num_tokens

@@ -59,6 +59,9 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens reused from the cache at the first admission
         self.num_preemptions = 0
         self.slot: int | None = None
+        # False: admitted from position 0, no cached prefix or snapshot (prompt logprobs need every
+        # position's logits); the engine sets it
+        self.reuse_prefix = True
         self._hashes: list[bytes] = [self.namespace]
 
     def __repr__(self) -> str:

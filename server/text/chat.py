@@ -32,6 +32,8 @@ class ChatTokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_bytes(self, token_id: int) -> bytes: ...
+
 
 def _text_of(content: Any, where: str) -> str:
     """`content` is a string, None, or a list of parts with `.type` and `.text` (protocol.ContentPart)."""

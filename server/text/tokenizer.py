@@ -20,6 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from mcserve.server.errors import ModelLoadError
 from mcserve.server.text.detokenizer import IncrementalDetokenizer
 from mcserve.server.text.templates import DEFAULT_CHAT_TEMPLATE
+from mcserve.server.text.token_bytes import TokenBytes
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -58,6 +59,7 @@ class Tokenizer:
     ) -> None:
         self._backend = backend
         self.tool_call_parser = tool_call_parser
+        self._token_bytes = TokenBytes(backend.to_str())
         vocab = backend.get_vocab(with_added_tokens=True)
         # One more than the largest id, so it sizes an embedding table even if ids have gaps.
         self._vocab_size = max(vocab.values(), default=-1) + 1
@@ -180,6 +182,10 @@ class Tokenizer:
         if bad is not None:
             raise ValueError(f"token id {bad!r} is out of range for vocab size {self._vocab_size}")
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes of one token (part of a UTF-8 character for some; special tokens as text)."""
+        return self._token_bytes(token_id)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from mcserve.kernels.mc_spec import MCSpec
 from mcserve.server.engine.plan import StepOutput, StepPlan
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.sampler import SamplingRow
 
 # seq_id -> (the chosen token's logprob, [(token_id, logprob)] best first)
@@ -26,10 +27,13 @@ class RunnerOutput:
 
     step: sampled tokens and block weights for the scheduler.
     logprobs: only for rows whose params ask for logprobs.
+    prompt_logprobs: seq_id -> (position of the first prompt token scored, one entry per position
+        from there), for prefill chunks of sequences whose params ask for prompt logprobs.
     """
 
     step: StepOutput
     logprobs: Logprobs = field(default_factory=dict)
+    prompt_logprobs: dict[int, tuple[int, list[PromptLogprob]]] = field(default_factory=dict)
 
 
 class ModelRunner(ABC):

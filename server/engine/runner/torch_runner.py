@@ -19,10 +19,11 @@ from collections.abc import Mapping
 import torch
 
 from mcserve.kernels.prefill.batched import select_kernels
-from mcserve.server.engine.plan import StepOutput, StepPlan
+from mcserve.server.engine.plan import PrefillChunk, StepOutput, StepPlan
 from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
 from mcserve.server.engine.runner.decode_batch import pack_decode
 from mcserve.server.engine.runner.pools import DevicePools
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs
 from mcserve.server.engine.runner.router_weights import BlockWeights
 from mcserve.server.engine.sampler import Sampler, SamplingRow
 from mcserve.server.engine.structured.masks import TokenMasks
@@ -55,14 +56,23 @@ class TorchModelRunner(ModelRunner):
         weights = BlockWeights()
         logits: list[torch.Tensor] = []
         row_ids: list[int] = []  # seq id of each logits row
+        prompt_lps: dict[int, tuple[int, list[PromptLogprob]]] = {}
         if plan.prefill:
+            scored = [_scores_prompt(sampling, c) for c in plan.prefill]
             chunks = [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
-                                   request_top_k(self.spec, sampling, c.seq_id), "last" if c.sample else "none")
-                      for c in plan.prefill]
+                                   request_top_k(self.spec, sampling, c.seq_id),
+                                   "all" if all_ else "last" if c.sample else "none")
+                      for c, all_ in zip(plan.prefill, scored, strict=True)]
             out = self.model.prefill_batch(chunks, states, ckpts, self.prefill_kernels, self.selections)
             if reads_cache:
                 weights.add(out.block_ids, out.block_weights)
-            for c, lg in zip(plan.prefill, out.logits, strict=True):
+            for c, lg, all_ in zip(plan.prefill, out.logits, scored, strict=True):
+                if all_:
+                    row = sampling[c.seq_id]
+                    k = row.params.prompt_logprobs
+                    prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids, k,
+                                                                 self.sampler.vocab_size)
+                    lg = lg[-1:]
                 if c.sample:
                     logits.append(lg)
                     row_ids.append(c.seq_id)
@@ -77,7 +87,7 @@ class TorchModelRunner(ModelRunner):
             logits.append(out)
             row_ids.extend(r.seq_id for r in plan.decode)
         token_ids, logprobs = self._sample(logits, row_ids, sampling)
-        return RunnerOutput(StepOutput(token_ids, weights.per_block()), logprobs)
+        return RunnerOutput(StepOutput(token_ids, weights.per_block()), logprobs, prompt_lps)
 
     def take_selections(self) -> list[int]:
         counts = self.selections.tolist()  # one device->host transfer
@@ -99,3 +109,11 @@ class TorchModelRunner(ModelRunner):
                 if row.params.logprobs is not None:
                     logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
         return token_ids, logprobs
+
+
+def _scores_prompt(sampling: Mapping[int, SamplingRow], chunk: PrefillChunk) -> bool:
+    """Whether this chunk's logits are all needed: its sequence asks for prompt logprobs and some of
+    its positions score a prompt token."""
+    row = sampling.get(chunk.seq_id)
+    return (row is not None and row.params.prompt_logprobs is not None
+            and chunk.start_pos + 1 < len(row.prompt_token_ids))

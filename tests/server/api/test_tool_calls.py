@@ -67,7 +67,7 @@ def test_writer_streams_calls_from_detokenized_tokens() -> None:
     detok = tok.detokenizer()
     pieces = [detok.push(i) for i in ids]
     pieces[-1] += detok.flush()
-    writer = ChatChunkWriter("chatcmpl-x", "m", 1, 3, include_usage=False, tool_calls=True)
+    writer = ChatChunkWriter("chatcmpl-x", "m", 1, 3, False, tok.token_bytes, tool_calls=True)
     chunks = []
     for k, (t, piece) in enumerate(zip(ids, pieces, strict=True)):
         last = k == len(ids) - 1

@@ -27,6 +27,9 @@ class TinyTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id - OFFSET]) if token_id >= OFFSET else ("<pad>", "<s>", "</s>")[token_id].encode()
+
     def token_text(self, token_id: int) -> str:
         return "</s>" if token_id == EOS else self.decode([token_id])
 
