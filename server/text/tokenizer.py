@@ -7,7 +7,7 @@ Loads a Hugging Face `tokenizers` file (`tokenizer.json`) plus the optional `tok
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers.decoders import DecodeStream
 
 from mcserve.server.errors import ModelLoadError
 from mcserve.server.text.detokenizer import IncrementalDetokenizer
@@ -202,8 +203,14 @@ class Tokenizer:
         include_stop_str_in_output: bool = False,
     ) -> IncrementalDetokenizer:
         decode = partial(self._backend.decode, skip_special_tokens=skip_special_tokens)
+        backend = self._backend
+
+        def stream(context: list[int]) -> Callable[[int], str | None]:
+            return partial(DecodeStream(ids=context, skip_special_tokens=skip_special_tokens).step, backend)
+
         return IncrementalDetokenizer(
-            decode, prompt_ids=prompt_ids, stop=stop, include_stop_str_in_output=include_stop_str_in_output
+            decode, prompt_ids=prompt_ids, stop=stop, include_stop_str_in_output=include_stop_str_in_output,
+            stream=stream,
         )
 
     def apply_chat_template(
