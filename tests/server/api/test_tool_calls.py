@@ -82,3 +82,26 @@ def test_writer_streams_calls_from_detokenized_tokens() -> None:
         "city": "Paris", "d": {"x": [1, 2]}, "s": '}"{'}
     assert len(deltas) > 3, "arguments are streamed in pieces, not at the end"
     assert bodies[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_the_parser_is_chosen_by_setting_then_tokenizer_config(tmp_path) -> None:
+    from mcserve.server.api.serving import ServingContext
+    from mcserve.server.errors import ConfigError
+    from mcserve.server.metrics import EngineMetrics
+    from mcserve.server.settings import ApiSettings
+    from mcserve.server.text.tokenizer_train import write_tokenizer_files
+
+    write_tokenizer_files(tmp_path, train_byte_level_bpe(builtin_corpus(), 300))
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "tool_call_parser": "none"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.tool_call_parser == "none"
+
+    def parser(settings: ApiSettings, tokenizer: object) -> str:
+        return ServingContext(None, tokenizer, settings, EngineMetrics("m")).tool_call_parser  # type: ignore[arg-type]
+
+    assert parser(ApiSettings(), tok) == "none"
+    assert parser(ApiSettings(tool_call_parser="hermes"), tok) == "hermes"
+    assert parser(ApiSettings(), Tokenizer(tok.backend)) == "hermes"
+    with pytest.raises(ConfigError, match="tool_call_parser"):
+        ApiSettings(tool_call_parser="xml")
