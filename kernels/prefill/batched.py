@@ -35,6 +35,10 @@ class PrefillKernels:
     core: Callable[..., torch.Tensor]
     readout: Callable[..., torch.Tensor]
     conv: Callable[..., torch.Tensor]
+    # fused versions of the model's glue (kernels/triton_norms.py); None: the model's torch modules
+    rmsnorm: Callable[..., torch.Tensor] | None = None
+    gated_rmsnorm: Callable[..., torch.Tensor] | None = None
+    swiglu: Callable[..., torch.Tensor] | None = None
 
 
 TORCH_KERNELS = PrefillKernels("torch", core_rounds, readout_rounds, short_conv_rows)
@@ -54,14 +58,16 @@ def select_kernels(device: torch.device | str, spec: MCSpec, dtype: torch.dtype)
         log.warning("prefill: %s; the online core runs in torch (slow on a GPU)", e)
         core, core_name = core_rounds, "torch"
     try:
+        from mcserve.kernels import triton_norms
         from mcserve.kernels.prefill.triton import readout_triton
         from mcserve.kernels.prefill.triton_conv import short_conv_triton
-        readout, conv, readout_name = readout_triton, short_conv_triton, "triton"
     except ImportError as e:
-        log.warning("prefill: Triton is not importable (%s); the MC readout and short conv run in torch", e)
-        readout, conv, readout_name = readout_rounds, short_conv_rows, "torch"
-    log.info("prefill path: %s core, %s readout and short conv", core_name, readout_name)
-    return PrefillKernels(f"{core_name}+{readout_name}", core, readout, conv)
+        log.warning("prefill: Triton is not importable (%s); the MC readout, conv and norms run in torch", e)
+        log.info("prefill path: %s core, torch readout", core_name)
+        return PrefillKernels(f"{core_name}+torch", core, readout_rounds, short_conv_rows)
+    log.info("prefill path: %s core, triton readout, conv and norms", core_name)
+    return PrefillKernels(f"{core_name}+triton", core, readout_triton, short_conv_triton, triton_norms.rmsnorm,
+                          triton_norms.gated_rmsnorm, triton_norms.swiglu)
 
 
 def segment_keys(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels, batched_mc_gdn
 from mcserve.kernels.prefill.varlen import PackedChunk, VarlenBatch
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
-from mcserve.server.model.layers import GatedDeltaNetAttention
+from mcserve.server.model.layers import GatedDeltaNetAttention, GatedMLP, GatedRMSNorm, RMSNorm
 
 if TYPE_CHECKING:
     from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
@@ -136,7 +136,7 @@ def prefill_batch(
         attn = block.attn
         w1 = attn.conv_width
         lay = batch.memo(("conv", w1), lambda w1=w1: _conv_layout(batch, w1))
-        h = block.attn_norm(x)
+        h = _norm(block.attn_norm, x, kernels)
         qkv, ext = _conv_packed(attn, h, states.conv[li, slots], lay, kernels)
         q, k, v, g, beta, u = attn.heads(h, qkv, sd)
         w = torch.zeros_like(total) if read else None
@@ -150,9 +150,34 @@ def prefill_batch(
             states.conv[li, slots] = ext[lay.final].transpose(1, 2)
             if lay.bound_blocks.numel():
                 ckpts.conv[lay.bound_blocks, li] = ext[lay.bound].transpose(1, 2).to(ckpts.conv.device)
-        x = x + attn.output(h, y)
-        x = x + block.mlp(block.mlp_norm(x))
+        x = x + _attn_output(attn, h, y, kernels)
+        x = x + _mlp(block.mlp, _norm(block.mlp_norm, x, kernels), kernels)
     return BatchedPrefillOutput(_chunk_logits(model, x, chunks, batch.cu), batch.table.flatten(), total.flatten())
+
+
+def _norm(norm: RMSNorm, x: torch.Tensor, kernels: PrefillKernels) -> torch.Tensor:
+    return norm(x) if kernels.rmsnorm is None else kernels.rmsnorm(x, norm.weight, norm.eps)
+
+
+def _attn_output(attn: GatedDeltaNetAttention, x: torch.Tensor, y: torch.Tensor, kernels: PrefillKernels
+                 ) -> torch.Tensor:
+    """`attn.output(x, y)`, with the output norm fused when the kernels have it."""
+    if kernels.gated_rmsnorm is None or kernels.rmsnorm is None:
+        return attn.output(x, y)
+    y = y.to(x.dtype)
+    norm = attn.o_norm
+    if attn.cfg.use_gate:
+        assert isinstance(norm, GatedRMSNorm)
+        o = kernels.gated_rmsnorm(y, attn.g_proj(x).view_as(y), norm.weight, norm.eps, norm.activation)
+    else:
+        o = kernels.rmsnorm(y, norm.weight, norm.eps)
+    return attn.o_proj(o.reshape(x.shape[0], -1))
+
+
+def _mlp(mlp: GatedMLP, x: torch.Tensor, kernels: PrefillKernels) -> torch.Tensor:
+    if kernels.swiglu is None:
+        return mlp(x)
+    return mlp.down_proj(kernels.swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
 def _chunk_logits(model: MCGatedDeltaNetForCausalLM, x: torch.Tensor, chunks: Sequence[PrefillInput],

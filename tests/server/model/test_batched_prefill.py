@@ -132,3 +132,27 @@ def test_logits_only_where_asked_and_weights_per_table_entry() -> None:
     assert ids[0].tolist() == [0, 1] and ids[1].tolist() == [2, -1] and ids[2].tolist() == [-1, -1]
     # later tokens read the checkpoints made earlier in their own chunk; the 3-token chunk reads nothing
     assert (w[0] > 0).all() and w[1, 0] > 0 and (w[1, 1:] == 0).all() and (w[2] == 0).all()
+
+
+def test_every_triton_piece_in_the_model_equals_the_torch_path() -> None:
+    """The CUDA path's kernels (Triton readout, conv, norms; the core stays torch: fla needs a GPU) plugged
+    into `prefill_batch`, run by Triton's interpreter on CPU: the same logits as the torch path."""
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    norms = pytest.importorskip("mcserve.kernels.triton_norms")
+    from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels
+    from mcserve.kernels.prefill.triton import readout_triton
+    from mcserve.kernels.prefill.triton_conv import short_conv_triton
+
+    kernels = PrefillKernels("interpreted", TORCH_KERNELS.core, readout_triton, short_conv_triton, norms.rmsnorm,
+                             norms.gated_rmsnorm, norms.swiglu)
+    model = as_dtype(tiny_model({"aggregation": "ssc", "segment_size": 4, "top_k": 2}, seed=9), torch.float32)
+    lens, top_k = [11, 6], [2, 1]
+    seqs = _seqs(10, lens)
+    steps = schedule(model, lens, chunk=[2, 1], stagger=1, holes={})
+    want, *_ = run_batched(model, seqs, steps, top_k)
+    got, *_ = run_batched(model, seqs, steps, top_k, kernels=kernels)
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 1e-5
