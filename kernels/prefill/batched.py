@@ -18,7 +18,7 @@ import torch
 
 from mcserve.kernels.mc_spec import MCSpec
 from mcserve.kernels.prefill.packed import core_rounds, readout_rounds, short_conv_rows
-from mcserve.kernels.prefill.varlen import VarlenBatch
+from mcserve.kernels.prefill.varlen import VarlenBatch, to_device
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _key_layout(batch: VarlenBatch) -> _KeyLayout:
     ends = [j for j, p in enumerate(batch.pieces) if p.write_block >= 0]
 
     def t(x: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        return torch.tensor(x, dtype=dtype).to(batch.device)
+        return to_device(torch.tensor(x, dtype=dtype), batch.device)
 
     return _KeyLayout(
         first=t(first), mid=t([c.start_pos % C != 0 for c in batch.chunks], torch.bool), ends=t(ends),

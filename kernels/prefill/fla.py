@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from mcserve.kernels.mc_spec import MCSpec
-from mcserve.kernels.prefill.varlen import VarlenBatch
+from mcserve.kernels.prefill.varlen import VarlenBatch, to_device
 
 REQUIRED = (0, 6)  # fla-core 0.6.x: the internal functions above have these names and layouts
 
@@ -127,15 +127,15 @@ def _continue_layout(batch: VarlenBatch, bt: int) -> _Continue:
     padded = cu[-1] != batch.num_tokens
 
     def t(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.long).to(dev)
+        return to_device(torch.tensor(x, dtype=torch.long), dev)
 
     cu_cpu = torch.tensor(cu, dtype=torch.long)
     dest = None
     if padded:  # token j of chunk i goes to padded row cu[i] + pad_i + j = its packed row + (cu[i] + pad_i - cu_i)
         shift = torch.tensor([cu[i] + c.start_pos % bt - batch.cu[i] for i, c in enumerate(batch.chunks)])
         lengths = torch.tensor([c.length for c in batch.chunks])
-        dest = (torch.arange(batch.num_tokens) + torch.repeat_interleave(shift, lengths)).to(dev)
-    return _Continue(cu=cu_cpu.to(dev), cu_cpu=cu_cpu, dest=dest, rows=cu[-1],
+        dest = to_device(torch.arange(batch.num_tokens) + torch.repeat_interleave(shift, lengths), dev)
+    return _Continue(cu=to_device(cu_cpu, dev), cu_cpu=cu_cpu, dest=dest, rows=cu[-1],
                      inner_h=t([h for h, _ in inner]), inner_blocks=t([b for _, b in inner]),
                      end_seqs=t([i for i, _ in ends]), end_blocks=t([b for _, b in ends]))
 
@@ -161,9 +161,9 @@ def _reset_layout(batch: VarlenBatch) -> _Reset:
     cu_cpu = torch.tensor([p.tok0 for p in pieces] + [batch.num_tokens], dtype=torch.long)
 
     def t(x: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        return torch.tensor(x, dtype=dtype).to(dev)
+        return to_device(torch.tensor(x, dtype=dtype), dev)
 
-    return _Reset(cu=cu_cpu.to(dev), cu_cpu=cu_cpu, first=t(first), ends=t(ends),
+    return _Reset(cu=to_device(cu_cpu, dev), cu_cpu=cu_cpu, first=t(first), ends=t(ends),
                   end_blocks=t([pieces[j].write_block for j in ends]), last=t(last),
                   last_ends=t([pieces[j].write_block >= 0 for j in last], torch.bool))
 

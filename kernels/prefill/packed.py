@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from mcserve.kernels.mc_spec import MCSpec
 from mcserve.kernels.prefill.torch import delta_rule_chunk
-from mcserve.kernels.prefill.varlen import VarlenBatch
+from mcserve.kernels.prefill.varlen import VarlenBatch, to_device
 from mcserve.kernels.router import chosen_mask, mc_gamma
 
 
@@ -68,12 +68,12 @@ def _build_rounds(batch: VarlenBatch, chunk_size: int) -> list[_Round]:
         ends = [(s, e[4]) for s, (_, e) in enumerate(entries) if e[4] >= 0]
         pos0 = torch.tensor([e[2] for _, e in entries])
         segment = [e[3] for _, e in entries]
-        out.append(_Round(
-            seqs=torch.tensor([i for i, _ in entries]).to(dev), rows=rows.to(dev), real=real.to(dev),
-            dest=rows.flatten()[src].to(dev), src=src.to(dev), offset=(pos0 % C).to(dev),
-            fresh=(pos0 % C == 0).to(dev), segment=torch.tensor(segment).to(dev), max_segment=max(segment),
-            end_rows=torch.tensor([s for s, _ in ends], dtype=torch.long).to(dev),
-            end_blocks=torch.tensor([b for _, b in ends], dtype=torch.long).to(dev)))
+        t = [torch.tensor([i for i, _ in entries]), rows, real, rows.flatten()[src], src, pos0 % C, pos0 % C == 0,
+             torch.tensor(segment), torch.tensor([s for s, _ in ends], dtype=torch.long),
+             torch.tensor([b for _, b in ends], dtype=torch.long)]
+        seqs, rows, real, dest, src, offset, fresh, seg, end_rows, end_blocks = (to_device(x, dev) for x in t)
+        out.append(_Round(seqs=seqs, rows=rows, real=real, dest=dest, src=src, offset=offset, fresh=fresh,
+                          segment=seg, max_segment=max(segment), end_rows=end_rows, end_blocks=end_blocks))
     return out
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from mcserve.kernels.mc_spec import MCSpec
-from mcserve.kernels.prefill.varlen import VarlenBatch
+from mcserve.kernels.prefill.varlen import VarlenBatch, to_device
 
 _AGG = {"residual": 0, "grm": 1, "soup": 1, "ssc": 2}  # soup equals grm for linear memory
 
@@ -160,10 +160,7 @@ def _tiles(batch: VarlenBatch, bt: int) -> torch.Tensor:
         cont = int(p.first and p.pos0 % C != 0)
         for t in range(0, p.length, bt):
             cols.append((p.tok0 + t, min(bt, p.length - t), p.seq, p.segment, p.tok0, p.pos0 + t, cont))
-    meta = torch.tensor(cols, dtype=torch.int32).t().contiguous()
-    if batch.device.type == "cuda":
-        return meta.pin_memory().to(batch.device, non_blocking=True)
-    return meta.to(batch.device)
+    return to_device(torch.tensor(cols, dtype=torch.int32).t().contiguous(), batch.device)
 
 
 def _pow2(n: int, floor: int = 16) -> int:

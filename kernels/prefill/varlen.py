@@ -90,8 +90,8 @@ class VarlenBatch:
             if blocks:
                 table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
         tok_piece = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor([p.length for p in pieces]))
-        self.slots, self.top_k, self.start_pos = _to_device((meta[0], meta[1], meta[2]), self.device)
-        self.table, self.tok_piece = _to_device((table, tok_piece), self.device)
+        self.slots, self.top_k, self.start_pos = (to_device(t, self.device) for t in meta)
+        self.table, self.tok_piece = to_device(table, self.device), to_device(tok_piece, self.device)
 
     @property
     def num_chunks(self) -> int:
@@ -108,8 +108,9 @@ class VarlenBatch:
         return self._memo[key]
 
 
-def _to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Host tensors to the device, pinned and non-blocking on CUDA (no sync in the step)."""
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor to the device: pinned and non-blocking on CUDA, so that building a step's layouts
+    never waits for the GPU (a pageable copy would synchronise the stream)."""
     if device.type != "cuda":
-        return tuple(t.to(device) for t in tensors)
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

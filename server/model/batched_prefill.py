@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels, batched_mc_gdn
-from mcserve.kernels.prefill.varlen import PackedChunk, VarlenBatch
+from mcserve.kernels.prefill.varlen import PackedChunk, VarlenBatch, to_device
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
 from mcserve.server.model.layers import GatedDeltaNetAttention, GatedMLP, GatedRMSNorm, RMSNorm
 
@@ -85,12 +85,12 @@ def _conv_layout(batch: VarlenBatch, w1: int) -> _ConvLayout:
     dev = batch.device
 
     def t(x: list, *shape: int) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.long).reshape(*shape).to(dev)
+        return to_device(torch.tensor(x, dtype=torch.long).reshape(*shape), dev)
 
     # chunk i's tokens sit (i + 1) * w1 rows below their packed rows
     lengths = torch.tensor([c.length for c in batch.chunks])
     tok_rows = torch.arange(batch.num_tokens) + torch.repeat_interleave((torch.arange(len(lengths)) + 1) * w1, lengths)
-    return _ConvLayout(rows=base, state_rows=t(state_rows, -1), tok_rows=tok_rows.to(dev),
+    return _ConvLayout(rows=base, state_rows=t(state_rows, -1), tok_rows=to_device(tok_rows, dev),
                        final=t(final, len(final), w1), bound=t(bound, len(bound), w1), bound_blocks=t(blocks, -1))
 
 
@@ -127,7 +127,7 @@ def prefill_batch(
                                      tuple(c.write_blocks), spec.top_k if c.top_k is None else c.top_k)
                          for c in chunks], C, dev)
     ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
-    ids = ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids.to(dev)
+    ids = to_device(ids, dev)
     slots = batch.slots
     read = spec.reads_cache and batch.table_width > 0
     total = torch.zeros(batch.num_chunks, batch.table_width, dtype=sd, device=dev)
@@ -193,6 +193,6 @@ def _chunk_logits(model: MCGatedDeltaNetForCausalLM, x: torch.Tensor, chunks: Se
         spans.append((first, len(rows)) if c.logits != "none" else None)
     if not rows:
         return [None] * len(chunks)
-    idx = torch.tensor(rows, dtype=torch.long).to(x.device)
+    idx = to_device(torch.tensor(rows, dtype=torch.long), x.device)
     logits = model._logits(x[idx])
     return [None if s is None else logits[s[0]:s[1]] for s in spans]
