@@ -120,8 +120,12 @@ def prefill_batch(
     ckpts: CheckpointBlocks,
     kernels: PrefillKernels = TORCH_KERNELS,
     selections: torch.Tensor | None = None,  # [L] counter: (chunk, checkpoint) pairs read, per layer
+    utility: torch.Tensor | None = None,  # [blocks] fp32: += router weight per block (the decode paths' rule)
 ) -> BatchedPrefillOutput:
-    """Run every chunk in one pass. Chunks must use distinct slots (plan.py's rule)."""
+    """Run every chunk in one pass. Chunks must use distinct slots (plan.py's rule).
+
+    `utility` gets, per block, the router weight its table entries got (summed over layers, heads and
+    tokens; `residual` counts 1 per head and token), the checkpoints made inside a chunk included."""
     spec, C, dev, sd = model.spec, model.spec.segment_size, model.device, model.state_dtype
     batch = VarlenBatch([PackedChunk(c.slot, c.start_pos, len(c.token_ids), tuple(c.read_blocks),
                                      tuple(c.write_blocks), spec.top_k if c.top_k is None else c.top_k)
@@ -152,7 +156,10 @@ def prefill_batch(
                 ckpts.conv[lay.bound_blocks, li] = ext[lay.bound].transpose(1, 2).to(ckpts.conv.device)
         x = x + _attn_output(attn, h, y, kernels)
         x = x + _mlp(block.mlp, _norm(block.mlp_norm, x, kernels), kernels)
-    return BatchedPrefillOutput(_chunk_logits(model, x, chunks, batch.cu), batch.table.flatten(), total.flatten())
+    ids, weights = batch.table.flatten(), total.flatten()
+    if utility is not None and read:
+        utility.index_add_(0, ids.clamp_min(0), torch.where(ids >= 0, weights, 0.0).to(utility.dtype))
+    return BatchedPrefillOutput(_chunk_logits(model, x, chunks, batch.cu), ids, weights)
 
 
 def _norm(norm: RMSNorm, x: torch.Tensor, kernels: PrefillKernels) -> torch.Tensor:

@@ -146,11 +146,11 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         return self._logits(x if all_logits else x[-1:]), weights
 
     def prefill_batch(self, chunks: Sequence[PrefillInput], states: StateSlots, ckpts: CheckpointBlocks,
-                      kernels: PrefillKernels = TORCH_KERNELS, selections: torch.Tensor | None = None
-                      ) -> BatchedPrefillOutput:
+                      kernels: PrefillKernels = TORCH_KERNELS, selections: torch.Tensor | None = None,
+                      utility: torch.Tensor | None = None) -> BatchedPrefillOutput:
         """Every chunk of a step in one packed pass (server/model/batched_prefill.py); each chunk's result
         equals `prefill` on it."""
-        return prefill_batch(self, chunks, states, ckpts, kernels, selections)
+        return prefill_batch(self, chunks, states, ckpts, kernels, selections, utility)
 
     @torch.inference_mode()
     def decode(

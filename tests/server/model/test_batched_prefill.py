@@ -124,14 +124,18 @@ def test_logits_only_where_asked_and_weights_per_table_entry() -> None:
     for s in (0, 1, 2):
         states.clear(s)
     seqs = _seqs(6, [9, 6, 3])
+    utility = torch.full((16,), 0.5, dtype=torch.float64)
     out = model.prefill_batch([PrefillInput(seqs[0], 0, 0, [], [0, 1], logits="last"),
                                PrefillInput(seqs[1], 1, 0, [], [2], logits="none"),
-                               PrefillInput(seqs[2], 2, 0, [], [], logits="all")], states, ckpts)
+                               PrefillInput(seqs[2], 2, 0, [], [], logits="all")], states, ckpts, utility=utility)
     assert out.logits[0].shape == (1, VOCAB) and out.logits[1] is None and out.logits[2].shape == (3, VOCAB)
     ids, w = out.block_ids.view(3, -1), out.block_weights.view(3, -1)
     assert ids[0].tolist() == [0, 1] and ids[1].tolist() == [2, -1] and ids[2].tolist() == [-1, -1]
     # later tokens read the checkpoints made earlier in their own chunk; the 3-token chunk reads nothing
     assert (w[0] > 0).all() and w[1, 0] > 0 and (w[1, 1:] == 0).all() and (w[2] == 0).all()
+    want = torch.full((16,), 0.5, dtype=torch.float64)
+    want[:3] += torch.stack([w[0, 0], w[0, 1], w[1, 0]])
+    assert torch.allclose(utility, want)
 
 
 def test_every_triton_piece_in_the_model_equals_the_torch_path() -> None:
