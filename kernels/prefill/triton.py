@@ -167,6 +167,16 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
+def launch_config(dk: int, dv: int, nmax: int, fp32_dot: bool) -> dict[str, dict[str, int]]:
+    """Block sizes and warps of both kernels: rows per tile shrink as the memories grow, so that the
+    router's [BT, NMAX] scores stay in registers. tests/kernels/test_triton_compile.py compiles these
+    for sm_90 at the served shapes and checks that ptxas spills nothing."""
+    bt = max(16, min(64, 4096 // nmax))
+    return {"router": dict(BT=bt, BK=16, num_warps=8),
+            "readout": dict(BT=bt, BK=min(32 if fp32_dot else 64, _pow2(dk)), BV=min(64, _pow2(dv)),
+                            num_warps=8 if fp32_dot else 4)}
+
+
 def readout_triton(
     o: torch.Tensor,  # [T, HV, dv] online readout
     q: torch.Tensor,  # [T, H, dk] L2-normalised, not scaled
@@ -197,7 +207,9 @@ def readout_triton(
     assert weights is None or (weights.shape == (batch.num_chunks, W) and weights.dtype == torch.float32
                                and weights.is_contiguous()), None if weights is None else weights.shape
     nmax = _pow2(max((p.segment for p in batch.pieces), default=0))
-    bt = block_t or max(16, min(64, 4096 // nmax))
+    ieee = ckpt_pool.dtype == torch.float32 if dot_fp32 is None else dot_fp32
+    cfg = launch_config(dk, dv, nmax, ieee)
+    bt = block_t or cfg["router"]["BT"]
     tiles = batch.memo(("triton_tiles", bt), lambda: _tiles(batch, bt))
     n_tiles = tiles.shape[1]
     key_sum0 = key_sum0.float().contiguous()
@@ -211,17 +223,18 @@ def readout_triton(
         n_tiles, W, spec.segment_size,
         u.stride(0), u.stride(1), k.stride(0), k.stride(1), key_sum0.stride(0), key_sum0.stride(1),
         ckpt_key_pool.stride(0), ckpt_key_pool.stride(1), gamma.stride(0), gamma.stride(1), g_on.stride(0),
-        DK=dk, BK=min(32, _pow2(dk)), BT=bt, NMAX=nmax, AGG=_AGG[spec.aggregation], KMAX=batch.max_top_k,
+        DK=dk, BK=cfg["router"]["BK"], BT=bt, NMAX=nmax, AGG=_AGG[spec.aggregation], KMAX=batch.max_top_k,
         PREV=triton.cdiv(spec.segment_size, bt) - 1, HAS_WEIGHTS=weights is not None,
+        num_warps=cfg["router"]["num_warps"],
     )
-    ieee = ckpt_pool.dtype == torch.float32 if dot_fp32 is None else dot_fp32
     qc = q if ieee else q.to(ckpt_pool.dtype)  # the dot's input dtype, converted once for all memories
-    bv = min(64, _pow2(dv))
+    bv = cfg["readout"]["BV"]
     _readout_kernel[(n_tiles, HV, triton.cdiv(dv, bv))](
         tiles, qc, o, gamma, g_on, table, ckpt_pool, y,
         n_tiles, W, dk**-0.5,
         qc.stride(0), qc.stride(1), o.stride(0), o.stride(1), gamma.stride(0), gamma.stride(1), g_on.stride(0),
         ckpt_pool.stride(0), ckpt_pool.stride(1), ckpt_pool.stride(2), y.stride(0), y.stride(1),
-        G=HV // H, DK=dk, DV=dv, BK=min(64, _pow2(dk)), BV=bv, BT=bt, NMAX=nmax, IEEE=ieee,
+        G=HV // H, DK=dk, DV=dv, BK=cfg["readout"]["BK"], BV=bv, BT=bt, NMAX=nmax, IEEE=ieee,
+        num_warps=cfg["readout"]["num_warps"],
     )
     return y

@@ -1,0 +1,111 @@
+"""Compile the prefill's Triton kernels for the H200 (sm_90) at the served shapes, without a GPU.
+
+Run by tests/kernels/test_triton_compile.py in a fresh process (the interpreter, which other tests
+switch on, replaces the kernels by interpreted functions that cannot be compiled). Prints one line
+per kernel variant: `name: ok` or `name: <error or ptxas report>`.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+H200 = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4):
+    """As the JIT specialises on the GPU: pointers (16-byte aligned, as torch allocates) and strides
+    (multiples of 16 at the served shapes) carry tt.divisibility=16; counts do not."""
+    sig = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if name not in constexprs and (types[name].startswith("*") or name.startswith("s_"))}
+    return triton.compile(ASTSource(fn, sig, constexprs, aligned), target=H200, options={"num_warps": num_warps})
+
+
+def strides(*names: str, t: str = "i32") -> dict[str, str]:
+    return dict.fromkeys(names, t)
+
+
+def check(kernel) -> None:
+    """ptxas's report of the compiled kernel must show no spill stores."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(kernel.asm["ptx"])
+        out = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(src), "-o", str(Path(d) / "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", out)]
+    if not spills or max(spills):
+        raise AssertionError(out)
+
+
+def router_kernel(agg: int, nmax: int) -> None:
+    from mcserve.kernels.prefill.triton import _router_kernel, launch_config
+
+    cfg = launch_config(256, 512, nmax, fp32_dot=False)["router"]
+
+    types = {"tiles": "*i32", "u": "*fp32", "k": "*fp32", "key_sum0": "*fp32", "table": "*i64", "top_k": "*i64",
+             "key_pool": "*fp32", "gamma": "*fp32", "g_on": "*fp32", "weights": "*fp32", "n_tiles": "i32", "W": "i32",
+             "C": "i32", **strides("s_ut", "s_uh", "s_kt", "s_kh", "s_sn", "s_sh", "s_pb", "s_ph", "s_gt", "s_gh",
+                                   "s_ot")}
+    check(compile_kernel(_router_kernel, types, dict(DK=256, BK=cfg["BK"], BT=cfg["BT"], NMAX=nmax, AGG=agg, KMAX=4,
+                                                      PREV=3, HAS_WEIGHTS=True), cfg["num_warps"]))
+
+
+def readout_kernel(ckpt: str, ieee: bool) -> None:
+    from mcserve.kernels.prefill.triton import _readout_kernel, launch_config
+
+    cfg = launch_config(256, 512, 16, fp32_dot=ieee)["readout"]
+
+    types = {"tiles": "*i32", "q": f"*{ckpt}", "o": "*bf16", "gamma": "*fp32", "g_on": "*fp32", "table": "*i64",
+             "ckpt": f"*{ckpt}", "y": "*fp32", "n_tiles": "i32", "W": "i32", "scale": "fp32",
+             **strides("s_qt", "s_qh", "s_ot", "s_oh", "s_gt", "s_gh", "s_got", "s_ch", "s_cv", "s_yt", "s_yh"),
+             "s_cb": "i64"}
+    check(compile_kernel(_readout_kernel, types, dict(G=1, DK=256, DV=512, BK=cfg["BK"], BV=cfg["BV"], BT=cfg["BT"],
+                                                       NMAX=16, IEEE=ieee), cfg["num_warps"]))
+
+
+def conv_kernel() -> None:
+    from mcserve.kernels.prefill.triton_conv import _conv_kernel
+
+    types = {"ext": "*bf16", "tok_rows": "*i64", "w": "*fp32", "b": "*fp32", "y": "*bf16", "T": "i32", "D": "i32",
+             "s_e": "i32", "s_y": "i32"}
+    check(compile_kernel(_conv_kernel, types, dict(W=4, BT=32, BD=128, HAS_BIAS=False)))
+
+
+def norm_kernels(bd: int, gate: int) -> None:
+    from mcserve.kernels.triton_norms import _rmsnorm_kernel, _swiglu_kernel
+
+    types = {"x": "*bf16", "w": "*bf16", "gate": "*bf16", "y": "*bf16", "R": "i32", "D": "i32", "eps": "fp32",
+             **strides("s_x", "s_g", "s_y")}
+    check(compile_kernel(_rmsnorm_kernel, types, dict(BR=max(1, 4096 // bd), BD=bd, GATE=gate)))
+    check(compile_kernel(_swiglu_kernel, {"gate": "*bf16", "up": "*bf16", "y": "*bf16", "N": "i32"}, dict(BN=1024)))
+
+
+VARIANTS = {
+    **{f"router agg={a} nmax={n}": (router_kernel, (a, n)) for a, n in [(2, 16), (1, 64), (0, 16), (2, 256)]},
+    "readout bf16": (readout_kernel, ("bf16", False)),
+    "readout fp32": (readout_kernel, ("fp32", True)),
+    "conv": (conv_kernel, ()),
+    **{f"norm D={d} gate={g}": (norm_kernels, (d, g)) for d, g in [(2048, 0), (512, 1), (512, 2)]},
+}
+
+
+def main() -> None:
+    for name, (fn, args) in VARIANTS.items():
+        try:
+            fn(*args)
+            print(f"{name}: ok", flush=True)
+        except Exception as e:  # reported to the test, which fails on it
+            print(f"{name}: {type(e).__name__}: {e}".replace("\n", " | "), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
