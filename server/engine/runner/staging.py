@@ -58,11 +58,15 @@ class Staging:
     def empty(self) -> bool:
         return self._n == 0 and not self._appliers
 
-    def put(self, values: np.ndarray | list, dtype: np.dtype | type = np.int32) -> Piece:
-        """Pack `values` (any shape) as `dtype` (int32, float32, int64 or float64)."""
+    def put(self, values: np.ndarray | list, dtype: np.dtype | type | None = None) -> Piece:
+        """Pack `values` (any shape) as `dtype`: int32, float32, int64 or float64 (default: an
+        array's own dtype, int32 for lists)."""
         if self.sent:
             self._reset()
+        if dtype is None:
+            dtype = values.dtype if isinstance(values, np.ndarray) else np.int32
         arr = np.ascontiguousarray(values, dtype=dtype)
+        assert arr.dtype in _DTYPES, arr.dtype
         width = arr.dtype.itemsize // 4
         if width == 2 and self._n % 2:
             self._n += 1  # 8-byte values start at an 8-byte boundary, so the device view is aligned
