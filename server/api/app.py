@@ -7,7 +7,7 @@ from importlib import metadata
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from mcserve.server.api.errors import install_error_handlers
 from mcserve.server.api.health import health_report
@@ -81,7 +81,7 @@ def build_app(
         body, status = health_report(engine, ctx.lifecycle)
         return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> Response:
         if engine.is_ready:
             ctx.metrics.set_stats(engine.stats())

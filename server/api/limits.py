@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mcserve.server.api.protocol import MAX_PROMPTS
 from mcserve.server.errors import ContextLengthError, InvalidRequestError
 
 MAX_MESSAGES = 2048
@@ -40,6 +41,38 @@ def _chars(value: str | None, limit: int, param: str) -> None:
         raise InvalidRequestError(
             f"{param}: at most {limit} characters, got {len(value)}", param=param, code="limit_exceeded"
         )
+
+
+def check_raw_body(obj: object, max_model_len: int) -> None:
+    """The counts of a body parsed by the standard library, before pydantic builds models from it:
+    validating 100k messages or a million stop ids takes seconds, holding the GIL. Only lists and
+    objects whose size is bounded are looked at; their types are pydantic's to check."""
+    if not isinstance(obj, dict):
+        return
+    for name, limit, what in (
+        ("messages", MAX_MESSAGES, "messages"),
+        ("stop", MAX_STOP, "stop strings"),
+        ("stop_token_ids", MAX_STOP_TOKEN_IDS, "token ids"),
+        ("logit_bias", MAX_LOGIT_BIAS, "entries"),
+    ):
+        value = obj.get(name)
+        if isinstance(value, (list, dict)):
+            _count(value, limit, name, what)
+    if isinstance(obj.get("tokens"), list):  # /detokenize
+        _count(obj["tokens"], max_model_len, "tokens", "token ids (max_model_len)")
+    prompt = obj.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # several prompts
+        _count(prompt, MAX_PROMPTS, "prompt", "prompts per request")
+    if isinstance(prompt, list):
+        nested = [prompt] if not prompt or not isinstance(prompt[0], list) else prompt
+        for k, ids in enumerate(nested):
+            if isinstance(ids, list) and len(ids) >= max_model_len and not (ids and isinstance(ids[0], str)):
+                param = "prompt" if nested is not prompt else f"prompt[{k}]"
+                raise ContextLengthError(
+                    f"this model's maximum context length is {max_model_len} tokens, but {param} has {len(ids)} "
+                    f"tokens (at least one token must be left for the output)",
+                    param=param,
+                )
 
 
 def check_sampling_limits(body: Any) -> None:

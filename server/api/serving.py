@@ -23,7 +23,7 @@ from mcserve.server.api.errors import (
     invalid_request_from_validation,
 )
 from mcserve.server.api.health import Lifecycle
-from mcserve.server.api.limits import check_prompt_bytes
+from mcserve.server.api.limits import check_prompt_bytes, check_raw_body
 from mcserve.server.api.middleware import API_KEY_SCOPE_KEY
 from mcserve.server.api.protocol import PromptTokensDetails, UsageInfo
 from mcserve.server.api.streaming import (
@@ -202,13 +202,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_json(raw: bytes, model: type[M]) -> M:
+def parse_json(raw: bytes, model: type[M], max_model_len: int) -> M:
     """Strict JSON -> `model`; any problem is a 400: bad JSON or UTF-8, a key twice in one object (which
     value a parser keeps differs between parsers, so a proxy and this server could read different
-    requests), wrong type or value. The duplicate check is a first parse with the standard library;
-    its other errors are left to pydantic, whose messages name the position."""
+    requests), too many items for the limits (checked before pydantic validates them), wrong type or
+    value. The first parse is the standard library's; its syntax errors are left to pydantic, whose
+    messages name the position."""
     try:
-        json.loads(raw, object_pairs_hook=_unique_keys)
+        check_raw_body(json.loads(raw, object_pairs_hook=_unique_keys), max_model_len)
     except _DuplicateKey as e:
         raise InvalidRequestError(f"duplicate key {e.key!r} in a JSON object", code="duplicate_key") from None
     except RecursionError:
@@ -233,7 +234,7 @@ async def parse_body(ctx: ServingContext, http: Request, model: type[M]) -> M:
     """Content-Type, then the body (its size bounded by the middleware), parsed off the event loop."""
     check_content_type(http)
     raw = await http.body()
-    return await ctx.text.run(parse_json, raw, model)
+    return await ctx.text.run(parse_json, raw, model, ctx.engine.max_model_len)
 
 
 def usage_info(usages: Sequence[Usage]) -> UsageInfo:

@@ -1,0 +1,103 @@
+"""Many concurrent streaming chat clients against a real `mcserve serve` (default settings unless
+`--server-args`): every request must either complete (a finish_reason, then `data: [DONE]`) or be
+refused with 503 + Retry-After and an OpenAI error body; any other outcome fails the run. Prints
+TTFT and end-to-end percentiles of the completed ones and the time to a 503.
+
+    nice python benchmarks/load_streams.py --clients 1000
+    nice python benchmarks/load_streams.py --clients 1000 --server-args "--max-num-seqs 8 --max-waiting 16"
+
+Exit status 0 when every request is accounted for (and, after the run, the server is idle with
+nothing held); 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import time
+from collections import Counter
+
+import httpx
+from live_server import LiveServer, accounted_for, percentile
+
+
+async def one(client: httpx.AsyncClient, url: str, headers: dict, i: int, max_tokens: int) -> tuple[str, float, float]:
+    """(outcome, ttft_s, total_s); outcome "ok", "503", or a description of what went wrong."""
+    body = {"messages": [{"role": "user", "content": f"Client {i} says hello. Tell me a story."}],
+            "max_tokens": max_tokens, "stream": True, "temperature": 0.0}
+    start = time.monotonic()
+    ttft = float("nan")
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+            if r.status_code == 503:
+                err = json.loads(await r.aread())["error"]
+                ok = "retry-after" in r.headers and err["type"] and err["message"]
+                return ("503" if ok else f"503 without Retry-After/body: {err}"), ttft, time.monotonic() - start
+            if r.status_code != 200:
+                return f"status {r.status_code}: {(await r.aread())[:200]!r}", ttft, time.monotonic() - start
+            finished = done = False
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return f"error event: {chunk['error']}", ttft, time.monotonic() - start
+                for c in chunk["choices"]:
+                    if c["delta"].get("content") and ttft != ttft:
+                        ttft = time.monotonic() - start
+                    finished = finished or c.get("finish_reason") is not None
+            if not (finished and done):
+                return f"stream ended early (finish={finished}, [DONE]={done})", ttft, time.monotonic() - start
+            return "ok", ttft, time.monotonic() - start
+    except httpx.HTTPError as e:
+        return f"transport error {type(e).__name__}: {e}", ttft, time.monotonic() - start
+
+
+async def run(url: str, headers: dict, clients: int, max_tokens: int) -> list[tuple[str, float, float]]:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=60)) as client:
+        return await asyncio.gather(*(one(client, url, headers, i, max_tokens) for i in range(clients)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--model", help="model directory (default: the embedded model)")
+    ap.add_argument("--server-args", default="", help="extra `mcserve serve` flags, one string")
+    args = ap.parse_args()
+
+    with LiveServer(args.model, tuple(shlex.split(args.server_args))) as srv:
+        start = time.monotonic()
+        results = asyncio.run(run(srv.url, srv.headers, args.clients, args.max_tokens))
+        wall = time.monotonic() - start
+        idle = srv.wait_idle()
+        problems = accounted_for(idle)
+    outcomes = Counter(o for o, _, _ in results)
+    ok = [r for r in results if r[0] == "ok"]
+    refused = [r for r in results if r[0] == "503"]
+    bad = {o: n for o, n in outcomes.items() if o not in ("ok", "503")}
+    ttft = [t for _, t, _ in ok]
+    print(f"{args.clients} streaming clients, max_tokens {args.max_tokens}, server args '{args.server_args}': "
+          f"{len(ok)} completed, {len(refused)} got 503 + Retry-After, {sum(bad.values())} other; {wall:.1f} s")
+    if ok:
+        e2e = [e for *_, e in ok]
+        print(f"TTFT p50 {percentile(ttft, 50):.2f} s, p90 {percentile(ttft, 90):.2f} s, "
+              f"p99 {percentile(ttft, 99):.2f} s; e2e p50 {percentile(e2e, 50):.2f} s, p99 {percentile(e2e, 99):.2f} s")
+    if refused:
+        times = [e for *_, e in refused]
+        print(f"503 answered in p50 {percentile(times, 50):.3f} s, p99 {percentile(times, 99):.3f} s")
+    for outcome, n in sorted(bad.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {n} x {outcome}")
+    for p in problems:
+        print(f"  after the run: {p}")
+    return 0 if not bad and not problems else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
