@@ -65,6 +65,10 @@ RUN groupadd --gid 10001 mcserve \
     && mkdir -p /home/mcserve/.cache /models \
     && chown mcserve:mcserve /home/mcserve/.cache
 COPY --from=build /opt/venv /opt/venv
+# CPU threads: the engine reads the container's real CPU allowance (cgroup quota from --cpus or a
+# Kubernetes CPU limit, and the affinity mask from --cpuset-cpus), not the host's core count, and
+# keeps one core of it for the HTTP side: `docker run --cpus 4` serves with 3 engine threads. Set
+# MCSERVE_THREADS (or --threads) to choose yourself; see the README ("CPU threads").
 ENV PATH=/opt/venv/bin:$PATH \
     MCSERVE_PORT=8000 \
     TRITON_CACHE_DIR=/home/mcserve/.cache/triton

@@ -34,8 +34,8 @@ class LiveServer:
 
     model_dir: str | None = None
     args: tuple[str, ...] = ()
-    log_path: Path = Path("/tmp/mcserve-reliability.log")
     port: int = field(default_factory=free_port)
+    log_path: Path | None = None  # default: /tmp/mcserve-reliability-<port>.log
     proc: subprocess.Popen | None = None
 
     @property
@@ -51,9 +51,10 @@ class LiveServer:
                "--port", str(self.port), "--api-key", API_KEY, "--device", "cpu", "--log-level", "warning",
                *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.log_path = self.log_path or Path(f"/tmp/mcserve-reliability-{self.port}.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # a loaded 2-core box takes minutes to import and load
         while True:
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
