@@ -7,7 +7,7 @@ parked or cached.
     nice python benchmarks/soak.py --seconds 600
 
 Passes (exit 0) when: no 5xx and no unexpected status, RSS after the warm-up (the first 20% of the
-run) grows < 5%, descriptors at the end are within 10 of those after warm-up, nothing held at the end.
+run) grows < 5%, idle descriptors at the end within 5 of those before the traffic, nothing held at the end.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ async def soak(srv: LiveServer, seconds: float, concurrency: int, seed: int, sam
             await asyncio.sleep(5)
 
     limits = httpx.Limits(max_connections=concurrency * 2)
-    async with httpx.AsyncClient(limits=limits, timeout=120, headers=srv.headers) as c:
+    # Generous: the soak checks what the server frees and keeps, not how fast a shared box answers.
+    async with httpx.AsyncClient(limits=limits, timeout=600, headers=srv.headers) as c:
         rng = random.Random(seed)
         await asyncio.gather(sampler(), *(worker(c, srv, random.Random(rng.random()), end, stats)
                                           for _ in range(concurrency)))
@@ -108,26 +109,28 @@ def main() -> int:
     args = ap.parse_args()
     samples: list[tuple[float, float, int]] = []
     with LiveServer(args.model, tuple(shlex.split(args.server_args))) as srv:
+        fds_before = srv.num_fds()  # idle, before any traffic
         stats = asyncio.run(soak(srv, args.seconds, args.concurrency, args.seed, samples))
         idle = srv.wait_idle()
         final = (args.seconds, srv.rss_mb(), srv.num_fds())
         problems = accounted_for(idle)
     warm = [s for s in samples if s[0] >= 0.2 * args.seconds] or samples
     rss_growth = (final[1] - warm[0][1]) / warm[0][1]
-    fd_change = final[2] - warm[0][2]
+    fd_change = final[2] - fds_before  # both idle: the clients' connections are closed
     requests = sum(v for k, v in stats.items() if k.split()[0] in ("stream", "plain", "completion", "bad", "badkey"))
     print(f"{args.seconds:.0f} s, {args.concurrency} workers, server args '{args.server_args}': {requests} requests")
     print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items())))
     print(f"RSS: start {samples[0][1]:.0f} MB, after warm-up {warm[0][1]:.0f} MB, end {final[1]:.0f} MB "
           f"(+{100 * rss_growth:.1f}% after warm-up; max {max(s[1] for s in samples):.0f} MB)")
-    print(f"descriptors: after warm-up {warm[0][2]}, end {final[2]} (max {max(s[2] for s in samples)})")
+    print(f"descriptors: idle before {fds_before}, idle at the end {final[2]} (max {max(s[2] for s in samples)} "
+          f"with {args.concurrency} clients connected)")
     print("at the end: " + ", ".join(f"{k} {v:g}" for k, v in idle.items() if k.startswith(("state_slots{",
                                                                                            "checkpoint_blocks{"))))
     unexpected = {k: v for k, v in stats.items() if "UNEXPECTED" in k or k.split()[-1].startswith("5")
                   or k.startswith(("transport", "error event"))}
     checks = {"no 5xx, unexpected status or transport error": not unexpected,
               "RSS after warm-up grows < 5%": rss_growth < 0.05,
-              "descriptors stable (within 10)": abs(fd_change) <= 10,
+              "descriptors stable (idle at the end within 5 of idle before)": fd_change <= 5,
               "every slot and block accounted for": not problems}
     for p in problems:
         print(f"  {p}")

@@ -34,7 +34,8 @@ def test_client_cuts_leave_nothing_allocated() -> None:
 
 
 def test_hostile_input_is_refused_fast_and_health_keeps_answering() -> None:
-    out = _run("hostile_input.py")
+    # The 100 ms bar is the full run's (docs/RELIABILITY.md); CI shares its machine, so it allows 1 s.
+    out = _run("hostile_input.py", "--refuse-within-s", "1.0")
     assert "FAIL" not in out
 
 
