@@ -63,7 +63,7 @@ def main() -> int:
                "--header", f"Authorization: Bearer {API_KEY}", "--request-timeout", "120",
                "--generation-database", "none", "--no-color", "--report", "ndjson",
                "--report-ndjson-path", str(ndjson), "--suppress-health-check", "all", "--continue-on-failure"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=report)  # its .schemathesis cache goes there
         healthy = httpx.get(srv.url + "/health", timeout=10).status_code == 200
         paths = sorted(httpx.get(srv.url + "/openapi.json", headers=srv.headers, timeout=10).json()["paths"])
     (report / "output.txt").write_text(done.stdout + done.stderr)
