@@ -2,7 +2,9 @@
 
 Latencies are client-side: TTFT runs from sending the request to the first chunk that carries text;
 ITL is the gap between successive text chunks (mcserve sends one chunk per engine delta, usually one
-token); e2e runs to the end of the stream. Token counts come from the server's `usage`.
+token); TPOT is a request's (e2e - TTFT) / (output tokens - 1), vLLM's definition; e2e runs to the end
+of the stream. Token counts come from the server's `usage`. Goodput counts the successful requests that
+met every SLO given (TTFT, TPOT, e2e limits in ms), per second.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ class RequestRecord:
     def ok(self) -> bool:
         return self.status == "200"
 
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+    def meets(self, slos_ms: dict[str, float]) -> bool:
+        values = {"ttft": self.ttft_s, "tpot": self.tpot_s, "e2e": self.e2e_s}
+        return self.ok and all(values[m] is not None and values[m] * 1000 <= limit for m, limit in slos_ms.items())
+
 
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
@@ -48,14 +60,23 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def distribution(values: list[float]) -> dict[str, float | int]:
-    out: dict[str, float | int] = {f"p{q}": percentile(values, q) for q in QUANTILES}
+def _key(q: float) -> str:
+    return f"p{q:g}"
+
+
+def distribution(values: list[float], quantiles: tuple[float, ...] = QUANTILES) -> dict[str, float | int]:
+    out: dict[str, float | int] = {_key(q): percentile(values, q) for q in quantiles}
     out["mean"] = sum(values) / len(values) if values else math.nan
     out["count"] = len(values)
     return out
 
 
-def summarize(records: list[RequestRecord], wall_s: float) -> dict:
+def summarize(
+    records: list[RequestRecord],
+    wall_s: float,
+    quantiles: tuple[float, ...] = QUANTILES,
+    slos_ms: dict[str, float] | None = None,
+) -> dict:
     """Plain-data summary of a run that took `wall_s` seconds (JSON-ready except NaN for empty sets)."""
     assert wall_s > 0, wall_s
     ok = [r for r in records if r.ok]
@@ -76,10 +97,15 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict:
         "completion_tokens": completion,
         "cached_tokens": cached if with_cache else None,
         "cached_fraction": cached / cache_prompt if cache_prompt else None,
-        "ttft_s": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
-        "itl_s": distribution([x for r in ok for x in r.itl_s]),
-        "e2e_s": distribution([r.e2e_s for r in ok]),
+        "ttft_s": distribution([r.ttft_s for r in ok if r.ttft_s is not None], quantiles),
+        "tpot_s": distribution([t for r in ok if (t := r.tpot_s) is not None], quantiles),
+        "itl_s": distribution([x for r in ok for x in r.itl_s], quantiles),
+        "e2e_s": distribution([r.e2e_s for r in ok], quantiles),
+        "quantiles": list(quantiles),
     }
+    if slos_ms:
+        good = sum(1 for r in records if r.meets(slos_ms))
+        out["goodput"] = {"slos_ms": dict(slos_ms), "requests": good, "requests_per_s": good / wall_s}
     turns = sorted({r.turn for r in ok})
     if len(turns) > 1:
         out["per_turn"] = [_turn_row(t, [r for r in ok if r.turn == t]) for t in turns]
@@ -117,13 +143,22 @@ def markdown(summary: dict) -> str:
         f"| {s['output_tokens_per_s']:.1f} | {s['prompt_tokens']} "
         f"| {'-' if s['cached_tokens'] is None else s['cached_tokens']} ({_pct(s['cached_fraction'])}) |",
         "",
-        "| latency (ms) | p50 | p90 | p99 | mean | n |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    for key, name in (("ttft_s", "TTFT"), ("itl_s", "ITL"), ("e2e_s", "e2e")):
+    qs = [_key(q) for q in s.get("quantiles", QUANTILES)]
+    lines += [
+        "| latency (ms) | " + " | ".join(qs) + " | mean | n |",
+        "|---|" + "---:|" * (len(qs) + 2),
+    ]
+    for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "e2e")):
+        if key not in s:
+            continue
         d = s[key]
-        cells = " | ".join(_ms(d[k]) for k in ("p50", "p90", "p99", "mean"))
+        cells = " | ".join(_ms(d[k]) for k in [*qs, "mean"])
         lines.append(f"| {name} | {cells} | {d['count']} |")
+    if "goodput" in s:
+        g = s["goodput"]
+        slos = ", ".join(f"{k} <= {v:g} ms" for k, v in g["slos_ms"].items())
+        lines += ["", f"goodput ({slos}): {g['requests']} requests, {g['requests_per_s']:.2f} req/s"]
     if "per_turn" in s:
         lines += ["", "| turn | requests | mean prompt tok | TTFT p50 (ms) | cached |", "|---:|---:|---:|---:|---:|"]
         for t in s["per_turn"]:

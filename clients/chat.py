@@ -90,6 +90,9 @@ class ChatSession:
         if max_tokens is not None:
             self.options["max_tokens"] = max_tokens
         if session_id:
+            # The header is what a session-affine router hashes on (deploy/nginx); the body field is
+            # mcserve's API. mcserve requires the two to agree.
+            self.options["extra_headers"] = {"X-Session-Id": session_id}
             self.options["extra_body"] = {"session_id": session_id}
         self.messages: list[dict[str, str]] = []
         self.reset()

@@ -1,4 +1,5 @@
-"""Load generator and benchmark for mcserve (or any OpenAI-compatible server).
+"""The load generator of `mcserve-bench` (the command: clients/bench_cli.py), for mcserve or any
+OpenAI-compatible server.
 
     mcserve-bench --url http://127.0.0.1:8000 --concurrency 16 --requests 200 --prompt-len 64:512 --output-len 128
     mcserve-bench --turns 8 --session --concurrency 8 --requests 64      # multi-turn chats: prefix reuse
@@ -17,21 +18,23 @@ Requests go only to `--url` (no proxies from the environment, no redirects).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
 import math
 import random
-import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
-from mcserve.clients.bench_report import RequestRecord, markdown, summarize
-from mcserve.clients.workload import ENDPOINTS, MAX_DURATION_S, MAX_REQUESTS, LengthDist, LoadConfig, random_words
+from mcserve.clients.bench_report import RequestRecord, summarize
+from mcserve.clients.dataset import Conversation, load_dataset, random_conversation, shared_prefixes
+from mcserve.clients.tokens import choose_tokenizer
+from mcserve.clients.workload import ENDPOINTS, LoadConfig
+
+SESSION_HEADER = "X-Session-Id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +43,21 @@ class LoadResult:
     model: str
     wall_s: float
     records: tuple[RequestRecord, ...]
+    tokenizer: str = "words"
+    server_version: str | None = None
 
     def summary(self) -> dict:
-        return summarize(list(self.records), self.wall_s)
+        return summarize(
+            list(self.records), self.wall_s, self.config.percentiles, dict(self.config.goodput_slos_ms)
+        )
 
     def as_json(self) -> dict:
         return _finite_or_none(
             {
                 "config": self.config.as_json(),
                 "model": self.model,
+                "tokenizer": self.tokenizer,
+                "server_version": self.server_version,
                 "summary": self.summary(),
                 "requests": [dataclasses.asdict(r) for r in self.records],
             }
@@ -109,8 +118,18 @@ def _error_message(response: httpx.Response) -> str:
 class LoadGenerator:
     """Runs one `LoadConfig` over an httpx client; `run()` returns the records."""
 
-    def __init__(self, cfg: LoadConfig, client: httpx.AsyncClient, model: str) -> None:
+    def __init__(
+        self,
+        cfg: LoadConfig,
+        client: httpx.AsyncClient,
+        model: str,
+        conversation: Callable[[int], Awaitable[Conversation]],
+        on_record: Callable[[RequestRecord], None] | None = None,
+    ) -> None:
+        """`conversation(k)`: what the k-th conversation sends (built before its first request)."""
         self.cfg, self.client, self.model = cfg, client, model
+        self.conversation = conversation
+        self.on_record = on_record
         self.records: list[RequestRecord] = []
         self.issued = 0
         self._conversations = 0
@@ -118,9 +137,6 @@ class LoadGenerator:
         self._deadline = 0.0
         self._next_arrival = 0.0
         self._arrivals = random.Random(f"{cfg.seed}-arrivals")
-        rng = random.Random(f"{cfg.seed}-prefix")
-        shared = random_words(rng, cfg.shared_prefix_len)
-        self.prefix = " ".join(p for p in (cfg.prefix_text, shared) if p)
 
     async def run(self) -> float:
         """Send everything; returns the wall time in seconds."""
@@ -157,46 +173,53 @@ class LoadGenerator:
     async def _client_loop(self) -> None:
         cfg = self.cfg
         while True:
-            claimed = self._reserve(cfg.turns)
-            if not claimed:
+            if time.perf_counter() >= self._deadline or self.issued >= cfg.max_requests:
                 return
             conv = self._conversations
             self._conversations += 1
-            rng = random.Random(f"{cfg.seed}-conversation-{conv}")
-            messages: list[dict] = [{"role": "system", "content": self.prefix}] if self.prefix else []
+            script = await self.conversation(conv)
+            claimed = self._reserve(len(script.turns))
+            if not claimed:
+                return
+            rng = random.Random(f"{cfg.seed}-lengths-{conv}")
+            system = "\n".join(p for p in (script.prefix, script.system) if p)
+            messages: list[dict] = [{"role": "system", "content": system}] if system else []
             for turn in range(claimed):
                 if not await self._arrive():
                     self.issued -= claimed - turn  # unsent turns go back (nobody can use them now)
                     return
-                words = random_words(rng, cfg.prompt_len.sample(rng))
+                step = script.turns[turn]
                 body: dict = {
                     "model": self.model,
                     "stream": True,
                     "stream_options": {"include_usage": True},
-                    "max_tokens": cfg.output_len.sample(rng),
+                    "max_tokens": step.max_tokens or cfg.output_len.sample(rng),
                     "temperature": cfg.temperature,
                 }
                 if cfg.ignore_eos:
                     body["ignore_eos"] = True
-                if cfg.session_ids:
-                    body["session_id"] = f"loadgen-{cfg.seed}-{conv}"
+                headers = {}
+                if cfg.session_ids:  # the header for a session-affine router, the body for mcserve
+                    body["session_id"] = headers[SESSION_HEADER] = f"loadgen-{cfg.seed}-{conv}"
                 if cfg.endpoint == "chat":
-                    messages.append({"role": "user", "content": words})
+                    messages.append({"role": "user", "content": step.text})
                     body["messages"] = messages
                 else:
-                    body["prompt"] = f"{self.prefix} {words}" if self.prefix else words
-                record, answer = await self._request(conv, turn, body)
+                    body["prompt"] = f"{system} {step.text}" if system else step.text
+                record, answer = await self._request(conv, turn, body, headers)
                 self.records.append(record)
+                if self.on_record is not None:
+                    self.on_record(record)
                 if not record.ok:
                     self.issued -= claimed - turn - 1  # its remaining turns go back to the budget
                     break  # the conversation is broken; start a new one
                 messages.append({"role": "assistant", "content": answer})
 
-    async def _request(self, conv: int, turn: int, body: dict) -> tuple[RequestRecord, str]:
+    async def _request(self, conv: int, turn: int, body: dict, headers: dict) -> tuple[RequestRecord, str]:
         p = _Progress(time.perf_counter())
         status, error = "200", None
         try:
-            await asyncio.wait_for(self._stream(body, p), self.cfg.request_timeout_s)
+            await asyncio.wait_for(self._stream(body, headers, p), self.cfg.request_timeout_s)
         except _Failed as e:
             status, error = e.status, str(e)
         except (asyncio.TimeoutError, httpx.TimeoutException) as e:
@@ -226,9 +249,9 @@ class LoadGenerator:
             chunks=p.chunks,
         )
 
-    async def _stream(self, body: dict, p: _Progress) -> None:
+    async def _stream(self, body: dict, headers: dict, p: _Progress) -> None:
         chat = self.cfg.endpoint == "chat"
-        async with self.client.stream("POST", ENDPOINTS[self.cfg.endpoint], json=body) as response:
+        async with self.client.stream("POST", ENDPOINTS[self.cfg.endpoint], json=body, headers=headers) as response:
             if response.status_code != 200:
                 await response.aread()
                 raise _Failed(str(response.status_code), _error_message(response))
@@ -263,8 +286,23 @@ async def first_model(client: httpx.AsyncClient) -> str:
     return str(data[0]["id"])
 
 
-async def run_load(cfg: LoadConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> LoadResult:
-    """Run `cfg` against its URL (`transport`: for tests, replaces the network)."""
+async def server_version(client: httpx.AsyncClient) -> str | None:
+    """GET /version's "version" (mcserve, vLLM), None where the server has none."""
+    try:
+        r = await client.get("/version")
+        return str(r.json()["version"]) if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+async def run_load(
+    cfg: LoadConfig,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    on_record: Callable[[RequestRecord], None] | None = None,
+) -> LoadResult:
+    """Run `cfg` against its URL (`transport`: for tests, replaces the network). The conversations are
+    built (tokenizing through the server if so chosen) before the clock starts."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     async with httpx.AsyncClient(
         base_url=cfg.base_url,
@@ -276,104 +314,20 @@ async def run_load(cfg: LoadConfig, *, transport: httpx.AsyncBaseTransport | Non
         transport=transport,
     ) as client:
         model = cfg.model or await first_model(client)
-        gen = LoadGenerator(cfg, client, model)
+        version = await server_version(client)
+        tok = await choose_tokenizer(cfg.tokenizer, client, model)
+        if cfg.dataset is not None:
+            scripts = await load_dataset(cfg.dataset, cfg.dataset_format, tok, cfg)
+
+            async def conversation(k: int) -> Conversation:
+                return scripts[k % len(scripts)]
+        else:
+            prefixes = await shared_prefixes(tok, cfg)
+
+            async def conversation(k: int) -> Conversation:
+                return await random_conversation(tok, cfg, k, prefixes)
+
+        gen = LoadGenerator(cfg, client, model, conversation, on_record)
         wall = await gen.run()
-    return LoadResult(cfg, model, wall, tuple(sorted(gen.records, key=lambda r: r.start_s)))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mcserve-bench",
-        description="Benchmark an OpenAI-compatible server with concurrent streaming clients.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    ap.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (with or without /v1)")
-    ap.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
-    ap.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
-    ap.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="chat")
-    ap.add_argument("--concurrency", "-c", type=int, default=8, help="streaming clients (requests in flight)")
-    ap.add_argument(
-        "--requests",
-        "-n",
-        type=int,
-        default=None,
-        help=f"requests in all (default 64, or {MAX_REQUESTS} with --duration)",
-    )
-    ap.add_argument(
-        "--duration",
-        type=float,
-        default=None,
-        help=f"seconds after which no request starts (default {MAX_DURATION_S / 24:g})",
-    )
-    ap.add_argument("--rate", type=float, default=None, help="Poisson request rate per second (default: closed loop)")
-    ap.add_argument("--prompt-len", default="128", help="words per user message: 128, 64:256, normal:128:32, exp:128")
-    ap.add_argument("--output-len", default="64", help="max_tokens per request, same forms")
-    ap.add_argument("--turns", type=int, default=1, help="turns per conversation (history is resent each turn)")
-    ap.add_argument("--shared-prefix", type=int, default=0, help="random words common to every request")
-    ap.add_argument("--prefix-text", default="", help="literal text at the start of every request")
-    ap.add_argument("--session", action="store_true", help="send session_id per conversation (mcserve extension)")
-    ap.add_argument(
-        "--no-ignore-eos",
-        dest="ignore_eos",
-        action="store_false",
-        help="do not send ignore_eos (for servers that reject vLLM's extras)",
-    )
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--request-timeout", type=float, default=120.0, help="seconds one request may take")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output", "-o", default="mcserve-bench.json", help="JSON result file ('' for none)")
-    return ap
-
-
-def config_from_args(args: argparse.Namespace) -> LoadConfig:
-    requests = args.requests if args.requests is not None else (64 if args.duration is None else MAX_REQUESTS)
-    return LoadConfig(
-        url=args.url,
-        api_key=args.api_key,
-        model=args.model,
-        endpoint=args.endpoint,
-        concurrency=args.concurrency,
-        max_requests=requests,
-        duration_s=args.duration if args.duration is not None else MAX_DURATION_S / 24,
-        rate=args.rate,
-        prompt_len=LengthDist.parse(args.prompt_len),
-        output_len=LengthDist.parse(args.output_len),
-        turns=args.turns,
-        shared_prefix_len=args.shared_prefix,
-        prefix_text=args.prefix_text,
-        session_ids=args.session,
-        ignore_eos=args.ignore_eos,
-        temperature=args.temperature,
-        request_timeout_s=args.request_timeout,
-        seed=args.seed,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    print(
-        f"mcserve-bench: {cfg.base_url} {cfg.endpoint}, {cfg.concurrency} clients, at most {cfg.max_requests} "
-        f"requests / {cfg.duration_s:g} s, prompt {cfg.prompt_len.describe()} words, output "
-        f"{cfg.output_len.describe()} tokens, {cfg.turns} turn(s)" + (f", {cfg.rate:g} req/s" if cfg.rate else ""),
-        file=sys.stderr,
-    )
-    try:
-        result = asyncio.run(run_load(cfg))
-    except (LoadGenError, httpx.HTTPError) as e:
-        print(f"mcserve-bench: {e}", file=sys.stderr)
-        return 2
-    print(f"model {result.model}\n")
-    print(markdown(result.summary()))
-    if args.output:
-        Path(args.output).write_text(json.dumps(result.as_json(), indent=1) + "\n")
-        print(f"\nwrote {args.output}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    records = tuple(sorted(gen.records, key=lambda r: r.start_s))
+    return LoadResult(cfg, model, wall, records, tok.name, version)

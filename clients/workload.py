@@ -1,8 +1,8 @@
 """What the load generator sends: the run's configuration, length distributions and seeded random text.
 
-Lengths are in words, not tokens: the generator does not know the server's tokenizer. The words are
-short common English words, which BPE tokenizers mostly encode as one token each (with the leading
-space); the token counts the server actually saw are reported from `usage`.
+Lengths are in tokens of the chosen tokenizer (clients/tokens.py: the server's /tokenize, a local
+tokenizer.json, or whitespace words as the fallback); the counts the server actually saw are reported
+from `usage`. The random text is short common English words.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ MAX_REQUESTS = 1_000_000
 MAX_DURATION_S = 24 * 3600.0
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 KINDS = ("fixed", "uniform", "normal", "exp")
+SLO_METRICS = ("ttft", "tpot", "e2e")
 
 # Short, common words: about one BPE token each in most tokenizers.
 _WORDS = (
@@ -98,7 +99,7 @@ def random_words(rng: random.Random, n: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LoadConfig:
-    """One benchmark run. Lengths are in words (see workload.py); `rate` in requests/s (None: closed loop)."""
+    """One benchmark run. Lengths are in tokens (see above); `rate` in requests/s (None: closed loop)."""
 
     url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
@@ -118,6 +119,13 @@ class LoadConfig:
     temperature: float = 0.0
     request_timeout_s: float = 120.0
     seed: int = 0
+    num_prefixes: int = 1  # different shared prefixes; conversation k gets prefix k mod num_prefixes
+    tokenizer: str = "auto"  # "auto", "server", "words" or a tokenizer.json path
+    dataset: str | None = None  # a JSONL of prompts or ShareGPT-style conversations (clients/dataset.py)
+    dataset_format: str = "auto"
+    output_len_given: bool = False  # with a dataset: --output-len overrides the recorded reply lengths
+    percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
+    goodput_slos_ms: tuple[tuple[str, float], ...] = ()  # (metric, limit): ttft, tpot, e2e
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -138,6 +146,15 @@ class LoadConfig:
             raise ValueError(f"turns > 1 needs the chat endpoint, got endpoint {self.endpoint!r}")
         if self.shared_prefix_len < 0:
             raise ValueError(f"shared_prefix_len must be >= 0, got {self.shared_prefix_len!r}")
+        if not (isinstance(self.num_prefixes, int) and self.num_prefixes >= 1):
+            raise ValueError(f"num_prefixes must be an integer >= 1, got {self.num_prefixes!r}")
+        if self.dataset_format not in ("auto", "jsonl", "sharegpt"):
+            raise ValueError(f"dataset_format must be auto, jsonl or sharegpt, got {self.dataset_format!r}")
+        if not self.percentiles or not all(0 <= q <= 100 for q in self.percentiles):
+            raise ValueError(f"percentiles must be in [0, 100], got {self.percentiles!r}")
+        for metric, limit in self.goodput_slos_ms:
+            if metric not in SLO_METRICS or not limit > 0:
+                raise ValueError(f"goodput SLO must be one of {SLO_METRICS} with a limit > 0 ms, got {metric}:{limit}")
         if not 0 < self.request_timeout_s <= MAX_DURATION_S:
             raise ValueError(f"request_timeout_s must be in (0, {MAX_DURATION_S:g}], got {self.request_timeout_s!r}")
 
@@ -150,4 +167,5 @@ class LoadConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["api_key"] = None if self.api_key is None else "***"
         out["prompt_len"], out["output_len"] = self.prompt_len.describe(), self.output_len.describe()
+        out["goodput_slos_ms"] = dict(self.goodput_slos_ms)
         return out

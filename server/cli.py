@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     http.add_argument("--tool-call-parser", choices=("hermes", "none"),
                       help="the model's tool-call syntax (default: tokenizer_config.json's, else hermes)")
+    http.add_argument(
+        "--default-max-tokens", type=int, help="output cap of a request without max_tokens (default 1024)"
+    )
+    http.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="after SIGTERM, how long in-flight requests may finish before they are cut (default 30)",
+    )
     eng = serve.add_argument_group("engine (default: the engine's own)")
     eng.add_argument("--max-num-seqs", type=int, help="running sequences at most")
     eng.add_argument("--max-model-len", type=int, help="context length (prompt + output) in tokens")
@@ -183,6 +192,8 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> ApiSettings
         threads=args.threads,
         slow_step_s=args.slow_step_s,
         tool_call_parser=args.tool_call_parser,
+        default_max_tokens=args.default_max_tokens,
+        drain_timeout=args.drain_timeout,
     )
 
 
@@ -217,31 +228,33 @@ async def serve(
     tokenizer_loader: Callable[[Path], Any] = load_tokenizer,
     on_ready: Callable[[Any], None] | None = None,
 ) -> int:
-    """Listen, load, serve until stopped. `on_ready(uvicorn_server)` runs once the model is attached
-    (tests and embedders use it to stop the server via `should_exit`). Returns the exit status."""
+    """Listen, load, serve until stopped. `on_ready(server)` runs once the model is attached (tests and
+    embedders stop the `DrainingServer` via `should_exit`, or drain it). SIGTERM or SIGINT drains, then
+    returns 0 (server/shutdown.py). Returns the exit status."""
     import uvicorn
 
     from mcserve.server.api import build_app
     from mcserve.server.api.deferred_engine import DeferredEngine
     from mcserve.server.metrics import EngineMetrics
+    from mcserve.server.shutdown import DrainingServer
 
     name = settings.served_model_name or model_dir.name
     tokenizer = tokenizer_loader(model_dir)
     metrics = EngineMetrics(name)
     deferred = DeferredEngine(name)
     app = build_app(deferred, tokenizer, settings, metrics)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=5,
-            # h11 buffers the request line and headers up to this, then answers a bare 400; above the
-            # app's own header limit so that clients get its OpenAI-style 431 instead.
-            h11_max_incomplete_event_size=settings.max_header_bytes + 16 * 1024,
-        )
+    # uvicorn's own graceful timeout only covers what the drain left behind (streams it cut are ending).
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+        # h11 buffers the request line and headers up to this, then answers a bare 400; above the
+        # app's own header limit so that clients get its OpenAI-style 431 instead.
+        h11_max_incomplete_event_size=settings.max_header_bytes + 16 * 1024,
     )
+    server = DrainingServer(config, app.state.ctx.drain, settings.drain_timeout)
     shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{shown}:{settings.port}"
     if settings.model_notice:
@@ -324,7 +337,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     set_interop_threads()  # before torch runs anything in this process
     try:
         return asyncio.run(serve(model_dir, engine_kwargs(args, settings), settings))
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+    except KeyboardInterrupt:  # Ctrl-C before the server installed its signal handlers (loading the tokenizer)
         return 130
 
 

@@ -13,6 +13,11 @@ Who records what (each number has exactly one writer, so nothing is counted twic
   (running / parked / free) and checkpoint_blocks{state} (running / cached / free). Parked snapshots
   and idle cached blocks are given up on demand, so they do not count as used.
 - The async engine's watchdog (`on_slow_step`): engine_slow_steps_total, engine_last_slow_step_seconds.
+- The HTTP middleware (`count_http`): http_requests_total{route, status}, every request including those
+  rejected before routing (401, 413, 503 while draining); `route` is the matched template or "other".
+- The /metrics endpoint (`set_ready`): server_ready (1 = /health answers 200).
+- Fixed at start: build_info{version, python_version, torch_version} = 1; prometheus-client's process
+  collector (process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...).
 - The engine, through the `on_*` / `count_*` methods: request_queue_time_seconds, num_preemptions_total,
   prefix_cache_queries_total / prefix_cache_hits_total, checkpoint_evictions_total{reason},
   checkpoint_offloads_total{reason}, ssc_selections_total{layer}.
@@ -25,18 +30,38 @@ per-request metrics; the engine-side ones still count.
 
 from __future__ import annotations
 
+import platform
 import time
+from collections.abc import Iterable
+from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from mcserve.server.engine.client import EngineStats
 from mcserve.server.engine.outputs import Delta
+from mcserve.server.engine.sequence import FINISH_REASONS
 
 PREFIX = "mcserve:"
 
 # The `*_created` timestamp series double the scrape size and no dashboard uses them (vLLM drops
 # them too). This is a process-wide prometheus-client switch.
 disable_created_metrics()
+
+# Every value these labels take, created at zero so that rates and panels exist before the first event
+# (tests/server/api/test_api_metrics.py checks them against the engine's own lists).
+EVICTION_REASONS = ("idle", "unreachable", "host", "running")
+OFFLOAD_REASONS = ("pressure",)
+# HTTP statuses the server answers with, pre-created for the generation routes.
+HTTP_STATUSES = ("200", "400", "401", "404", "413", "499", "500", "503")
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 # fmt: off
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -100,8 +125,17 @@ class EngineMetrics:
         self._queue = histogram(
             "request_queue_time_seconds", "Time spent waiting before the first schedule.", REQUEST_LATENCY_BUCKETS
         )
+        self._http = counter("http_requests", "HTTP requests by route template and status.", ("route", "status"))
+        self._ready = gauge("server_ready", "1 while /health answers 200 (loaded, engine alive, not draining).")
+        self._build = Gauge(
+            PREFIX + "build_info", "Always 1; the labels say what is running.",
+            ["model_name", "version", "python_version", "torch_version"], registry=r,
+        )
+        self._build.labels(model_name, _version("mcserve"), platform.python_version(), _version("torch")).set(1)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         # Touch label sets that exist for every server so dashboards see zeros, not gaps.
         for metric in (
+            self._ready,
             self._running,
             self._waiting,
             self._slot_usage,
@@ -123,6 +157,32 @@ class EngineMetrics:
             self._slots.labels(model_name, state)
         for state in ("running", "cached", "free"):
             self._blocks.labels(model_name, state)
+        for reason in FINISH_REASONS:
+            self._success.labels(model_name, reason)
+        for reason in EVICTION_REASONS:
+            self._evictions.labels(model_name, reason)
+        for reason in OFFLOAD_REASONS:
+            self._offloads.labels(model_name, reason)
+
+    def set_ready(self, ready: bool) -> None:
+        """Scrape time: what /health would answer (1 = 200)."""
+        self._ready.labels(self.model_name).set(1 if ready else 0)
+
+    def declare_layers(self, num_layers: int) -> None:
+        """Engine, at start-up: create the per-layer SSC counters at zero."""
+        for layer in range(num_layers):
+            self._ssc.labels(self.model_name, str(layer))
+
+    def declare_routes(self, routes: Iterable[str]) -> None:
+        """HTTP layer, at start-up: create the request counters of `routes` at zero (status 200, and
+        every status of HTTP_STATUSES for the generation routes)."""
+        for route in routes:
+            for status in HTTP_STATUSES if route in GENERATION_ROUTES else ("200",):
+                self._http.labels(self.model_name, route, status)
+
+    def count_http(self, route: str, status: int) -> None:
+        """HTTP layer: one request to `route` (a template such as /v1/models/{model_id}) answered `status`."""
+        self._http.labels(self.model_name, route, str(status)).inc()
 
     def on_queue_time(self, seconds: float) -> None:
         """Engine: a request was scheduled for the first time after `seconds` in the queue."""
@@ -183,6 +243,13 @@ class EngineMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class RequestTracker:

@@ -27,6 +27,15 @@ DEFAULT_MAX_HEADER_BYTES = 8 * 1024
 DEFAULT_SLOW_STEP_S = 10.0
 
 TOOL_CALL_PARSERS = ("hermes", "none")
+# A request that names no max_tokens gets at most this many: OpenAI's chat API and vLLM default to the
+# rest of the context (8K tokens on the default model: minutes of output for a forgotten field), the
+# legacy completions API to 16 (too short for a chat answer). 1024 is a long chat answer and bounds a
+# default request to seconds on a GPU.
+DEFAULT_MAX_TOKENS = 1024
+# Seconds a SIGTERM'd server lets in-flight requests finish; must fit in the orchestrator's grace period
+# (deploy/k8s: terminationGracePeriodSeconds = preStop sleep + this + a margin).
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -48,6 +57,9 @@ class ApiSettings:
     `model_notice`: an operator's note on the model (MCSERVE_MODEL_NOTICE), shown in /v1/models and at start-up.
     `tool_call_parser`: the model's tool-call syntax, "hermes" or "none" (None = tokenizer_config.json's
     `tool_call_parser`, else "hermes").
+    `default_max_tokens`: the output cap of a request that gives no max_tokens (MCSERVE_DEFAULT_MAX_TOKENS).
+    `drain_timeout`: seconds in-flight requests may run after SIGTERM before they are cut with an error
+    event (MCSERVE_DRAIN_TIMEOUT); new requests get 503 as soon as the drain starts.
     """
 
     host: str = "127.0.0.1"
@@ -64,6 +76,8 @@ class ApiSettings:
     threads: int | None = None
     slow_step_s: float = DEFAULT_SLOW_STEP_S
     tool_call_parser: str | None = None
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -96,6 +110,10 @@ class ApiSettings:
             raise ConfigError(f"sse_ping_s must be >= 0, got {self.sse_ping_s!r}")
         if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
             raise ConfigError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}")
+        if not isinstance(self.default_max_tokens, int) or self.default_max_tokens < 1:
+            raise ConfigError(f"default_max_tokens must be an integer >= 1, got {self.default_max_tokens!r}")
+        if not isinstance(self.drain_timeout, (int, float)) or not 0 <= self.drain_timeout <= 86400:
+            raise ConfigError(f"drain_timeout must be in [0, 86400] seconds, got {self.drain_timeout!r}")
 
     @classmethod
     def from_env(
@@ -152,9 +170,9 @@ def _split(raw: str) -> list[str]:
 
 def _parse(field_name: str, var: str, raw: str) -> object:
     try:
-        if field_name in ("port", "max_body_bytes", "max_header_bytes", "threads"):
+        if field_name in ("port", "max_body_bytes", "max_header_bytes", "threads", "default_max_tokens"):
             return int(raw)
-        if field_name in ("sse_ping_s", "slow_step_s"):
+        if field_name in ("sse_ping_s", "slow_step_s", "drain_timeout"):
             return float(raw)
     except ValueError:
         raise ConfigError(f"{var} must be a number, got {raw!r}") from None

@@ -5,12 +5,16 @@ from __future__ import annotations
 from importlib import metadata
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
+from mcserve.server.api.drain import DrainMiddleware
 from mcserve.server.api.errors import install_error_handlers
 from mcserve.server.api.health import health_report
+from mcserve.server.api.http_metrics import HttpMetricsMiddleware
 from mcserve.server.api.limits import check_messages
 from mcserve.server.api.middleware import ApiKeyMiddleware, ErrorGuardMiddleware, SizeLimitMiddleware
 from mcserve.server.api.openapi import install_openapi
@@ -78,11 +82,12 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        body, status = health_report(engine, ctx.lifecycle)
+        body, status = health_report(engine, ctx.drain)
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> Response:
+        ctx.metrics.set_ready(health_report(engine, ctx.drain)[1] == 200)
         if engine.is_ready:
             ctx.metrics.set_stats(engine.stats())
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -135,8 +140,9 @@ def build_app(
         text = await ctx.text.run(tokenizer.decode, body.tokens)
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"))
 
-    # Added last = outermost: the guard sees everything, CORS answers preflights (no key on them),
-    # the key is checked before the body is read.
+    # Added last = outermost: requests are counted whoever answers them, the guard sees everything,
+    # a draining server turns new requests away, CORS answers preflights (no key on them), the key is
+    # checked before the body is read.
     app.add_middleware(
         SizeLimitMiddleware, max_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes
     )
@@ -150,6 +156,9 @@ def build_app(
             expose_headers=["X-Request-Id", "Retry-After"],
             max_age=600,
         )
+    app.add_middleware(DrainMiddleware, drain=ctx.drain)
     app.add_middleware(ErrorGuardMiddleware)
+    routes = [(r.path, r.path_regex) for r in app.routes if isinstance(r, (APIRoute, Route))]
+    app.add_middleware(HttpMetricsMiddleware, metrics=ctx.metrics, routes=routes)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id, a 500 too
     return app

@@ -92,11 +92,12 @@ def error_response(exc: MCServeError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=error_headers(exc))
 
 
-async def send_error(send: Send, exc: MCServeError) -> None:
+async def send_error(send: Send, exc: MCServeError, extra_headers: Mapping[str, str] | None = None) -> None:
     """Answer with `exc` from pure-ASGI middleware (before the app has started a response)."""
     body = json.dumps(exc.to_dict()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(exc).items()]
+    more = {**error_headers(exc), **(extra_headers or {})}
+    headers += [(k.lower().encode(), v.encode()) for k, v in more.items()]
     await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -2,8 +2,8 @@
 figures, as JSON. 200 only when ready, 503 otherwise, so a load balancer or a Kubernetes probe can go
 by the status alone and a person by the body.
 
-`Lifecycle` is the state above the engine's: `draining` from the moment shutdown begins (new requests
-get 503, in-flight ones finish). Dead wins over draining (nothing will finish), draining over
+Draining (server/api/drain.py's `Drain`, begun on SIGTERM) is the state above the engine's: new
+requests get 503, in-flight ones finish. Dead wins over draining (nothing will finish), draining over
 loading.
 """
 
@@ -11,23 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from mcserve.server.api.drain import Drain
 from mcserve.server.engine.client import EngineClient
 
 ServerState = Literal["loading", "ready", "draining", "dead"]
 
 
-class Lifecycle:
-    def __init__(self) -> None:
-        self.draining = False
-
-    def start_draining(self) -> None:
-        self.draining = True
-
-
-def health_report(engine: EngineClient, lifecycle: Lifecycle) -> tuple[dict[str, Any], int]:
+def health_report(engine: EngineClient, drain: Drain) -> tuple[dict[str, Any], int]:
     """(JSON body, HTTP status) of /health."""
     h = engine.health()
-    state: ServerState = "dead" if h.state == "dead" else "draining" if lifecycle.draining else h.state
+    state: ServerState = "dead" if h.state == "dead" else "draining" if drain.draining else h.state
     body: dict[str, Any] = {"status": state}
     if h.error is not None:
         body["error"] = h.error

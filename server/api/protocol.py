@@ -211,7 +211,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @property
     def requested_max_tokens(self) -> int | None:
-        """The client's cap on output tokens; None = up to the context limit."""
+        """The client's cap on output tokens; None = the server's default_max_tokens (or the room left)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def to_sampling_params(self, *, max_tokens: int | None, structured: StructuredSpec | None = None) -> SamplingParams:

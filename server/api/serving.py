@@ -16,13 +16,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from mcserve.server.api.drain import Drain
 from mcserve.server.api.errors import (
     EngineNotReadyError,
     ServerDrainingError,
     UnsupportedMediaTypeError,
     invalid_request_from_validation,
 )
-from mcserve.server.api.health import Lifecycle
 from mcserve.server.api.limits import check_prompt_bytes, check_raw_body
 from mcserve.server.api.middleware import API_KEY_SCOPE_KEY
 from mcserve.server.api.protocol import PromptTokensDetails, UsageInfo
@@ -46,6 +46,9 @@ from mcserve.server.text.chat import ChatTokenizer, render_chat
 M = TypeVar("M", bound=BaseModel)
 logger = logging.getLogger("mcserve.api")
 
+SESSION_HEADER = "X-Session-Id"
+MAX_SESSION_ID_LEN = 256  # = the body field's max_length (protocol.py)
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedPrompt:
@@ -61,7 +64,7 @@ class ServingContext:
     tokenizer: ChatTokenizer
     settings: ApiSettings
     metrics: EngineMetrics
-    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    drain: Drain = field(default_factory=Drain)
     text: TextWorker = field(default_factory=TextWorker)
 
     @property
@@ -76,7 +79,7 @@ class ServingContext:
 
     def check_ready(self) -> None:
         """503 unless ready, saying why: loading (retry soon), draining (go elsewhere), dead."""
-        if self.lifecycle.draining:
+        if self.drain.draining:
             raise ServerDrainingError()
         if not self.engine.is_ready:
             health = self.engine.health()
@@ -105,7 +108,8 @@ class ServingContext:
         self, ids: Sequence[int], requested_max_tokens: int | None, *, prompt_param: str, max_tokens_param: str
     ) -> PreparedPrompt:
         """Checks that the prompt fits the context with at least one output token, and that
-        prompt + max_tokens fits; `max_tokens=None` becomes all the room left."""
+        prompt + max_tokens fits; `max_tokens=None` becomes `settings.default_max_tokens`, or the room
+        left if that is less."""
         limit, n = self.engine.max_model_len, len(ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty (0 tokens)", param=prompt_param)
@@ -123,7 +127,9 @@ class ServingContext:
                 f"shorten the prompt or lower {max_tokens_param}",
                 param=max_tokens_param,
             )
-        return PreparedPrompt(tuple(ids), room if requested_max_tokens is None else requested_max_tokens)
+        if requested_max_tokens is None:
+            return PreparedPrompt(tuple(ids), min(room, self.settings.default_max_tokens))
+        return PreparedPrompt(tuple(ids), requested_max_tokens)
 
     def _prompt_ids(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         check_prompt_bytes(text, self.engine.max_model_len, getattr(self.tokenizer, "max_token_bytes", None), param)
@@ -159,6 +165,7 @@ class ServingContext:
         """One `GenerateRequest` per prompt (ids `request_id` or `request_id-k`), not yet started."""
         now, mono = time.time(), time.monotonic()
         priority = getattr(body, "priority", None) or 0
+        session_id = request_session_id(getattr(body, "session_id", None), http.headers.get(SESSION_HEADER))
         requests, trackers = [], []
         for k, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{k}"
@@ -168,7 +175,7 @@ class ServingContext:
                     prompt_token_ids=prompt.token_ids,
                     params=p,
                     priority=priority,
-                    session_id=getattr(body, "session_id", None),
+                    session_id=session_id,
                     api_key=http.scope.get(API_KEY_SCOPE_KEY),
                     arrival_time=now,
                 )
@@ -183,7 +190,29 @@ class ServingContext:
                     self.tokenizer.decode(r.prompt_token_ids)[:LOGGED_CHARS],
                     r.params,
                 )
-        return EngineRun(self.engine, requests, trackers, log_requests=self.settings.log_requests)
+        return self.drain.track(EngineRun(self.engine, requests, trackers, log_requests=self.settings.log_requests))
+
+
+def request_session_id(body_value: str | None, header_value: str | None) -> str | None:
+    """The conversation's session: from the `X-Session-Id` header (what a router hashes on) or the
+    body's `session_id`. Both may be given but must then be equal, so a request never reaches one
+    replica routed by one id while naming another cache."""
+    if header_value is not None:
+        header_value = header_value.strip()
+        if not header_value or len(header_value) > MAX_SESSION_ID_LEN:
+            raise InvalidRequestError(
+                f"the {SESSION_HEADER} header must be 1 to {MAX_SESSION_ID_LEN} characters, got {len(header_value)}",
+                param=SESSION_HEADER,
+                code="invalid_session_id",
+            )
+    if header_value is not None and body_value is not None and header_value != body_value:
+        raise InvalidRequestError(
+            f"the {SESSION_HEADER} header ({header_value!r}) and the body's session_id ({body_value!r}) differ; "
+            f"send one, or the same value in both",
+            param="session_id",
+            code="session_id_conflict",
+        )
+    return header_value if header_value is not None else body_value
 
 
 class _DuplicateKey(Exception):

@@ -103,6 +103,16 @@ class EngineRun:
             pending.discard(k)
             self._buffer.append((k, item))
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def interrupt(self, error: BaseException) -> None:
+        """End the run with `error`: the consumer gets it after what has already arrived (a drain
+        that timed out; see drain.py)."""
+        if not self._closed:
+            self._queue.put_nowait((0, error))
+
     def __aiter__(self) -> EngineRun:
         return self
 

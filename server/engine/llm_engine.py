@@ -86,6 +86,8 @@ class LLMEngine:
         self._by_seq: dict[int, tuple[_Request, _Choice]] = {}
         self._token_text: dict[int, str] = {}
         self._idle_steps = 0
+        if metrics is not None and self.runner.spec.reads_cache:
+            metrics.declare_layers(model.cfg.num_hidden_layers)  # per-layer SSC counters exist at zero
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, metrics: Any = None, **kwargs: Any) -> LLMEngine:

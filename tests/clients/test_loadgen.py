@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mcserve.clients.bench_cli import main
 from mcserve.clients.bench_report import RequestRecord, markdown, percentile, summarize
-from mcserve.clients.loadgen import main, run_load
+from mcserve.clients.loadgen import run_load
 from mcserve.clients.workload import LengthDist, LoadConfig
 from tests.server.api.conftest import LiveServer
 
@@ -85,6 +86,8 @@ def _mock_server() -> httpx.MockTransport:
         nonlocal count
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "m"}]})
+        if request.url.path in ("/version", "/tokenize"):  # a plain OpenAI server has neither
+            return httpx.Response(404, json={"error": {"message": "not found"}})
         assert request.url.path == "/v1/chat/completions" and request.url.host == "bench.invalid"
         count += 1
         if count % 3 == 1:

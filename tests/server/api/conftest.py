@@ -51,9 +51,12 @@ def free_port() -> int:
 
 
 def scrape_metrics(base_url: str, model_name: str) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels other than model_name): value} of every sample on /metrics."""
+    """{(sample name, sorted labels other than model_name): value} of every mcserve: sample on /metrics
+    (each carries the model name; the process_* ones do not)."""
     out = {}
     for family in text_string_to_metric_families(httpx.get(base_url + "/metrics", timeout=5).text):
+        if not family.name.startswith("mcserve:"):
+            continue
         for s in family.samples:
             assert s.labels.get("model_name") == model_name, s
             out[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name")))] = s.value

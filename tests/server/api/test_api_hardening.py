@@ -51,7 +51,7 @@ def test_health_has_four_states_and_is_200_only_when_ready() -> None:
         "step_running_s": 0.0,
         "stalled": False,
     }
-    app.state.ctx.lifecycle.start_draining()
+    app.state.ctx.drain.begin()
     r = _call(app, "GET", "/health")
     assert (r.status_code, r.json()["status"]) == (503, "draining")
     refused = _call(app, "POST", "/v1/chat/completions", json=CHAT)
