@@ -6,7 +6,7 @@
 # Each run has its own --seed: no run finds another's conversations in a cache.
 # Results: benchmarks/results/serving/<UTC time>-<label>.json (README "Measured" has the table).
 # Needs nginx (apt-get install nginx). Run from the repository root with .venv active:
-#   bash benchmarks/serving.sh
+#   bash benchmarks/serving.sh [reuse] [replicas]      (default: both parts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/serving}
@@ -27,12 +27,16 @@ bench() {  # bench URL LABEL [flags]
     mcserve-bench --url "$1" --label "$2" --result-dir "$out" $chat "${@:3}"
 }
 
-start 8101
-bench http://127.0.0.1:8101 reuse-on -c 4 -n 32 --session --seed 1
-stop_all
-start 8101 --no-prefix-caching
-bench http://127.0.0.1:8101 reuse-off -c 4 -n 32 --session --seed 1
-stop_all
+parts=${*:-reuse replicas}
+if [[ " $parts " == *" reuse "* ]]; then
+    start 8101
+    bench http://127.0.0.1:8101 reuse-on -c 4 -n 32 --session --seed 1
+    stop_all
+    start 8101 --no-prefix-caching
+    bench http://127.0.0.1:8101 reuse-off -c 4 -n 32 --session --seed 1
+    stop_all
+fi
+[[ " $parts " == *" replicas "* ]] || exit 0
 
 start 8101
 bench http://127.0.0.1:8101 one-replica -c 8 -n 64 --session --seed 2

@@ -124,11 +124,13 @@ class LoadGenerator:
         client: httpx.AsyncClient,
         model: str,
         conversation: Callable[[int], Awaitable[Conversation]],
+        turns: Callable[[int], int],
         on_record: Callable[[RequestRecord], None] | None = None,
     ) -> None:
-        """`conversation(k)`: what the k-th conversation sends (built before its first request)."""
+        """`conversation(k)`: what the k-th conversation sends (built before its first request);
+        `turns(k)`: how many turns it has, known up front so that its requests are claimed first."""
         self.cfg, self.client, self.model = cfg, client, model
-        self.conversation = conversation
+        self.conversation, self.turns = conversation, turns
         self.on_record = on_record
         self.records: list[RequestRecord] = []
         self.issued = 0
@@ -173,14 +175,12 @@ class LoadGenerator:
     async def _client_loop(self) -> None:
         cfg = self.cfg
         while True:
-            if time.perf_counter() >= self._deadline or self.issued >= cfg.max_requests:
-                return
             conv = self._conversations
-            self._conversations += 1
-            script = await self.conversation(conv)
-            claimed = self._reserve(len(script.turns))
+            claimed = self._reserve(self.turns(conv))  # no await since reading conv: numbers stay dense
             if not claimed:
                 return
+            self._conversations += 1
+            script = await self.conversation(conv)
             rng = random.Random(f"{cfg.seed}-lengths-{conv}")
             system = "\n".join(p for p in (script.prefix, script.system) if p)
             messages: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -321,13 +321,19 @@ async def run_load(
 
             async def conversation(k: int) -> Conversation:
                 return scripts[k % len(scripts)]
+
+            def turns(k: int) -> int:
+                return len(scripts[k % len(scripts)].turns)
         else:
             prefixes = await shared_prefixes(tok, cfg)
 
             async def conversation(k: int) -> Conversation:
                 return await random_conversation(tok, cfg, k, prefixes)
 
-        gen = LoadGenerator(cfg, client, model, conversation, on_record)
+            def turns(k: int) -> int:
+                return cfg.turns
+
+        gen = LoadGenerator(cfg, client, model, conversation, turns, on_record)
         wall = await gen.run()
     records = tuple(sorted(gen.records, key=lambda r: r.start_s))
     return LoadResult(cfg, model, wall, records, tok.name, version)
