@@ -20,7 +20,8 @@ Who records what (each number has exactly one writer, so nothing is counted twic
   collector (process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...).
 - The engine, through the `on_*` / `count_*` methods: request_queue_time_seconds, num_preemptions_total,
   prefix_cache_queries_total / prefix_cache_hits_total, checkpoint_evictions_total{reason},
-  checkpoint_offloads_total{reason}, ssc_selections_total{layer}.
+  checkpoint_offloads_total{reason}, ssc_selections_total{layer}, request_failures_total{reason}
+  (sequences failed by an error inside the engine, by cause: server/engine/failures.py).
 
 A request with n choices counts n in request_success_total (one per sequence, as vLLM counts its n
 child requests) but its prompt once in prompt_tokens_total (as `usage` reports it).
@@ -46,6 +47,7 @@ from prometheus_client import (
 )
 
 from mcserve.server.engine.client import EngineStats
+from mcserve.server.engine.failures import FAILURE_REASONS
 from mcserve.server.engine.outputs import Delta
 from mcserve.server.engine.sequence import FINISH_REASONS
 
@@ -117,6 +119,8 @@ class EngineMetrics:
             "checkpoint_offloads", "Checkpoint blocks moved to host memory, by reason.", ("reason",)
         )
         self._ssc = counter("ssc_selections", "Checkpoints selected by SSC's top-k, per layer.", ("layer",))
+        self._failures = counter("request_failures", "Sequences failed by an error inside the engine, by cause.",
+                                 ("reason",))
         self._ttft = histogram("time_to_first_token_seconds", "Arrival to first generated token.", TTFT_BUCKETS)
         self._itl = histogram(
             "inter_token_latency_seconds", "Time between successive outputs of a sequence.", ITL_BUCKETS
@@ -155,6 +159,8 @@ class EngineMetrics:
             metric.labels(model_name)
         for state in ("running", "parked", "free"):
             self._slots.labels(model_name, state)
+        for reason in FAILURE_REASONS:
+            self._failures.labels(model_name, reason)
         for state in ("running", "cached", "free"):
             self._blocks.labels(model_name, state)
         for reason in FINISH_REASONS:
@@ -209,6 +215,10 @@ class EngineMetrics:
     def count_ssc_selections(self, layer: int, n: int) -> None:
         """Engine: `n` (sequence, checkpoint) reads in `layer` chosen by the router (SSC top-k or all)."""
         self._ssc.labels(self.model_name, str(layer)).inc(n)
+
+    def count_request_failure(self, reason: str, n: int = 1) -> None:
+        """Engine: `n` sequences failed inside a step; `reason` is one of FAILURE_REASONS."""
+        self._failures.labels(self.model_name, reason).inc(n)
 
     def set_stats(self, stats: EngineStats) -> None:
         """Scrape time: refresh the gauges from the engine's counts."""

@@ -15,8 +15,11 @@ Watchdog: the loop stamps the start of every step; a step longer than `slow_step
 (`health()`, metrics `on_slow_step`) when it ends, and `health().step_running_s` shows one that has
 not ended yet, read from any thread.
 
-If a step raises, the engine is dead: every in-flight choice gets a final Delta with finish_reason
-"error", requests not yet added get EngineDeadError, and so does every later `generate`.
+A failure inside a step fails only the requests it concerns (LLMEngine.step), and the loop goes on;
+so does a request whose `add_request` raises something unexpected (it alone gets the exception). If
+an exception escapes the loop (EngineDeadError: the device is unusable), the engine is dead
+(`health().state`): every in-flight choice gets a final Delta with finish_reason "error", requests
+not yet added get EngineDeadError, and so does every later `generate`.
 """
 
 from __future__ import annotations
@@ -201,6 +204,9 @@ class AsyncEngine:
             try:
                 self.engine.add_request(payload)
             except MCServeError as e:
+                self._send(rid, e)
+            except Exception as e:  # an engine bug this request triggered: it alone fails
+                log.exception("adding request %s failed", rid)
                 self._send(rid, e)
             else:
                 self._open[rid] = set(range(payload.params.n))

@@ -4,16 +4,28 @@ One step is `plan = scheduler.schedule(); out = runner.execute(plan, sampling); 
 scheduler.update(plan, out)`, then the stop rules (stop_rules.py) of every sequence that got a
 token, which produce the `Delta`s, and the metrics (metrics_publisher.py). A request with `n`
 choices is `n` sequences. Not thread-safe: AsyncEngine drives it from one thread, LLM offline
-without threads. A sequence with a grammar (`params.structured`) fails ("error") if the grammar
-cannot accept its token.
+without threads.
+
+Failures (failures.py): an exception inside a step fails the sequences it concerns with a final
+Delta (finish_reason "error", `error` says why), counted by cause in the metrics; their slots and
+blocks are freed and the engine goes on. Which sequences: those the runner names in
+`RunnerOutput.failed` (one failed stage: a restore, the prefill pass, the decode pass, sampling),
+the one whose stop rules raised, or, when nothing narrower is known, every sequence of the step's
+plan (for a failed `schedule`, every running sequence and the head of the waiting queue). Nothing is
+retried. If the scheduler's invariants no longer hold afterwards, or a block copy failed (the pools
+may disagree with the bookkeeping), the scheduler is rebuilt empty: every sequence that had started
+fails, those still waiting carry over. The engine is dead (`step` raises EngineDeadError) only when
+the device fails a trivial probe after a failed step. A sequence the scheduler cannot make progress
+on for `STALL_STEPS` empty plans in a row fails alone ("unschedulable"). A sequence with a grammar
+(`params.structured`) fails ("error") if the grammar cannot accept its token.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,25 +34,28 @@ import torch
 
 from mcserve.server.engine.client import EngineStats, GenerateRequest
 from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.failures import Unschedulable, describe, device_usable, failure_reason
 from mcserve.server.engine.metrics_publisher import MetricsPublisher
 from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
 from mcserve.server.engine.plan import StepPlan
+from mcserve.server.engine.runner.base import Logprobs, TransferError
 from mcserve.server.engine.runner.factory import make_runner
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.sampler import SamplingRow
 from mcserve.server.engine.scheduler import Scheduler
-from mcserve.server.engine.sequence import Sequence
+from mcserve.server.engine.sequence import Sequence, SequenceStatus
 from mcserve.server.engine.stop_rules import check_stop
 from mcserve.server.engine.structured.compiler import GrammarCompiler
 from mcserve.server.engine.structured.masks import GrammarError, TokenMasks
-from mcserve.server.errors import ConfigError, ContextLengthError, InvalidRequestError, QueueFullError
+from mcserve.server.errors import ConfigError, ContextLengthError, EngineDeadError, InvalidRequestError, QueueFullError
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mcserve.server.text.detokenizer import IncrementalDetokenizer
 from mcserve.server.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_IDLE_STEPS = 8
+# Empty plans in a row, with requests unfinished, after which the stuck sequence fails.
+STALL_STEPS = 8
 
 
 
@@ -85,8 +100,9 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, tuple[_Request, _Choice]] = {}
         self._token_text: dict[int, str] = {}
-        self._idle_steps = 0
-        if metrics is not None and self.runner.spec.reads_cache:
+        self._stalled_steps = 0
+        self._out: list[Delta] = []  # deltas of the current step or abort, in order
+        if metrics is not None and model.spec.reads_cache:
             metrics.declare_layers(model.cfg.num_hidden_layers)  # per-layer SSC counters exist at zero
 
     @classmethod
@@ -182,10 +198,20 @@ class LLMEngine:
                                                include_stop_str_in_output=sp.include_stop_str_in_output)
             seq.reuse_prefix = sp.prompt_logprobs is None
             req.choices.append(_Choice(seq, i, detok, prompt_lps={} if sp.prompt_logprobs is not None else None))
+        added: list[_Choice] = []
+        try:
+            for c in req.choices:
+                if sp.structured is not None:
+                    self.masks.add(c.seq.seq_id, sp.structured)
+                added.append(c)
+                self.scheduler.add_request(c.seq)
+        except BaseException:  # all or none: take back the choices already queued, then re-raise
+            for c in added:
+                self.masks.remove(c.seq.seq_id)
+                if self.scheduler.get(c.seq.seq_id) is not None:
+                    self.scheduler.finish(c.seq.seq_id, "abort")
+            raise
         for c in req.choices:
-            if sp.structured is not None:
-                self.masks.add(c.seq.seq_id, sp.structured)
-            self.scheduler.add_request(c.seq)
             self._by_seq[c.seq.seq_id] = (req, c)
         self._requests[rid] = req
         self.engine_counters["requests"] += 1
@@ -194,23 +220,42 @@ class LLMEngine:
         """Finish every unfinished choice with "abort", freeing its slot and blocks now. Returns their
         final deltas ([] for an unknown or finished request)."""
         req = self._requests.get(request_id)
-        if req is None:
-            return []
-        return [self._finish(req, c, "abort", None, (), "", None) for c in req.choices if not c.finished]
+        if req is not None:
+            try:
+                for c in req.choices:
+                    if not c.finished:
+                        self._finish(req, c, "abort")
+            except Exception as e:  # freeing failed: the bookkeeping cannot be trusted any more
+                self._rebuild_scheduler(e)
+        return self._take_deltas()
 
     def step(self) -> list[Delta]:
-        plan = self.scheduler.schedule()
-        # With work left, empty plans in a row mean the scheduler cannot progress: fail, don't spin.
-        self._idle_steps = self._idle_steps + 1 if plan.is_empty and self._requests else 0
-        assert self._idle_steps < MAX_IDLE_STEPS, f"no progress in {self._idle_steps} steps: {self.scheduler.stats()}"
-        self._on_scheduled(plan)
-        self.masks.launch()  # next masks of the guided sequences, computed while the model runs
-        out = self.runner.execute(plan, self._sampling_rows(plan))
-        self._record_prompt_logprobs(out.prompt_logprobs)
-        seqs = self.scheduler.update(plan, out.step)
-        deltas = [self._advance(seq, out.logprobs.get(seq.seq_id)) for seq in seqs]
-        self.publisher.publish(self.engine_counters["steps"])
-        return deltas
+        """One step, then its deltas. A failure fails the sequences it concerns (module docstring);
+        EngineDeadError when the device is unusable."""
+        plan: StepPlan | None = None
+        try:
+            plan = self.scheduler.schedule()
+            self._check_progress(plan)
+            self._on_scheduled(plan)
+            self.masks.launch()  # next masks of the guided sequences, computed while the model runs
+            out = self.runner.execute(plan, self._sampling_rows(plan))
+            self._fail_rows(out.failed)
+            self._record_prompt_logprobs(out.prompt_logprobs)
+            seqs = self.scheduler.update(plan, out.step)
+            self._stop_checks(seqs, out.logprobs)
+        except EngineDeadError:
+            raise
+        except Exception as e:  # a failed step fails its sequences, not the engine
+            self._step_failed(plan, e)
+        try:
+            self.publisher.publish(self.engine_counters["steps"])
+        except Exception:  # a metrics bug must neither fail requests nor stop the engine: logged
+            log.exception("publishing the metrics of step %d failed", self.engine_counters["steps"])
+        return self._take_deltas()
+
+    def _take_deltas(self) -> list[Delta]:
+        out, self._out = self._out, []
+        return out
 
     def _sampling_rows(self, plan: StepPlan) -> dict[int, SamplingRow]:
         rows = {}
@@ -221,6 +266,19 @@ class LLMEngine:
             prompt = seq.token_ids[:seq.num_prompt_tokens] if wants_prompt else ()
             rows[seq_id] = SamplingRow(sp, prompt, seq.output_token_ids, self.eos_token_ids, c.index)
         return rows
+
+    def _check_progress(self, plan: StepPlan) -> None:
+        """Empty plans in a row while requests wait: the scheduler cannot progress on the sequence in
+        front (the waiting head; all running ones if none waits). It fails; the others go on."""
+        self._stalled_steps = self._stalled_steps + 1 if plan.is_empty and self._requests else 0
+        if self._stalled_steps < STALL_STEPS:
+            return
+        self._stalled_steps = 0
+        sched = self.scheduler
+        stuck = [sched.waiting[0].seq_id] if sched.waiting else [s.seq_id for s in sched.running]
+        log.warning("no progress in %d steps, failing sequences %s: %s", STALL_STEPS, stuck, sched.stats())
+        self._fail(stuck, Unschedulable(f"the scheduler could not make progress on this request in {STALL_STEPS}"
+                                        f" steps ({sched.stats()})"))
 
     def _on_scheduled(self, plan: StepPlan) -> None:
         now = time.monotonic()
@@ -233,31 +291,46 @@ class LLMEngine:
         self.engine_counters["prefill_tokens"] += sum(len(c.token_ids) for c in plan.prefill)
         self.engine_counters["decode_tokens"] += len(plan.decode)
 
-    def _advance(self, seq: Sequence, lp: tuple[float, list[tuple[int, float]]] | None) -> Delta:
+    def _stop_checks(self, seqs: list[Sequence], logprobs: Logprobs) -> None:
+        """The delta of each sequence that got a token; one whose stop rules raise fails alone."""
+        for seq in seqs:
+            try:
+                self._advance(seq, logprobs.get(seq.seq_id))
+            except Exception as e:  # its detokenizer or stop strings: this sequence only
+                self._fail([seq.seq_id], e)
+
+    def _advance(self, seq: Sequence, lp: tuple[float, list[tuple[int, float]]] | None) -> None:
         """The delta for the token `seq` just got, after the stop rules."""
         req, c = self._by_seq[seq.seq_id]
         tok = seq.token_ids[-1]
         try:
             grammar = self.masks.accept(seq.seq_id, tok)
         except GrammarError as e:
-            return self._finish(req, c, "error", None, (tok,), "", None, error=f"structured output: {e}")
+            self._finish(req, c, "error", tokens=(tok,), error=f"structured output: {e}")
+            return
         check = check_stop(tok, seq.num_output_tokens, req.request.params, self.eos_token_ids, c.detok,
                            seq.finish_reason, grammar_done=grammar == "done")
         logprobs = None if lp is None else (self._logprob(tok, lp),)
+        prompt_lps = self._prompt_logprobs(seq, c)
         if check.finish_reason is None:
-            delta = Delta(req.request.request_id, c.index, (tok,), check.text, logprobs)
+            self._out.append(Delta(req.request.request_id, c.index, (tok,), check.text, logprobs,
+                                   prompt_logprobs=prompt_lps))
         else:
-            delta = self._finish(req, c, check.finish_reason, check.stop_reason, (tok,), check.text, logprobs)
-        if c.prompt_lps is not None and seq.num_output_tokens == 1:  # the first token: after the prefill
-            prompt = seq.token_ids[:seq.num_prompt_tokens]
-            assert len(c.prompt_lps) == len(prompt) - 1, (len(c.prompt_lps), len(prompt))
-            scored = tuple(c.prompt_lps[p] for p in range(1, len(prompt)))
-            delta = dataclasses.replace(delta, prompt_logprobs=(None, *scored))
-        return delta
+            self._finish(req, c, check.finish_reason, check.stop_reason, (tok,), check.text, logprobs,
+                         prompt_logprobs=prompt_lps)
 
-    def _finish(self, req: _Request, c: _Choice, reason: str, stop_reason: str | int | None,
-                tokens: tuple[int, ...], text: str, logprobs: tuple[TokenLogprob, ...] | None,
-                error: str | None = None) -> Delta:
+    def _prompt_logprobs(self, seq: Sequence, c: _Choice) -> tuple[TokenLogprob | None, ...] | None:
+        """On the first token (after the prefill) of a choice that asks: one entry per prompt token."""
+        if c.prompt_lps is None or seq.num_output_tokens != 1:
+            return None
+        prompt = seq.token_ids[:seq.num_prompt_tokens]
+        assert len(c.prompt_lps) == len(prompt) - 1, (len(c.prompt_lps), len(prompt))
+        return (None, *(c.prompt_lps[p] for p in range(1, len(prompt))))
+
+    def _finish(self, req: _Request, c: _Choice, reason: str, stop_reason: str | int | None = None,
+                tokens: tuple[int, ...] = (), text: str = "", logprobs: tuple[TokenLogprob, ...] | None = None,
+                error: str | None = None, prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None) -> None:
+        """The choice's last delta; frees what its sequence holds (unless it already finished)."""
         if not c.seq.is_finished:
             self.scheduler.finish(c.seq.seq_id, reason)
         self.masks.remove(c.seq.seq_id)
@@ -269,7 +342,65 @@ class LLMEngine:
             del self._requests[req.request.request_id]
             usage = Usage(len(req.request.prompt_token_ids), sum(x.seq.num_output_tokens for x in req.choices),
                           req.choices[0].seq.num_cached_tokens)
-        return Delta(req.request.request_id, c.index, tokens, text, logprobs, reason, stop_reason, usage, error)
+        self._out.append(Delta(req.request.request_id, c.index, tokens, text, logprobs, reason, stop_reason, usage,
+                               error, prompt_logprobs=prompt_logprobs))
+
+    def _fail(self, seq_ids: Iterable[int], error: BaseException) -> None:
+        """Finish these sequences (those still unfinished) with "error", freeing their slots and blocks."""
+        for seq_id in seq_ids:
+            if seq_id in self._by_seq:
+                req, c = self._by_seq[seq_id]
+                self.publisher.on_failure(failure_reason(error))
+                self._finish(req, c, "error", error=describe(error))
+
+    def _fail_rows(self, failed: dict[int, Exception]) -> None:
+        """The sequences the runner could not run (their stage failed)."""
+        if failed:
+            error = next(iter(failed.values()))
+            log.error("step %d: %d sequences failed", self.engine_counters["steps"], len(failed), exc_info=error)
+            self._check_device(error)
+            for seq_id, e in failed.items():
+                self._fail([seq_id], e)
+
+    def _step_failed(self, plan: StepPlan | None, error: Exception) -> None:
+        """A step raised: fail what it concerned (module docstring), then check the bookkeeping."""
+        log.error("step %d failed", self.engine_counters["steps"], exc_info=error)
+        self._check_device(error)
+        if isinstance(error, TransferError):
+            self._rebuild_scheduler(error)
+            return
+        sched = self.scheduler
+        if plan is not None:
+            concerned = [r.seq_id for r in plan.decode] + [c.seq_id for c in plan.prefill]
+        else:  # schedule() itself failed: what it was scheduling
+            concerned = [s.seq_id for s in sched.running] + [s.seq_id for s in sched.waiting[:1]]
+        try:
+            self._fail(concerned, error)
+            sched.check()
+        except Exception as e:  # the bookkeeping is inconsistent
+            self._rebuild_scheduler(e)
+
+    def _check_device(self, error: BaseException) -> None:
+        if not device_usable(self.model.device):
+            raise EngineDeadError(f"the device is unusable after a failed step ({describe(error)})") from error
+
+    def _rebuild_scheduler(self, error: BaseException) -> None:
+        """Start over with an empty scheduler: no slot or block held, nothing cached (the runner never
+        reads a slot or block before the plan writes it). Sequences that had started fail; those still
+        waiting (never scheduled, holding nothing) carry over in their order."""
+        log.error("rebuilding the scheduler after: %s", describe(error))
+        old = self.scheduler
+        for req, c in list(self._by_seq.values()):
+            if c.seq.status is not SequenceStatus.WAITING:
+                c.seq.status = SequenceStatus.FINISHED_ERROR  # not freed through `old`: it cannot be trusted
+                self.publisher.on_failure(failure_reason(error))
+                self._finish(req, c, "error", error=describe(error))
+        self.scheduler = Scheduler(self.config, counters=old.counters)
+        for seq in old.waiting:
+            if seq.status is SequenceStatus.WAITING:
+                seq.slot, seq.num_computed_tokens, seq.num_prefill_tokens = None, 0, 0
+                self.scheduler.add_request(seq)
+        self.engine_counters["scheduler_rebuilds"] += 1
 
     def _record_prompt_logprobs(self, scored: dict[int, tuple[int, list[PromptLogprob]]]) -> None:
         """Keep each prompt position's entry once (a recomputed prefill, after preemption, scores again)."""

@@ -34,6 +34,11 @@ class MetricsPublisher:
         if self.metrics is not None:
             self.metrics.on_queue_time(seconds)
 
+    def on_failure(self, reason: str) -> None:
+        """A sequence failed inside a step (failures.py names the reason)."""
+        if self.metrics is not None:
+            self.metrics.count_request_failure(reason)
+
     def publish(self, step: int) -> None:
         """Report what the scheduler counted since the last call; the runner's per-layer checkpoint
         reads every `SELECTIONS_EVERY` steps."""

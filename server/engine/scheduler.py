@@ -65,9 +65,10 @@ class _Step:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, counters: Counter[str] | None = None) -> None:
+        """counters: where to count (a rebuilt scheduler continues its predecessor's)."""
         self.config = config
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self.pool = StatePool(config.num_state_slots, self.counters)
         self.cache = CheckpointCache(config.num_checkpoint_blocks, config.num_host_blocks,
                                      config.utility_decay, self.counters)

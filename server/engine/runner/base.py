@@ -1,9 +1,17 @@
 """The contract between the engine and whatever executes plans on the model.
 
 The engine sees only `ModelRunner`: `execute(plan, sampling) -> RunnerOutput` once per step, and
-`take_selections()` when it publishes metrics. `factory.make_runner` picks the implementation once, at
-start-up; every implementation must produce the tokens the torch reference runner
-(`torch_runner.py`) produces for the same plans, and must run a plan's stages in plan.py's order.
+`take_selections()` when it publishes metrics.
+
+Failures: a runner reports what it can attribute and raises what it cannot. A stage that fails for
+some sequences (their slot restore, the prefill pass, the decode pass, their sampling) puts them in
+`RunnerOutput.failed` and the other stages go on; the engine fails those sequences and frees what
+they hold. A failed block copy raises `TransferError` (the pools may no longer hold what the
+scheduler's bookkeeping says); any other exception fails the whole plan.
+
+`factory.make_runner` picks the implementation once, at start-up; every implementation must produce
+the tokens the torch reference runner (`torch_runner.py`) produces for the same plans, and must run
+a plan's stages in plan.py's order.
 """
 
 from __future__ import annotations
@@ -25,15 +33,23 @@ Logprobs = dict[int, tuple[float, list[tuple[int, float]]]]
 class RunnerOutput:
     """What one step produced.
 
-    step: sampled tokens and block weights for the scheduler.
+    step: sampled tokens and block weights for the scheduler (none for failed sequences).
     logprobs: only for rows whose params ask for logprobs.
     prompt_logprobs: seq_id -> (position of the first prompt token scored, one entry per position
         from there), for prefill chunks of sequences whose params ask for prompt logprobs.
+    failed: seq_id -> the exception of the stage that failed it; its state slot and the blocks it
+        wrote this step hold garbage.
     """
 
     step: StepOutput
     logprobs: Logprobs = field(default_factory=dict)
     prompt_logprobs: dict[int, tuple[int, list[PromptLogprob]]] = field(default_factory=dict)
+    failed: dict[int, Exception] = field(default_factory=dict)
+
+
+class TransferError(RuntimeError):
+    """A block copy between the GPU and host pools failed: some blocks hold unknown content while the
+    scheduler's bookkeeping says they hold checkpoints."""
 
 
 class ModelRunner(ABC):

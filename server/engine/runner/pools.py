@@ -1,12 +1,13 @@
 """The device tensors a runner owns and the plan stages that only move data between them: block
-copies between the GPU checkpoint pool and the host pool, slot resets and restores (plan.py
-stages 1-3)."""
+copies between the GPU checkpoint pool and the host pool (`copy`), slot resets and restores
+(`prepare_slots`): plan.py stages 1-3."""
 
 from __future__ import annotations
 
 import torch
 
 from mcserve.server.engine.plan import BlockCopy, StepPlan
+from mcserve.server.engine.runner.base import TransferError
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
@@ -26,18 +27,33 @@ class DevicePools:
                                                   "cpu", key_dtype=self.ckpts.key.dtype,
                                                   pin=model.device.type == "cuda")
 
-    def prepare(self, plan: StepPlan) -> None:
-        """Stages 1-3 of a plan: offloads, then onloads, then slot resets and restores."""
-        if plan.offloads:
-            assert self.host is not None, "offload planned without a host pool"
-            copy_blocks(self.ckpts, self.host, plan.offloads)
-        if plan.onloads:
-            assert self.host is not None, "onload planned without a host pool"
-            copy_blocks(self.host, self.ckpts, plan.onloads)
+    def copy(self, plan: StepPlan) -> None:
+        """Stages 1-2 of a plan: offloads, then onloads. TransferError if a copy fails."""
+        try:
+            if plan.offloads:
+                assert self.host is not None, "offload planned without a host pool"
+                copy_blocks(self.ckpts, self.host, plan.offloads)
+            if plan.onloads:
+                assert self.host is not None, "onload planned without a host pool"
+                copy_blocks(self.host, self.ckpts, plan.onloads)
+        except Exception as e:
+            raise TransferError(f"block copy failed ({len(plan.offloads)} offloads, {len(plan.onloads)} onloads):"
+                                f" {e!r}") from e
+
+    def prepare_slots(self, plan: StepPlan) -> dict[int, Exception]:
+        """Stage 3: slot resets and restores. Returns slot -> exception for those that failed."""
+        failed: dict[int, Exception] = {}
         for slot in plan.resets:
-            self.states.clear(slot)
+            try:
+                self.states.clear(slot)
+            except Exception as e:  # reported: the engine fails that slot's sequence
+                failed[slot] = e
         for r in plan.restores:
-            self.model.restore_slot(self.states, r.slot, self.ckpts, r.block_id)
+            try:
+                self.model.restore_slot(self.states, r.slot, self.ckpts, r.block_id)
+            except Exception as e:  # reported, as above
+                failed[r.slot] = e
+        return failed
 
 
 def copy_blocks(src: CheckpointBlocks, dst: CheckpointBlocks, copies: tuple[BlockCopy, ...]) -> None:

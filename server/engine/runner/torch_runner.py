@@ -1,9 +1,10 @@
 """The torch runner: executes a plan with the model's torch paths, on CPU or on one GPU.
 
-Stages run in plan.py's order: block copies and slot resets/restores (`DevicePools.prepare`), every
+Stages run in plan.py's order: block copies and slot resets/restores (`DevicePools`), every
 prefill chunk in one packed pass (`model.prefill_batch`: torch rounds on CPU, fla + Triton on CUDA,
 picked once here by `select_kernels`), one batched decode (`model.decode`), then one sampler call over
-the logits of every row that samples.
+the logits of every row that samples. A stage that fails reports the sequences it ran in
+`RunnerOutput.failed` (base.py) and the later stages run without them.
 
 Host/device traffic per step: the prefill's token ids and packed layout go over in a few pinned,
 non-blocking copies; the decode metadata in one (`pack_decode`); the sampler adds its
@@ -50,44 +51,72 @@ class TorchModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
-        self.pools.prepare(plan)
-        states, ckpts = self.pools.states, self.pools.ckpts
-        reads_cache = self.spec.reads_cache
+        self.pools.copy(plan)
+        failed: dict[int, Exception] = {}
+        bad_slots = self.pools.prepare_slots(plan)
         weights = BlockWeights()
         logits: list[torch.Tensor] = []
         row_ids: list[int] = []  # seq id of each logits row
         prompt_lps: dict[int, tuple[int, list[PromptLogprob]]] = {}
-        if plan.prefill:
-            scored = [_scores_prompt(sampling, c) for c in plan.prefill]
-            chunks = [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
-                                   request_top_k(self.spec, sampling, c.seq_id),
-                                   "all" if all_ else "last" if c.sample else "none")
-                      for c, all_ in zip(plan.prefill, scored, strict=True)]
-            out = self.model.prefill_batch(chunks, states, ckpts, self.prefill_kernels, self.selections)
-            if reads_cache:
-                weights.add(out.block_ids, out.block_weights)
-            for c, lg, all_ in zip(plan.prefill, out.logits, scored, strict=True):
-                if all_:
-                    row = sampling[c.seq_id]
-                    k = row.params.prompt_logprobs
-                    prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids, k,
-                                                                 self.sampler.vocab_size)
-                    lg = lg[-1:]
-                if c.sample:
-                    logits.append(lg)
-                    row_ids.append(c.seq_id)
+        chunks = [c for c in plan.prefill if c.slot not in bad_slots]
+        failed.update((c.seq_id, bad_slots[c.slot]) for c in plan.prefill if c.slot in bad_slots)
+        if chunks:
+            try:
+                logits += self._prefill(chunks, sampling, weights, prompt_lps)
+                row_ids += [c.seq_id for c in chunks if c.sample]
+            except Exception as e:  # reported: one packed pass, so every chunk of it fails
+                failed.update((c.seq_id, e) for c in chunks)
+                for c in chunks:
+                    prompt_lps.pop(c.seq_id, None)
         if plan.decode:
-            ks = [request_top_k(self.spec, sampling, r.seq_id) for r in plan.decode]
-            b = pack_decode(plan.decode, ks, self.spec.top_k, self.device)
-            out, w = self.model.decode(b.token_ids, b.slots, b.positions, b.block_table, b.write_blocks,
-                                       states, ckpts, b.top_k, selections=self.selections,
-                                       write_rows=b.write_rows, top_k_max=b.top_k_max)
-            if b.block_table.shape[1] and reads_cache:
-                weights.add(b.block_table, w)
-            logits.append(out)
-            row_ids.extend(r.seq_id for r in plan.decode)
-        token_ids, logprobs = self._sample(logits, row_ids, sampling)
-        return RunnerOutput(StepOutput(token_ids, weights.per_block()), logprobs, prompt_lps)
+            try:
+                logits.append(self._decode(plan, sampling, weights))
+                row_ids += [r.seq_id for r in plan.decode]
+            except Exception as e:  # reported: one batched pass, so every row of it fails
+                failed.update((r.seq_id, e) for r in plan.decode)
+        token_ids, logprobs = {}, {}
+        try:
+            token_ids, logprobs = self._sample(logits, row_ids, sampling)
+        except Exception as e:  # reported: one sampler call for every row that samples
+            failed.update((s, e) for s in row_ids)
+        for seq_id in failed:
+            prompt_lps.pop(seq_id, None)
+        return RunnerOutput(StepOutput(token_ids, weights.per_block()), logprobs, prompt_lps, failed)
+
+    def _prefill(self, chunks: list[PrefillChunk], sampling: Mapping[int, SamplingRow], weights: BlockWeights,
+                 prompt_lps: dict[int, tuple[int, list[PromptLogprob]]]) -> list[torch.Tensor]:
+        """Every chunk in one packed pass; the logits of those that sample, in order. Fills the prompt
+        logprobs of the chunks that score them."""
+        scored = [_scores_prompt(sampling, c) for c in chunks]
+        inputs = [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
+                               request_top_k(self.spec, sampling, c.seq_id),
+                               "all" if all_ else "last" if c.sample else "none")
+                  for c, all_ in zip(chunks, scored, strict=True)]
+        out = self.model.prefill_batch(inputs, self.pools.states, self.pools.ckpts, self.prefill_kernels,
+                                       self.selections)
+        if self.spec.reads_cache:
+            weights.add(out.block_ids, out.block_weights)
+        logits = []
+        for c, lg, all_ in zip(chunks, out.logits, scored, strict=True):
+            if all_:
+                row = sampling[c.seq_id]
+                prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids,
+                                                             row.params.prompt_logprobs, self.sampler.vocab_size)
+                lg = lg[-1:]
+            if c.sample:
+                logits.append(lg)
+        return logits
+
+    def _decode(self, plan: StepPlan, sampling: Mapping[int, SamplingRow], weights: BlockWeights) -> torch.Tensor:
+        """One token for every decode row; logits [B, V]."""
+        ks = [request_top_k(self.spec, sampling, r.seq_id) for r in plan.decode]
+        b = pack_decode(plan.decode, ks, self.spec.top_k, self.device)
+        out, w = self.model.decode(b.token_ids, b.slots, b.positions, b.block_table, b.write_blocks,
+                                   self.pools.states, self.pools.ckpts, b.top_k, selections=self.selections,
+                                   write_rows=b.write_rows, top_k_max=b.top_k_max)
+        if b.block_table.shape[1] and self.spec.reads_cache:
+            weights.add(b.block_table, w)
+        return out
 
     def take_selections(self) -> list[int]:
         counts = self.selections.tolist()  # one device->host transfer

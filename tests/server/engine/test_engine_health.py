@@ -29,7 +29,9 @@ def _wait(cond, timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def test_states_loading_ready_dead(model, tokenizer) -> None:
+def test_states_loading_ready_dead(model, tokenizer, monkeypatch) -> None:
+    # A failed step kills the engine only when the device then fails its probe (llm_engine.py).
+    monkeypatch.setattr("mcserve.server.engine.llm_engine.device_usable", lambda device: False)
     inner = make_engine(model, tokenizer)
     engine = AsyncEngine(inner, start=False)
     assert engine.health().state == "loading" and not engine.is_ready
