@@ -9,8 +9,57 @@ from __future__ import annotations
 
 import torch
 
+from mcserve.kernels.decode.contract import DecodeBatch, LayerMemory, check_decode_inputs
+from mcserve.kernels.gates import core_inputs
 from mcserve.kernels.mc_spec import MCSpec
 from mcserve.kernels.router import chosen_mask, mc_gamma, select_mask, ssc_order
+
+
+def torch_decode_step(
+    q_raw: torch.Tensor,
+    k_raw: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    u_raw: torch.Tensor | None,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    spec: MCSpec,
+    batch: DecodeBatch,
+    memory: LayerMemory,
+    allow_neg_eigval: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The decode step of `contract.DecodeFn` on `decode_mc_gdn`: gates and norms from the
+    projections, padded rows left out, and the same utility and checkpoint-sum updates as the Triton
+    path. Residual reads its checkpoints through the table here (an independent check of the sum).
+    Syncs with the device when padded rows exist and `batch.live_rows` is not given."""
+    check_decode_inputs(q_raw, k_raw, v, a, b, u_raw, A_log, dt_bias, spec, batch, memory)
+    dt = memory.state.dtype
+    x = core_inputs(q_raw, k_raw, v, a, b, u_raw, A_log, dt_bias, allow_neg_eigval, dt)
+    B, HV, dv = v.shape
+    live = batch.live_rows if batch.live_rows is not None else (batch.slots >= 0).nonzero().squeeze(-1)
+    rows = None if live.numel() == B else live  # None: every row is live, no gather
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or rows is None else t[rows]
+
+    table, writes = pick(batch.block_table).long(), pick(batch.write_blocks).long()
+    write_rows = batch.write_rows if rows is None else None
+    if write_rows is None:
+        write_rows = (writes >= 0).nonzero().squeeze(-1)
+    slots = pick(batch.slots).long()
+    y_live, w = decode_mc_gdn(*(pick(t) for t in x), spec, pick(batch.positions).long(), slots, memory.state,
+                              memory.key_sum, memory.ckpt, memory.ckpt_key, table, writes, pick(batch.top_k),
+                              write_rows, batch.top_k_max)
+    if memory.utility is not None and w is not None:
+        memory.utility.index_add_(0, table.clamp_min(0).reshape(-1),
+                                  torch.where(table >= 0, w, 0.0).reshape(-1).to(memory.utility.dtype))
+    if memory.ckpt_sum is not None and write_rows.numel():
+        memory.ckpt_sum[slots[write_rows]] += memory.ckpt[writes[write_rows]].to(memory.ckpt_sum.dtype)
+    y = y_live if rows is None else torch.zeros(B, HV, dv, dtype=dt, device=v.device).index_copy_(0, rows, y_live)
+    return y.to(out_dtype or dt)
 
 
 def decode_mc_gdn(

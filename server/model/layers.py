@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcserve.kernels.gates import core_inputs
 from mcserve.server.model.config import ModelConfig
 
 
@@ -134,17 +135,11 @@ class GatedDeltaNetAttention(nn.Module):
         g (log-decay), beta [R, HV] and router queries u [R, H, dk], all in `state_dtype`."""
         cfg = self.cfg
         R, H, dk = x.shape[0], cfg.num_heads, cfg.head_dim
-        q, k, v = (t.to(state_dtype) for t in qkv)
-        q = _l2norm(q.view(R, H, dk))
-        k = _l2norm(k.view(R, H, dk))
-        v = v.view(R, cfg.num_v_heads_, cfg.head_v_dim)
-        a = self.a_proj(x).to(state_dtype) + self.dt_bias.to(state_dtype)
-        g = -torch.exp(self.A_log.to(state_dtype)) * F.softplus(a)
-        beta = torch.sigmoid(self.b_proj(x).to(state_dtype))
-        if cfg.allow_neg_eigval:
-            beta = beta * 2.0
-        u = self.u_proj(x).to(state_dtype).view(R, H, dk) if self.u_proj is not None else q
-        return q, k, v, g, beta, u
+        q, k, v = qkv
+        u = self.u_proj(x).view(R, H, dk) if self.u_proj is not None else None
+        return core_inputs(q.view(R, H, dk), k.view(R, H, dk), v.view(R, cfg.num_v_heads_, cfg.head_v_dim),
+                           self.a_proj(x), self.b_proj(x), u, self.A_log, self.dt_bias, cfg.allow_neg_eigval,
+                           state_dtype)
 
     def output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x [R, d] the layer input (for the output gate), y [R, HV, dv] the core output -> [R, d]."""
@@ -155,10 +150,6 @@ class GatedDeltaNetAttention(nn.Module):
         else:
             o = self.o_norm(y)
         return self.o_proj(o.reshape(x.shape[0], -1))
-
-
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
 
 
 class GatedMLP(nn.Module):

@@ -1,0 +1,440 @@
+"""Fused Triton decode step of one Gated DeltaNet + Memory Caching layer for a whole batch.
+
+One program per (row, v-head, tile of BV rows of dv) holds its [BV, dk] tile of the fp32 state in
+registers from the load to the store: gates and q/k norms from the projections, the delta-rule
+update in place in the state pool (through the row's slot), the online readout, the cached readout
+of the aggregation, and at a segment boundary the checkpoint write. Each dv row of the state is
+independent of the others (S[v,:] = e^g S[v,:] + beta (v_v - S[v,:] k) k^T), so tiles need no
+communication. The router (scores of the row's cached segment keys, SSC's top-k, softmax) runs per
+(row, q/k head) either inside every tile program (`two_pass=False`, one launch) or once in a
+separate router launch whose [B, H, k] choices the tile programs read (`two_pass=True`).
+docs/KERNELS.md has the design and the byte count; `soup` runs as `grm` (identical for linear
+memory: reading the gamma-averaged state equals the gamma-weighted sum of the reads).
+
+`triton_decode_step` is the only caller of the kernels (`plan_decode` builds its launches).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mcserve.kernels.decode.contract import DecodeBatch, LayerMemory, check_decode_inputs
+from mcserve.kernels.decode.triton_router import (
+    cached_scores,
+    gates,
+    load_unit,
+    readout,
+    readout_selected,
+    router_kernel,
+    ssc_select,
+    store_key_sum,
+    take,
+    to_bf16,
+)
+from mcserve.kernels.mc_spec import MCSpec
+
+NONE, RESIDUAL, SSC, GRM = 0, 1, 2, 3
+AGG_CODES = {"none": NONE, "residual": RESIDUAL, "ssc": SSC, "grm": GRM, "soup": GRM}
+MAX_ENTRIES = 4096  # table width the register-resident router supports (1M tokens at C=256)
+MAX_TOP_K = 16
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Launch choices that change speed, never results (beyond fp32 rounding order).
+
+    block_v: rows of dv per program (the state tile is [block_v, dk]); 0 = pick by shape.
+    num_warps: warps per tile program; 0 = pick by tile size.
+    tiles_per_program: dv tiles one program updates in turn (amortises its gates, norms and, with
+        two_pass=False, its routing over more state; fewer programs in flight).
+    two_pass: ssc/grm route in a separate launch per (row, q/k head) instead of in every program.
+    """
+
+    block_v: int = 0
+    num_warps: int = 0
+    tiles_per_program: int = 1
+    two_pass: bool = False
+    router_warps: int = 4
+
+    def __str__(self) -> str:
+        return (f"bv{self.block_v or 'auto'} w{self.num_warps or 'auto'} t{self.tiles_per_program} "
+                f"{'2-pass' if self.two_pass else '1-pass'}")
+
+    def __post_init__(self) -> None:
+        if self.tiles_per_program < 1:
+            raise ValueError(f"tiles_per_program must be >= 1, got {self.tiles_per_program}")
+        if self.block_v and (self.block_v & (self.block_v - 1)):
+            raise ValueError(f"block_v must be a power of two, got {self.block_v}")
+        for name in ("num_warps", "router_warps"):
+            w = getattr(self, name)
+            if w and (w & (w - 1) or w > 16):
+                raise ValueError(f"{name} must be a power of two <= 16, got {w}")
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """One kernel launch: what `triton_decode_step` runs (and what a compile check compiles)."""
+
+    kernel: object
+    grid: tuple[int]
+    args: tuple
+    options: dict
+
+
+def default_config(dk: int, dv: int, routed: bool) -> KernelConfig:
+    """Tiles of ~1-2K fp32 elements per warp (FlashInfer and fla use 8 dv rows at dk=128); routed
+    aggregations route once per (row, q/k head) in their own pass. benchmarks/kernels.py sweeps the
+    alternatives on the GPU."""
+    bk = triton.next_power_of_2(dk)
+    bv = max(1, min(triton.next_power_of_2(dv), 2048 // bk, 16))
+    return KernelConfig(block_v=bv, num_warps=1 if bv * bk <= 1024 else 2, two_pass=routed)
+
+
+@triton.jit
+def _load_tile(state_ptr, v_ptr, ti, hv, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The state tile [BV, BK] (rows ti*BV.. of dv) of one (row, v-head) and its v rows [BV], fp32."""
+    rv = tl.arange(0, BV)
+    cols = tl.arange(0, BK)
+    rows_ok = ti * BV + rv < DV
+    local = rv[:, None] * DK + cols[None, :]  # [BV, BK]: contiguous dk rows (16-byte loads)
+    S = tl.load(state_ptr + (hv * DV + ti * BV) * DK + local, mask=rows_ok[:, None] & (cols < DK)[None, :], other=0.0)
+    return S, tl.load(v_ptr + ti * BV + rv, mask=rows_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile(
+    S, vv, state_ptr, y_ptr, ckpt, s_ck, ckpt_sum_ptr, wb, route_blk, route_w, routed, ckpt_key, s_ckey, t_row,
+    s_te, ti, hv, h, g, beta, kn, qs, boundary, write, n_valid, u_ptr, u_scale, g_on, sel_b, sel_w, mx, z,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr, BKC: tl.constexpr,
+    KP: tl.constexpr, KC: tl.constexpr, BN: tl.constexpr, AGG: tl.constexpr, TWO_PASS: tl.constexpr,
+    RESET: tl.constexpr, HAS_CSUM: tl.constexpr, CKPT_BF16: tl.constexpr,
+):
+    """One loaded tile S [BV, dk] (rows ti*BV.. of dv) of one (row, v-head): update, read out, write
+    the checkpoint at a boundary, store in place."""
+    rv = tl.arange(0, BV)
+    cols = tl.arange(0, BK)
+    rows_ok = ti * BV + rv < DV
+    m2 = rows_ok[:, None] & (cols < DK)[None, :]
+    base = (hv * DV + ti * BV) * DK  # the tile's first element inside a [HV, dv, dk] block
+    local = rv[:, None] * DK + cols[None, :]
+    S = S * tl.exp(g)
+    err = beta * (vv - tl.sum(S * kn[None, :], axis=1))
+    S = S + err[:, None] * kn[None, :]
+    o = tl.sum(S * qs[None, :], axis=1)  # [BV] online readout
+
+    if AGG == 0:
+        out = o
+    elif AGG == 1:
+        cs = tl.load(ckpt_sum_ptr + base + local, mask=m2, other=0.0)
+        out = o + tl.sum(cs * qs[None, :], axis=1)
+    else:
+        acc = tl.full([BV], 0.0, dtype=tl.float32)
+        if AGG == 2:
+            acc = readout_selected(ckpt, s_ck, sel_b, sel_w, base, local, rows_ok, qs, DK, BK, KP, KC)
+        elif TWO_PASS:
+            # constexpr loop bounds (a runtime loop, not unrolled), the row's extent a branch: the
+            # interpreter cannot take a loop bound from a tensor
+            for e0 in tl.range(0, NP, KC):
+                if e0 < n_valid:
+                    e = e0 + tl.arange(0, KC)
+                    blk = tl.load(route_blk + routed + e, mask=e < n_valid, other=-1)
+                    w = tl.load(route_w + routed + e, mask=e < n_valid, other=0.0)
+                    acc += readout(ckpt, s_ck, blk, w, base, local, rows_ok, qs, DK, BK)
+        else:
+            for e0 in tl.range(0, NP, BN):
+                if e0 < n_valid:
+                    r_c, b_c = cached_scores(t_row, s_te, e0, n_valid, ckpt_key, s_ckey, h, u_ptr, u_scale, BN, DK,
+                                             BKC)
+                    acc += readout(ckpt, s_ck, b_c, tl.exp(r_c - mx) / z, base, local, rows_ok, qs, DK, BK)
+        out = g_on * o + acc
+
+    if write:
+        c_new = to_bf16(S) if CKPT_BF16 else S.to(ckpt.dtype.element_ty)
+        tl.store(ckpt + wb * s_ck + base + local, c_new, mask=m2)
+        if HAS_CSUM:  # after this token's readout: the new checkpoint is read from the next token on
+            cs_old = tl.load(ckpt_sum_ptr + base + local, mask=m2, other=0.0)
+            tl.store(ckpt_sum_ptr + base + local, cs_old + c_new.to(tl.float32), mask=m2)
+    if RESET:
+        S = tl.where(boundary, 0.0, S)
+    tl.store(state_ptr + base + local, S, mask=m2)
+    tl.store(y_ptr + ti * BV + rv, out.to(y_ptr.dtype.element_ty), mask=rows_ok)
+
+
+@triton.jit
+def _decode_kernel(
+    q, k, v, a, b, u, A_log, dt_bias,
+    s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_ab, s_bb, s_ub, s_uh,
+    positions, slots, table, s_tb, s_te, write_blocks, top_k,
+    state, s_st, key_sum, s_ks, ckpt, s_ck, ckpt_key, s_ckey, ckpt_sum, s_cs, utility,
+    route_blk, route_w, route_on, tickets, y, scale, N,
+    C: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, TPP: tl.constexpr,
+    NP: tl.constexpr, BKC: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr,
+    BN: tl.constexpr, W: tl.constexpr, AGG: tl.constexpr, TWO_PASS: tl.constexpr, LEARNED: tl.constexpr,
+    NEG_EIGVAL: tl.constexpr, RESET: tl.constexpr, HAS_WRITES: tl.constexpr, HAS_CSUM: tl.constexpr,
+    HAS_UTIL: tl.constexpr, PER_ROW_K: tl.constexpr, CKPT_BF16: tl.constexpr,
+):
+    """One program per (row, v-head, group of TPP dv tiles): the per-(row, head) prologue (gates,
+    norms, routing) once, then the tiles in turn."""
+    NG: tl.constexpr = (NV + TPP - 1) // TPP  # tile groups per v-head
+    # scalar index math in int64 (pools of many GB); offsets inside a tile stay int32
+    pid = tl.program_id(0).to(tl.int64)
+    grp = pid % NG
+    hv = (pid // NG) % HV
+    row = pid // (NG * HV)
+    h = hv // G
+    y_ptr = y + (row * HV + hv) * DV
+    slot = tl.load(slots + row).to(tl.int64)
+    if slot < 0:  # a padded row: zero output, no pool touched
+        for t in tl.static_range(TPP):
+            rows = (grp * TPP + t) * BV + tl.arange(0, BV)
+            tl.store(y_ptr + rows, tl.full([BV], 0.0, dtype=tl.float32).to(y.dtype.element_ty), mask=rows < DV)
+        return
+    # the first tile's loads go out before the prologue's math (its latency hides behind it)
+    state_ptr = state + slot * s_st
+    v_ptr = v + row * s_vb + hv * s_vh
+    S, vv = _load_tile(state_ptr, v_ptr, grp * TPP, hv, DK, DV, BK, BV)
+    pos = tl.load(positions + row).to(tl.int64)
+    in_seg = pos % C
+    boundary = in_seg == C - 1
+    n_valid = tl.minimum(pos // C, N)
+    wb = tl.load(write_blocks + row).to(tl.int64) if HAS_WRITES else -1
+    write = boundary & (wb >= 0)
+
+    g, beta = gates(a, b, A_log, dt_bias, row, hv, s_ab, s_bb, NEG_EIGVAL)
+    q_raw, q_inv = load_unit(q + row * s_qb + h * s_qh, DK, BK)
+    k_raw, k_inv = load_unit(k + row * s_kb + h * s_kh, DK, BK)
+    qs = q_raw * (q_inv * scale)
+    kn = k_raw * k_inv
+    cols = tl.arange(0, BK)
+    ks_ptr = key_sum + slot * s_ks + h * DK + cols
+    lead = (hv % G == 0) & (grp == 0)  # one program per (row, q/k head): utility, key-sum owner
+    t_row = table + row * s_tb
+
+    # routing: gamma of the online memory, and the cached memories' blocks and weights
+    ks = tl.full([BK], 0.0, dtype=tl.float32)
+    g_on = 1.0
+    mx = 0.0
+    z = 1.0
+    sel_b = tl.full([KP], -1, dtype=tl.int64)
+    sel_w = tl.full([KP], 0.0, dtype=tl.float32)
+    u_ptr = q
+    u_scale = 1.0
+    routed = (row * H + h) * W
+    if AGG >= 2:
+        if TWO_PASS:
+            g_on = tl.load(route_on + row * H + h)
+            if AGG == 2:
+                sel_b = tl.load(route_blk + routed + tl.arange(0, KP))
+                sel_w = tl.load(route_w + routed + tl.arange(0, KP))
+        else:
+            ks = tl.load(ks_ptr, mask=cols < DK, other=0.0) + kn
+            if LEARNED:
+                u_ptr = u + row * s_ub + h * s_uh
+                u_vec, _ = load_unit(u_ptr, DK, BK)
+            else:
+                u_ptr = q + row * s_qb + h * s_qh
+                u_vec = q_raw * q_inv
+                u_scale = q_inv
+            r_on = tl.sum(u_vec * ks, axis=0) / (in_seg + 1).to(tl.float32)
+            r, blk = cached_scores(t_row, s_te, 0, n_valid, ckpt_key, s_ckey, h, u_ptr, u_scale, NP, DK, BKC)
+            if AGG == 2:
+                k_row = tl.load(top_k + row) if PER_ROW_K else K
+                sel_e, sel_r = ssc_select(r, k_row, NP, K, KP)
+                sel_b = tl.where(sel_e >= 0, take(blk, sel_e, NP), -1)  # from registers, no dependent load
+                mx = tl.maximum(r_on, tl.max(sel_r, axis=0))
+                e_sel = tl.exp(sel_r - mx)
+                z = tl.exp(r_on - mx) + tl.sum(e_sel, axis=0)
+                sel_w = e_sel / z
+            else:
+                mx = tl.maximum(r_on, tl.max(r, axis=0))
+                z = tl.exp(r_on - mx) + tl.sum(tl.exp(r - mx), axis=0)
+            g_on = tl.exp(r_on - mx) / z
+
+    ckpt_sum_ptr = ckpt_sum + slot * s_cs
+    for t in tl.static_range(TPP):
+        if t + 1 < TPP:  # the next tile's loads go out before this tile's stores (which they may not pass)
+            S_next, v_next = _load_tile(state_ptr, v_ptr, grp * TPP + t + 1, hv, DK, DV, BK, BV)
+        _tile(S, vv, state_ptr, y_ptr, ckpt, s_ck, ckpt_sum_ptr, wb, route_blk, route_w, routed, ckpt_key, s_ckey,
+              t_row, s_te, grp * TPP + t, hv, h, g, beta, kn, qs, boundary, write, n_valid, u_ptr, u_scale, g_on,
+              sel_b, sel_w, mx, z, DK, DV, BK, BV, NP, BKC, KP, KC, BN, AGG, TWO_PASS, RESET, HAS_CSUM, CKPT_BF16)
+        if t + 1 < TPP:
+            S = S_next
+            vv = v_next
+
+    # the router weight each table entry got, once per (row, q/k head); after the tiles, so that no
+    # branch stands between the routing and the checkpoint loads
+    if HAS_UTIL and AGG >= 1 and not TWO_PASS:
+        if lead:
+            if AGG == 1:  # residual reads every cached memory with weight 1 per q/k head
+                e = tl.arange(0, NP)
+                blk = tl.load(t_row + e * s_te, mask=e < n_valid, other=-1).to(tl.int64)
+                tl.atomic_add(utility + blk, tl.full([NP], 1.0, dtype=tl.float32), mask=blk >= 0)
+            elif AGG == 2:
+                tl.atomic_add(utility + sel_b, sel_w, mask=sel_b >= 0)
+            else:
+                tl.atomic_add(utility + blk, tl.exp(r - mx) / z, mask=blk >= 0)
+
+    if AGG < 2:
+        if lead:
+            ks = tl.load(ks_ptr, mask=cols < DK, other=0.0) + kn
+            store_key_sum(ks_ptr, ks, in_seg, write_blocks, row, ckpt_key, s_ckey, h, C, DK, BK, HAS_WRITES)
+    elif not TWO_PASS:
+        # every program of this (row, head) read the old key sum above; the last of them to take a
+        # ticket writes the new one (the tickets return to zero for the next launch)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(tickets + row * H + h, 1)
+        if ticket == G * NG - 1:
+            tl.atomic_xchg(tickets + row * H + h, 0)
+            store_key_sum(ks_ptr, ks, in_seg, write_blocks, row, ckpt_key, s_ckey, h, C, DK, BK, HAS_WRITES)
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (row, q/k head), kept zero by the kernel between launches.
+    Grown (never during a CUDA graph capture: warm up at the largest batch first)."""
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[device] = t
+    return t
+
+
+def triton_decode_step(
+    q_raw: torch.Tensor,
+    k_raw: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    u_raw: torch.Tensor | None,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    spec: MCSpec,
+    batch: DecodeBatch,
+    memory: LayerMemory,
+    allow_neg_eigval: bool = False,
+    out_dtype: torch.dtype | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """The decode step of `contract.DecodeFn` on the Triton kernels."""
+    if q_raw.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton decode path runs on CUDA tensors (or under TRITON_INTERPRET=1), "
+                         f"got {q_raw.device}")
+    y, launches = plan_decode(q_raw, k_raw, v, a, b, u_raw, A_log, dt_bias, spec=spec, batch=batch, memory=memory,
+                              allow_neg_eigval=allow_neg_eigval, out_dtype=out_dtype, config=config)
+    for launch in launches:
+        launch.kernel[launch.grid](*launch.args, **launch.options)
+    return y
+
+
+def _check_triton(q_raw: torch.Tensor, memory: LayerMemory) -> None:
+    """What the kernel needs beyond the contract: fp32 state pools, inner dims packed (16-byte rows)."""
+    for name in ("state", "key_sum", "ckpt_sum", "utility"):
+        t = getattr(memory, name)
+        if t is not None and t.dtype != torch.float32:
+            raise ValueError(f"the Triton decode path needs a float32 {name} pool, got {t.dtype}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2_at_most(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def plan_decode(
+    q_raw: torch.Tensor,
+    k_raw: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    u_raw: torch.Tensor | None,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    spec: MCSpec,
+    batch: DecodeBatch,
+    memory: LayerMemory,
+    allow_neg_eigval: bool = False,
+    out_dtype: torch.dtype | None = None,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, list[Launch]]:
+    """Checks the inputs, allocates the output y [B, HV, dv] and the router pass's buffers, and
+    returns y with the launches that fill it (one; two with config.two_pass for ssc/grm)."""
+    B, H, dk = q_raw.shape
+    HV, dv = v.shape[1], v.shape[2]
+    N = batch.block_table.shape[1]
+    check_decode_inputs(q_raw, k_raw, v, a, b, u_raw, A_log, dt_bias, spec, batch, memory)
+    _check_triton(q_raw, memory)
+    agg = AGG_CODES[spec.aggregation]
+    if N > MAX_ENTRIES and agg >= SSC:
+        raise ValueError(f"block tables wider than {MAX_ENTRIES} entries are not supported, got {N}")
+    dflt = default_config(dk, dv, routed=agg >= SSC)
+    cfg = config or dflt
+    BK = triton.next_power_of_2(dk)
+    BV = min(cfg.block_v or dflt.block_v, triton.next_power_of_2(dv))
+    warps = cfg.num_warps or dflt.num_warps
+    NV = triton.cdiv(dv, BV)
+    TPP = max(1, min(cfg.tiles_per_program, NV))
+    NP = max(16, triton.next_power_of_2(max(N, 1)))
+    budget = 2048 * warps  # fp32 elements of one temporary tile (~64 registers per thread)
+    K = 1
+    if agg == SSC:
+        K = batch.top_k_max or (spec.top_k if batch.top_k is None else int(batch.top_k.max()))
+        if K > MAX_TOP_K:
+            raise ValueError(f"top_k up to {MAX_TOP_K} is supported (use grm beyond), got {K}")
+        K = max(1, min(K, N))
+    KP = triton.next_power_of_2(K)
+    KC = max(1, min(KP, _pow2_at_most(budget // (BV * BK))))
+    BN = max(1, min(NP, _pow2_at_most(budget // (BV * BK))))
+    BKC = max(1, min(BK, _pow2_at_most(budget // NP)))
+    two_pass = cfg.two_pass and agg >= SSC
+    W = KP if agg == SSC else NP
+    dev = q_raw.device
+
+    y = torch.empty(B, HV, dv, dtype=out_dtype or memory.state.dtype, device=dev)
+    route_blk = route_w = route_on = tickets = None
+    if agg >= SSC:
+        if two_pass:
+            route_blk = torch.empty(B, H, W, dtype=torch.int64, device=dev)
+            route_w = torch.empty(B, H, W, dtype=torch.float32, device=dev)
+            route_on = torch.empty(B, H, dtype=torch.float32, device=dev)
+        else:
+            tickets = _tickets(dev, B * H)
+    writes = batch.write_rows is None or batch.write_rows.numel() > 0
+    learned = u_raw is not None
+    per_row_k = agg == SSC and batch.top_k is not None
+    t = batch.block_table
+    m = memory
+    uu = u_raw if learned else q_raw
+    flags = dict(C=spec.segment_size, H=H, DK=dk, BK=BK, NP=NP, BKC=BKC, K=K, KP=KP, W=W, AGG=agg,
+                 LEARNED=learned, HAS_WRITES=writes, HAS_UTIL=m.utility is not None, PER_ROW_K=per_row_k)
+    launches = []
+    if two_pass:
+        launches.append(Launch(router_kernel, (B * H,), (
+            q_raw, k_raw, uu, q_raw.stride(0), q_raw.stride(1), k_raw.stride(0), k_raw.stride(1),
+            uu.stride(0), uu.stride(1), batch.positions, batch.slots, t, t.stride(0), t.stride(1),
+            batch.write_blocks, batch.top_k, m.key_sum, m.key_sum.stride(0), m.ckpt_key, m.ckpt_key.stride(0),
+            m.utility, route_blk, route_w, route_on, N), dict(num_warps=cfg.router_warps, **flags)))
+    cs = m.ckpt_sum if m.ckpt_sum is not None else m.state
+    launches.append(Launch(_decode_kernel, (B * HV * triton.cdiv(NV, TPP),), (
+        q_raw, k_raw, v, a, b, uu, A_log, dt_bias,
+        q_raw.stride(0), q_raw.stride(1), k_raw.stride(0), k_raw.stride(1), v.stride(0), v.stride(1),
+        a.stride(0), b.stride(0), uu.stride(0), uu.stride(1),
+        batch.positions, batch.slots, t, t.stride(0), t.stride(1), batch.write_blocks, batch.top_k,
+        m.state, m.state.stride(0), m.key_sum, m.key_sum.stride(0), m.ckpt, m.ckpt.stride(0),
+        m.ckpt_key, m.ckpt_key.stride(0), cs, cs.stride(0), m.utility,
+        route_blk, route_w, route_on, tickets, y, dk**-0.5, N), dict(
+        G=HV // H, HV=HV, DV=dv, BV=BV, NV=NV, TPP=TPP, KC=KC, BN=BN, TWO_PASS=two_pass, NEG_EIGVAL=allow_neg_eigval,
+        RESET=spec.reset, HAS_CSUM=m.ckpt_sum is not None, CKPT_BF16=m.ckpt.dtype == torch.bfloat16,
+        num_warps=warps, **flags)))
+    return y, launches
