@@ -1,0 +1,249 @@
+"""The cells of benchmarks/kernels.py: random pools per shape, one timed measurement per call, the byte
+count each measurement is judged by, correctness checks and the variant sweep."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mcserve.kernels.decode import DecodeBatch, LayerMemory, get_decode_path
+from mcserve.kernels.decode.residual import rebuild_ckpt_sum
+from mcserve.kernels.decode.triton import KernelConfig, triton_decode_step
+from mcserve.kernels.mc_spec import MCSpec
+
+BF16 = torch.bfloat16
+
+
+def mc_bytes(s: dict, B: int, agg: str, k: int, N: int, out_bytes: int = 2) -> int:
+    """Bytes one step must move: fp32 state read + write, the checkpoints the aggregation reads (bf16;
+    residual: its fp32 running sum), the segment keys scored (fp32), key sums, inputs, table, output."""
+    H, HV, dk, dv = s["H"], s["HV"], s["dk"], s["dv"]
+    state = HV * dv * dk
+    per_row = 2 * 4 * state + 2 * 4 * H * dk + 2 * (3 * H * dk + HV * dv + 2 * HV) + out_bytes * HV * dv
+    if agg == "ssc":
+        per_row += 2 * min(k, N) * state + 4 * N * H * dk + 8 * N
+    elif agg == "grm":
+        per_row += 2 * N * state + 4 * N * H * dk + 8 * N
+    elif agg == "residual":
+        per_row += 4 * state
+    return B * per_row
+
+
+class Cells:
+    def __init__(self, device: torch.device, cfg: dict, seg: int, deadline: float) -> None:
+        self.dev, self.cfg, self.seg, self.deadline = device, cfg, seg, deadline
+        self.skipped: list[str] = []
+        self._pools: dict[str, dict] = {}
+        self.gen = torch.Generator(device=device).manual_seed(0)
+
+    # ---- timing ----
+    def bench(self, fn) -> float:
+        """Median milliseconds of fn (CUDA: triton's do_bench, L2 flushed between runs)."""
+        if self.dev.type == "cuda":
+            import triton.testing  # noqa: PLC0415
+
+            return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+        fn()
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(times)
+
+    def late(self, label: str) -> bool:
+        if time.monotonic() > self.deadline:
+            self.skipped.append(label)
+            return True
+        return False
+
+    def copy_bandwidth(self) -> float:
+        n = (1 << 30 if self.dev.type == "cuda" else 1 << 24) // 4
+        src = torch.randn(n, device=self.dev, generator=self.gen)
+        dst = torch.empty_like(src)
+        ms = self.bench(lambda: dst.copy_(src))
+        return 2 * 4 * n / ms / 1e6
+
+    # ---- data ----
+    def rand(self, *shape: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, device=self.dev, generator=self.gen) * scale).to(dtype)
+
+    def pools(self, name: str, s: dict) -> dict:
+        """A bf16 checkpoint pool of cfg pool_bytes (2 GiB: 34x the H200's L2), keys, and state slots for
+        the largest batch, all random."""
+        if name not in self._pools:
+            H, HV, dk, dv = s["H"], s["HV"], s["dk"], s["dv"]
+            per_block = HV * dv * dk * 2
+            P = max(self.cfg["cached"] * 4, self.cfg["pool_bytes"] // per_block)
+            slots = max(self.cfg["batches"] + [self.cfg["sdpa_batch"]])
+            self._pools[name] = dict(
+                P=P, ckpt=self.rand(P, HV, dv, dk, dtype=BF16, scale=0.05),
+                keys=F.normalize(self.rand(P, H, dk), dim=-1),
+                state=self.rand(slots, HV, dv, dk, scale=0.05), key_sum=self.rand(slots, H, dk),
+                utility=torch.zeros(P, device=self.dev))
+        return self._pools[name]
+
+    def inputs(self, s: dict, B: int) -> tuple:
+        H, HV, dk, dv = s["H"], s["HV"], s["dk"], s["dv"]
+        return (self.rand(B, H, dk, dtype=BF16), self.rand(B, H, dk, dtype=BF16), self.rand(B, HV, dv, dtype=BF16),
+                self.rand(B, HV, dtype=BF16), self.rand(B, HV, dtype=BF16), self.rand(B, H, dk, dtype=BF16),
+                self.rand(HV, scale=0.5), self.rand(HV, scale=0.5))
+
+    def step(self, name: str, s: dict, B: int, N: int, boundary_row: bool = False):
+        """(batch, memory) of B rows at position N*C + 17 with N random cached blocks each."""
+        p = self.pools(name, s)
+        table = torch.randint(0, p["P"] - B, (B, N), device=self.dev, generator=self.gen)
+        pos = torch.full((B,), N * self.seg + 17, device=self.dev)
+        writes = torch.full((B,), -1, device=self.dev)
+        if boundary_row:  # row 0 ends its segment and writes into a block no table holds
+            pos[0], writes[0] = N * self.seg + self.seg - 1, p["P"] - 1
+        batch = DecodeBatch(pos, torch.arange(B, device=self.dev), table, writes,
+                            write_rows=torch.zeros(0, dtype=torch.long, device=self.dev) if not boundary_row else None)
+        return batch, LayerMemory(p["state"], p["key_sum"], p["ckpt"], p["keys"], None, p["utility"])
+
+    # ---- measurements ----
+    def mc(self, name: str, s: dict, B: int, agg: str, k: int, N: int, config: KernelConfig | None) -> dict | None:
+        label = f"triton {name} B={B} {agg} k={k} N={N}"
+        if self.late(label):
+            return None
+        N = 0 if agg == "none" else N
+        batch, memory = self.step(name, s, B, N)
+        batch = DecodeBatch(batch.positions, batch.slots, batch.block_table, batch.write_blocks, top_k_max=max(k, 1),
+                            write_rows=batch.write_rows)
+        x = self.inputs(s, B)
+        spec = MCSpec(agg, self.seg, top_k=max(k, 1))
+        ms = self.bench(lambda: triton_decode_step(*x, spec=spec, batch=batch, memory=memory, out_dtype=BF16,
+                                                   config=config))
+        nbytes = mc_bytes(s, B, agg, k, N)
+        return dict(path="triton", shape=name, B=B, agg=agg, k=k, N=N, ms=ms, bytes=nbytes, gbps=nbytes / ms / 1e6,
+                    config=str(config))
+
+    def torch_path(self, name: str, s: dict, B: int, k: int, N: int) -> dict | None:
+        agg = "none" if k == 0 else "ssc"
+        if self.late(f"torch {name} B={B} k={k}"):
+            return None
+        N = 0 if agg == "none" else N
+        batch, memory = self.step(name, s, B, N)
+        x = self.inputs(s, B)
+        fn = get_decode_path("torch")
+        spec = MCSpec(agg, self.seg, top_k=max(k, 1))
+        batch = DecodeBatch(batch.positions, batch.slots, batch.block_table, batch.write_blocks, top_k_max=max(k, 1),
+                            write_rows=batch.write_rows, live_rows=batch.slots)
+        ms = self.bench(lambda: fn(*x, spec=spec, batch=batch, memory=memory, out_dtype=BF16))
+        nbytes = mc_bytes(s, B, agg, k, N)
+        return dict(path="torch", shape=name, B=B, agg=agg, k=k, N=N, ms=ms, bytes=nbytes, gbps=nbytes / ms / 1e6)
+
+    def fla(self, name: str, s: dict, B: int) -> dict | None:
+        """fla 0.6's fused recurrent step with the same fused gates and norms, state [B, HV, dv, dk]."""
+        fr = _fla()
+        if fr is None or self.late(f"fla {name} B={B}"):
+            return None
+        q, k, v, a, b, _, A_log, dt_bias = self.inputs(s, B)
+        h0 = self.pools(name, s)["state"][:B]
+        ms = self.bench(lambda: fr(q[:, None], k[:, None], v[:, None], g=a[:, None], beta=b[:, None], initial_state=h0,
+                                   output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                   A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True, state_v_first=True))
+        H, HV, dk, dv = s["H"], s["HV"], s["dk"], s["dv"]
+        nbytes = B * (2 * 4 * HV * dv * dk + 2 * (2 * H * dk + 2 * HV * dv + 2 * HV))
+        return dict(path="fla", shape=name, B=B, agg="none", k=0, N=0, ms=ms, bytes=nbytes, gbps=nbytes / ms / 1e6)
+
+    def sdpa(self, s: dict, B: int, length: int) -> dict | None:
+        """Flash SDPA decode: one bf16 query token over a `length`-token KV cache, the same heads."""
+        if self.late(f"sdpa B={B} L={length}"):
+            return None
+        H, dk = s["H"], s["dk"]
+        q = self.rand(B, H, 1, dk, dtype=BF16)
+        kv = [self.rand(B, H, length, dk, dtype=BF16) for _ in range(2)]
+        backend = [torch.nn.attention.SDPBackend.FLASH_ATTENTION] if self.dev.type == "cuda" else \
+            [torch.nn.attention.SDPBackend.MATH]
+        with torch.nn.attention.sdpa_kernel(backend):
+            ms = self.bench(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1]))
+        nbytes = 2 * B * H * length * dk * 2
+        kv.clear()  # free the cache before the next cell
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+        return dict(path="sdpa", B=B, len=length, ms=ms, bytes=nbytes, gbps=nbytes / ms / 1e6)
+
+    # ---- correctness ----
+    def check(self, name: str, s: dict) -> dict:
+        """Triton against the torch path at a real size (a boundary row included), and `none` against fla:
+        max |difference| / max |reference| of y and of the updated states."""
+        B, N = self.cfg["check_batch"], self.cfg["cached"]
+        errors = {}
+        for agg, k, n in [("none", 1, 0), ("ssc", 4, N), ("grm", 1, min(N, 16)), ("residual", 1, N)]:
+            batch, memory = self.step(name, s, B, n, boundary_row=True)
+            csum = None
+            if agg == "residual":
+                csum = torch.empty_like(memory.state[:B])
+                for r in range(B):
+                    rebuild_ckpt_sum(csum[r], memory.ckpt, batch.block_table[r])
+            x = self.inputs(s, B)
+            spec = MCSpec(agg, self.seg, top_k=k)
+            ys, states = [], []
+            for path in ("triton", "torch"):
+                mem = LayerMemory(memory.state[:B].clone(), memory.key_sum[:B].clone(), memory.ckpt, memory.ckpt_key,
+                                  None if csum is None else csum.clone(), None)
+                ys.append(get_decode_path(path)(*x, spec=spec, batch=batch, memory=mem).float())
+                states.append(torch.cat([mem.state.flatten(), mem.ckpt[-1].float().flatten()]))
+            errors[agg] = dict(y=_rel(ys[0], ys[1]), state=_rel(states[0], states[1]))
+        out = dict(what="triton vs torch path", shape=name, B=B, errors=errors)
+        fr = _fla()
+        if fr is not None:
+            batch, memory = self.step(name, s, B, 0)
+            q, k, v, a, b, _, A_log, dt_bias = self.inputs(s, B)
+            h0 = memory.state[:B].clone()
+            mem = LayerMemory(h0.clone(), memory.key_sum[:B].clone(), memory.ckpt, memory.ckpt_key)
+            y = triton_decode_step(q, k, v, a, b, None, A_log, dt_bias, spec=MCSpec("none", self.seg), batch=batch,
+                                   memory=mem)
+            o, ht = fr(q[:, None].float(), k[:, None].float(), v[:, None].float(), g=a[:, None].float(),
+                       beta=b[:, None].float(), initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                       use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True,
+                       state_v_first=True)
+            out["vs_fla_none"] = dict(y=_rel(y, o[:, 0]), state=_rel(mem.state, ht))
+        return out
+
+    # ---- variants ----
+    def sweep(self) -> tuple[list[dict], dict]:
+        """Time each config on a few cells of shapes a and b; best = lowest geometric-mean time."""
+        online = [KernelConfig(8, 1), KernelConfig(8, 2), KernelConfig(16, 1), KernelConfig(16, 2), KernelConfig(16, 4),
+                  KernelConfig(32, 4), KernelConfig(64, 8), KernelConfig(8, 1, 2), KernelConfig(16, 2, 2)]
+        routed = [KernelConfig(8, 1, two_pass=True), KernelConfig(8, 2, two_pass=True),
+                  KernelConfig(16, 2, two_pass=True), KernelConfig(32, 4, two_pass=True),
+                  KernelConfig(16, 2, 8, two_pass=False), KernelConfig(32, 4, 4, two_pass=False),
+                  KernelConfig(8, 1, 1, two_pass=False)]
+        if self.dev.type != "cuda":
+            online, routed = online[:2], [routed[0], routed[4]]
+        rows, best = [], {}
+        k_routed = 4 if self.dev.type == "cuda" else 2
+        for name in [n for n in ("a", "b") if n in self.cfg["shapes"]]:
+            s = self.cfg["shapes"][name]
+            for kind, agg, k, configs in [("online", "none", 0, online), ("routed", "ssc", k_routed, routed)]:
+                times: dict[int, list[float]] = {}
+                for i, c in enumerate(configs):
+                    for B in self.cfg["sweep_batches"]:
+                        r = self.mc(name, s, B, agg, k, self.cfg["cached"], c)
+                        if r:
+                            rows.append(r)
+                            times.setdefault(i, []).append(r["ms"])
+                full = {i: t for i, t in times.items() if len(t) == len(self.cfg["sweep_batches"])}
+                if full:
+                    i = min(full, key=lambda j: math.prod(full[j]))
+                    best[(name, kind)] = configs[i]
+                    print(f"best {name}/{kind}: {configs[i]}", flush=True)
+        return rows, best
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def _fla():
+    try:
+        from fla.ops.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule  # noqa: PLC0415
+    except ImportError:
+        return None
+    return fused_recurrent_gated_delta_rule
