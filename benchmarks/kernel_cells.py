@@ -215,13 +215,19 @@ class Cells:
                   KernelConfig(16, 2, two_pass=True), KernelConfig(32, 4, two_pass=True),
                   KernelConfig(16, 2, 8, two_pass=False), KernelConfig(32, 4, 4, two_pass=False),
                   KernelConfig(8, 1, 1, two_pass=False)]
+        grm = [KernelConfig(16, 2, two_pass=True, num_stages=1), KernelConfig(16, 2, two_pass=True, num_stages=2),
+               KernelConfig(16, 2, two_pass=True, num_stages=3), KernelConfig(8, 1, two_pass=True, num_stages=3),
+               KernelConfig(32, 4, two_pass=True, num_stages=2), KernelConfig(16, 2, 8, two_pass=False, num_stages=2)]
         if self.dev.type != "cuda":
-            online, routed = online[:2], [routed[0], routed[4]]
+            online, routed, grm = online[:2], [routed[0], routed[4]], grm[1:2]
         rows, best = [], {}
         k_routed = 4 if self.dev.type == "cuda" else 2
         for name in [n for n in ("a", "b") if n in self.cfg["shapes"]]:
             s = self.cfg["shapes"][name]
-            for kind, agg, k, configs in [("online", "none", 0, online), ("routed", "ssc", k_routed, routed)]:
+            kinds = [("online", "none", 0, online), ("routed", "ssc", k_routed, routed)]
+            if name == "a":
+                kinds.append(("grm", "grm", 0, grm))
+            for kind, agg, k, configs in kinds:
                 times: dict[int, list[float]] = {}
                 for i, c in enumerate(configs):
                     for B in self.cfg["sweep_batches"]:

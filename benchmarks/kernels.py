@@ -7,7 +7,7 @@ copy measured in the same run.
 
 Order: copy bandwidth; correctness at real sizes (Triton vs the torch path, and `none` vs fla); a
 variant sweep (block_v, num_warps, tiles per program, 1- vs 2-pass routing) whose best config per
-shape and kind (online-only / routed) runs the main grid; fla, the torch path, SDPA at 32K. Every
+shape and kind (online-only / ssc / grm) runs the main grid; fla, the torch path, SDPA at 32K. Every
 pool holds random data; 64 cached checkpoints per row are drawn from a bf16 pool several times the
 L2 (rows may share blocks). Writes kernels.json and kernels.md to --out; prints a summary last.
 """
@@ -60,7 +60,7 @@ def main() -> None:
     out["best_config"] = {f"{s}/{kind}": str(c) for (s, kind), c in best.items()}
     rows = []
     for name, shape in cfg["shapes"].items():
-        pick = {kind: best.get((name, kind), best.get(("a", kind))) for kind in ("online", "routed")}
+        pick = {kind: best.get((name, kind), best.get(("a", kind))) for kind in ("online", "routed", "grm")}
         for B in cfg["batches"]:
             rows.append(cells.fla(name, shape, B))
             for k in cfg["top_k"]:
@@ -68,7 +68,7 @@ def main() -> None:
                 rows.append(cells.mc(name, shape, B, agg, k, cfg["cached"], pick["online" if k == 0 else "routed"]))
         for B in cfg["grm_batches"]:
             for n in cfg["grm_n"]:
-                rows.append(cells.mc(name, shape, B, "grm", 0, n, pick["routed"]))
+                rows.append(cells.mc(name, shape, B, "grm", 0, n, pick["grm"] or pick["routed"]))
         if name == "a":
             for B in cfg["torch_batches"]:
                 for k in (0, 4 if not args.smoke else 2):

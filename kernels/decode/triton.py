@@ -53,6 +53,7 @@ class KernelConfig:
     tiles_per_program: dv tiles one program updates in turn (amortises its gates, norms and, with
         two_pass=False, its routing over more state; fewer programs in flight).
     two_pass: ssc/grm route in a separate launch per (row, q/k head) instead of in every program.
+    num_stages: how deep Triton pipelines grm's loop over the cached checkpoints (1 = not at all).
     """
 
     block_v: int = 0
@@ -60,14 +61,16 @@ class KernelConfig:
     tiles_per_program: int = 1
     two_pass: bool = False
     router_warps: int = 4
+    num_stages: int = 2
 
     def __str__(self) -> str:
         return (f"bv{self.block_v or 'auto'} w{self.num_warps or 'auto'} t{self.tiles_per_program} "
-                f"{'2-pass' if self.two_pass else '1-pass'}")
+                f"{'2-pass' if self.two_pass else '1-pass'} s{self.num_stages}")
 
     def __post_init__(self) -> None:
-        if self.tiles_per_program < 1:
-            raise ValueError(f"tiles_per_program must be >= 1, got {self.tiles_per_program}")
+        if self.tiles_per_program < 1 or self.num_stages < 1:
+            raise ValueError(f"tiles_per_program and num_stages must be >= 1, got {self.tiles_per_program}, "
+                             f"{self.num_stages}")
         if self.block_v and (self.block_v & (self.block_v - 1)):
             raise ValueError(f"block_v must be a power of two, got {self.block_v}")
         for name in ("num_warps", "router_warps"):
@@ -112,7 +115,8 @@ def _tile(
     s_te, ti, hv, h, g, beta, kn, qs, boundary, write, n_valid, u_ptr, u_scale, g_on, sel_b, sel_w, mx, z,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr, BKC: tl.constexpr,
     KP: tl.constexpr, KC: tl.constexpr, BN: tl.constexpr, AGG: tl.constexpr, TWO_PASS: tl.constexpr,
-    RESET: tl.constexpr, HAS_CSUM: tl.constexpr, CKPT_BF16: tl.constexpr,
+    RESET: tl.constexpr, HAS_CSUM: tl.constexpr, CKPT_BF16: tl.constexpr, STAGES: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """One loaded tile S [BV, dk] (rows ti*BV.. of dv) of one (row, v-head): update, read out, write
     the checkpoint at a boundary, store in place."""
@@ -137,20 +141,18 @@ def _tile(
         if AGG == 2:
             acc = readout_selected(ckpt, s_ck, sel_b, sel_w, base, local, rows_ok, qs, DK, BK, KP, KC)
         elif TWO_PASS:
-            # constexpr loop bounds (a runtime loop, not unrolled), the row's extent a branch: the
-            # interpreter cannot take a loop bound from a tensor
-            for e0 in tl.range(0, NP, KC):
-                if e0 < n_valid:
-                    e = e0 + tl.arange(0, KC)
-                    blk = tl.load(route_blk + routed + e, mask=e < n_valid, other=-1)
-                    w = tl.load(route_w + routed + e, mask=e < n_valid, other=0.0)
-                    acc += readout(ckpt, s_ck, blk, w, base, local, rows_ok, qs, DK, BK)
+            # grm: every valid entry, KC at a time; Triton pipelines the loads STAGES deep (cp.async).
+            # Compiled, the loop stops at the row's last entry; the interpreter cannot take a loop bound
+            # from a tensor, so there it runs to NP and the masks stop it (the same sums)
+            for e0 in tl.range(0, NP if INTERPRET else n_valid, KC, num_stages=STAGES):
+                e = e0 + tl.arange(0, KC)
+                blk = tl.load(route_blk + routed + e, mask=e < n_valid, other=-1)
+                w = tl.load(route_w + routed + e, mask=e < n_valid, other=0.0)
+                acc += readout(ckpt, s_ck, blk, w, base, local, rows_ok, qs, DK, BK)
         else:
-            for e0 in tl.range(0, NP, BN):
-                if e0 < n_valid:
-                    r_c, b_c = cached_scores(t_row, s_te, e0, n_valid, ckpt_key, s_ckey, h, u_ptr, u_scale, BN, DK,
-                                             BKC)
-                    acc += readout(ckpt, s_ck, b_c, tl.exp(r_c - mx) / z, base, local, rows_ok, qs, DK, BK)
+            for e0 in tl.range(0, NP if INTERPRET else n_valid, BN, num_stages=STAGES):
+                r_c, b_c = cached_scores(t_row, s_te, e0, n_valid, ckpt_key, s_ckey, h, u_ptr, u_scale, BN, DK, BKC)
+                acc += readout(ckpt, s_ck, b_c, tl.exp(r_c - mx) / z, base, local, rows_ok, qs, DK, BK)
         out = g_on * o + acc
 
     if write:
@@ -177,7 +179,8 @@ def _decode_kernel(
     NP: tl.constexpr, BKC: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr,
     BN: tl.constexpr, W: tl.constexpr, AGG: tl.constexpr, TWO_PASS: tl.constexpr, LEARNED: tl.constexpr,
     NEG_EIGVAL: tl.constexpr, RESET: tl.constexpr, HAS_WRITES: tl.constexpr, HAS_CSUM: tl.constexpr,
-    HAS_UTIL: tl.constexpr, PER_ROW_K: tl.constexpr, CKPT_BF16: tl.constexpr,
+    HAS_UTIL: tl.constexpr, PER_ROW_K: tl.constexpr, CKPT_BF16: tl.constexpr, STAGES: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """One program per (row, v-head, group of TPP dv tiles): the per-(row, head) prologue (gates,
     norms, routing) once, then the tiles in turn."""
@@ -262,7 +265,8 @@ def _decode_kernel(
             S_next, v_next = _load_tile(state_ptr, v_ptr, grp * TPP + t + 1, hv, DK, DV, BK, BV)
         _tile(S, vv, state_ptr, y_ptr, ckpt, s_ck, ckpt_sum_ptr, wb, route_blk, route_w, routed, ckpt_key, s_ckey,
               t_row, s_te, grp * TPP + t, hv, h, g, beta, kn, qs, boundary, write, n_valid, u_ptr, u_scale, g_on,
-              sel_b, sel_w, mx, z, DK, DV, BK, BV, NP, BKC, KP, KC, BN, AGG, TWO_PASS, RESET, HAS_CSUM, CKPT_BF16)
+              sel_b, sel_w, mx, z, DK, DV, BK, BV, NP, BKC, KP, KC, BN, AGG, TWO_PASS, RESET, HAS_CSUM, CKPT_BF16,
+              STAGES, INTERPRET)
         if t + 1 < TPP:
             S = S_next
             vv = v_next
@@ -436,5 +440,6 @@ def plan_decode(
         route_blk, route_w, route_on, tickets, y, dk**-0.5, N), dict(
         G=HV // H, HV=HV, DV=dv, BV=BV, NV=NV, TPP=TPP, KC=KC, BN=BN, TWO_PASS=two_pass, NEG_EIGVAL=allow_neg_eigval,
         RESET=spec.reset, HAS_CSUM=m.ckpt_sum is not None, CKPT_BF16=m.ckpt.dtype == torch.bfloat16,
+        STAGES=cfg.num_stages, INTERPRET=_interpreting(),
         num_warps=warps, **flags)))
     return y, launches
