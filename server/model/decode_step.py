@@ -1,0 +1,159 @@
+"""One decode token for a batch of rows through every layer, shaped for a CUDA graph: every tensor's
+shape is fixed by (rows, table width), nothing syncs with the host, and the layer core is a decode
+path with `kernels/decode/contract.py`'s signature (Triton on CUDA, torch on CPU).
+
+Against `model.decode` (the torch reference, which it equals): each layer's input projections are
+one matmul (q, k, v, a, b, g and u weights re-pointed to views of one fused tensor, gate and up of the
+MLP likewise: no extra memory), the glue runs as fused row kernels on CUDA (kernels/triton_step.py,
+kernels/triton_norms.py; the model's torch modules on CPU), padded rows (slot -1) touch no slot, and
+router weights go straight into the per-block utility tensor. The conv state of a boundary row's
+checkpoint is left to the caller (it is the slot's conv state after the step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcserve.kernels.decode.contract import DecodeBatch, DecodeFn, LayerMemory
+from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
+from mcserve.server.model.layers import GatedRMSNorm, RMSNorm, ShortConv
+
+if TYPE_CHECKING:
+    from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+
+
+@dataclass(frozen=True, slots=True)
+class Glue:
+    """The elementwise pieces of a layer: (x [B, D], dx | None, norm) -> (x + dx, norm(x + dx));
+    conv (x, pool [slots, D, W-1], slots, weight [D, W], bias) -> silu(conv) with the pool updated;
+    gated_norm (y [B, HV, dv], gate | None, o_norm) -> [B, HV, dv]; swiglu ([B, 2M]) -> [B, M]."""
+
+    name: str
+    add_norm: Callable[[torch.Tensor, torch.Tensor | None, RMSNorm], tuple[torch.Tensor, torch.Tensor]]
+    conv: Callable[..., torch.Tensor]
+    gated_norm: Callable[[torch.Tensor, torch.Tensor | None, RMSNorm], torch.Tensor]
+    swiglu: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _torch_add_norm(x: torch.Tensor, dx: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x if dx is None else x + dx
+    return x, norm(x)
+
+
+def _torch_conv(x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """ShortConv.forward_step on the live rows (finding them syncs: CPU only)."""
+    live = (slots >= 0).nonzero().squeeze(-1)
+    win = torch.cat([pool[slots[live]].to(x.dtype), x[live][..., None]], dim=-1)  # [b, D, W]
+    y = (win.float() * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    pool[slots[live]] = win[..., 1:]
+    return torch.zeros_like(x).index_copy_(0, live, F.silu(y).to(x.dtype))
+
+
+def _torch_gated_norm(y: torch.Tensor, gate: torch.Tensor | None, norm: RMSNorm) -> torch.Tensor:
+    return norm(y, gate) if gate is not None else norm(y)
+
+
+def _torch_swiglu(gu: torch.Tensor) -> torch.Tensor:
+    g, u = gu.chunk(2, dim=-1)
+    if gu.dtype == torch.float64:
+        return F.silu(g) * u
+    return (F.silu(g.float()) * u.float()).to(gu.dtype)
+
+
+TORCH_GLUE = Glue("torch", _torch_add_norm, _torch_conv, _torch_gated_norm, _torch_swiglu)
+
+
+def triton_glue() -> Glue:
+    from mcserve.kernels import triton_norms, triton_step
+
+    def gated(y: torch.Tensor, gate: torch.Tensor | None, norm: RMSNorm) -> torch.Tensor:
+        if gate is None:
+            return triton_norms.rmsnorm(y, norm.weight, norm.eps)
+        assert isinstance(norm, GatedRMSNorm)
+        return triton_norms.gated_rmsnorm(y, gate, norm.weight, norm.eps, norm.activation)
+
+    return Glue("triton", lambda x, dx, norm: triton_step.add_rmsnorm(x, dx, norm.weight, norm.eps),
+                triton_step.conv_step, gated, triton_step.swiglu_fused)
+
+
+def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
+    """One [sum out, in] weight whose row blocks the linears' weights become views of."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    off = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[off:off + n], requires_grad=False)
+        off += n
+    return fused
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    w_in: torch.Tensor  # [conv_dim + 2 HV (+ value_dim) (+ key_dim), hidden]: q k v | a b | g | u
+    w_gate_up: torch.Tensor  # [2 M, hidden]
+    w_conv: torch.Tensor | None  # [conv_dim, W]
+    b_conv: torch.Tensor | None
+
+
+class DecodeStep:
+    def __init__(self, model: MCGatedDeltaNetForCausalLM, decode_fn: DecodeFn, glue: Glue = TORCH_GLUE) -> None:
+        self.model, self.decode_fn, self.glue = model, decode_fn, glue
+        cfg = model.cfg
+        self.layers = []
+        for block in model.model.layers:
+            a = block.attn
+            proj = [a.q_proj, a.k_proj, a.v_proj, a.a_proj, a.b_proj]
+            proj += [a.g_proj] if cfg.use_gate else []
+            proj += [a.u_proj] if a.u_proj is not None else []
+            w_conv = b_conv = None
+            if cfg.use_short_conv:
+                convs: list[ShortConv] = [a.q_conv1d, a.k_conv1d, a.v_conv1d]
+                w_conv = torch.cat([c.weight[:, 0, :].detach() for c in convs]).contiguous()
+                b_conv = torch.cat([c.bias.detach() for c in convs]) if convs[0].bias is not None else None
+            self.layers.append(_Layer(_fuse(proj), _fuse([block.mlp.gate_proj, block.mlp.up_proj]), w_conv, b_conv))
+        kd, vd, hv = cfg.key_dim, cfg.value_dim, cfg.num_v_heads_
+        self._a = 2 * kd + vd  # offsets into a layer's projection row
+        self._g = self._a + 2 * hv
+        self._u = self._g + (vd if cfg.use_gate else 0)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, batch: DecodeBatch, states: StateSlots, ckpts: CheckpointBlocks,
+                 ckpt_sum: torch.Tensor | None = None, utility: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B]; batch: the rows' metadata (slots -1 = padding); ckpt_sum [L, slots, HV, dv, dk] for
+        residual; utility [blocks] fp32 gets the router weights. Returns logits [B, V] fp32."""
+        m, cfg, glue = self.model, self.model.cfg, self.glue
+        B = tokens.shape[0]
+        H, HV, dk, dv = cfg.num_heads, cfg.num_v_heads_, cfg.head_dim, cfg.head_v_dim
+        kd, hv, a0, g0, u0 = cfg.key_dim, cfg.num_v_heads_, self._a, self._g, self._u
+        blocks = m.model.layers
+        x, h = glue.add_norm(m.model.embeddings(tokens), None, blocks[0].attn_norm)
+        for li, (block, lw) in enumerate(zip(blocks, self.layers, strict=True)):
+            attn = block.attn
+            p = F.linear(h, lw.w_in)  # [B, P]
+            qkv = p[:, :a0]
+            qkv = glue.conv(qkv, states.conv[li], batch.slots, lw.w_conv, lw.b_conv) if lw.w_conv is not None \
+                else F.silu(qkv)
+            u = p[:, u0:u0 + kd].view(B, H, dk) if attn.u_proj is not None else None
+            memory = LayerMemory(states.ssm[li], states.key_sum[li], ckpts.ssm[:, li], ckpts.key[:, li],
+                                 None if ckpt_sum is None else ckpt_sum[li], utility)
+            y = self.decode_fn(qkv[:, :kd].view(B, H, dk), qkv[:, kd:2 * kd].view(B, H, dk),
+                               qkv[:, 2 * kd:].view(B, HV, dv), p[:, a0:a0 + hv], p[:, a0 + hv:g0], u,
+                               attn.A_log, attn.dt_bias, spec=m.spec, batch=batch, memory=memory,
+                               allow_neg_eigval=cfg.allow_neg_eigval, out_dtype=x.dtype)
+            gate = p[:, g0:u0].view(B, HV, dv) if cfg.use_gate else None
+            o = glue.gated_norm(y, gate, attn.o_norm)
+            x, h = glue.add_norm(x, F.linear(o.reshape(B, -1), attn.o_proj.weight), block.mlp_norm)
+            act = glue.swiglu(F.linear(h, lw.w_gate_up))
+            nxt = blocks[li + 1].attn_norm if li + 1 < len(blocks) else m.model.norm
+            x, h = glue.add_norm(x, F.linear(act, block.mlp.down_proj.weight), nxt)
+        w = m.model.embeddings.weight if m.lm_head is None else m.lm_head.weight
+        return F.linear(h, w).float()

@@ -1,0 +1,144 @@
+"""DecodeStep (the CUDA runner's static decode forward) against model.decode, the torch reference:
+logits, states, key sums, conv states, checkpoints written and router weights per block, on random
+pools with holes, boundaries, mixed positions, per-row k and padded rows; the torch path with the
+torch glue exactly as the CPU serves it, and the Triton decode path with the Triton glue under the
+interpreter (what the GPU runs)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mcserve.kernels.decode import DecodeBatch, get_decode_path
+from mcserve.kernels.decode.residual import rebuild_ckpt_sum
+from mcserve.server.model.decode_step import TORCH_GLUE, DecodeStep, triton_glue
+from mcserve.server.model.init_model import build_config, init_weights
+from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+
+C = 8
+CASES = {
+    "ssc-learned": (dict(aggregation="ssc", segment_size=C, top_k=2, router="learned"), {}),
+    "grm-grouped": (dict(aggregation="grm", segment_size=C, router="query"), dict(num_v_heads=4)),
+    "residual": (dict(aggregation="residual", segment_size=C), dict(conv_bias=True)),
+    "none": (dict(aggregation="none", segment_size=C), {}),
+    "ssc-reset": (dict(aggregation="ssc", segment_size=C, top_k=3, state_init="reset"), dict(use_gate=False)),
+}
+
+
+def _model(case: str) -> MCGatedDeltaNetForCausalLM:
+    mc, over = CASES[case]
+    model = MCGatedDeltaNetForCausalLM(build_config("tiny", 97, mc, **over))
+    init_weights(model, seed=3)
+    with torch.no_grad():  # give the gates and norms something to do
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    return model.eval()
+
+
+def _pools(model, slots: int, blocks: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    states, ckpts = model.allocate_states(slots), model.allocate_checkpoints(blocks)
+    for t in (states.ssm, states.key_sum, states.conv, ckpts.ssm, ckpts.key, ckpts.conv):
+        t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+    return states, ckpts
+
+
+def _clone(states, ckpts):
+    from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
+
+    return (StateSlots(states.ssm.clone(), states.key_sum.clone(), states.conv.clone()),
+            CheckpointBlocks(ckpts.ssm.clone(), ckpts.key.clone(), ckpts.conv.clone()))
+
+
+def _rows():
+    """5 live rows: positions with 0..5 cached segments, two boundaries, a hole; k per row."""
+    slots = [4, 0, 6, 2, 5]
+    positions = [3, C - 1, 2 * C + 5, 4 * C - 1, 5 * C + 2]
+    tables = [[], [], [3, -1], [7, 1, 9], [10, 11, 12, 13, 14]]
+    writes = [-1, 15, -1, 16, -1]
+    ks = [2, 1, 2, 2, 1]
+    return slots, positions, tables, writes, ks
+
+
+def _reference(model, case, states, ckpts, tokens):
+    slots, positions, tables, writes, ks = _rows()
+    N = max(len(t) for t in tables)
+    table = torch.tensor([t + [-1] * (N - len(t)) for t in tables])
+    top_k = torch.tensor(ks) if model.spec.aggregation == "ssc" else None
+    logits, w = model.decode(torch.tensor(tokens), torch.tensor(slots), torch.tensor(positions), table,
+                             torch.tensor(writes), states, ckpts, top_k, top_k_max=max(ks))
+    util = torch.zeros(ckpts.num_blocks, dtype=torch.float64)
+    if model.spec.reads_cache and N:
+        util.index_add_(0, table.clamp_min(0).reshape(-1), torch.where(table >= 0, w, 0.0).reshape(-1).double())
+    return logits, util
+
+
+def _step(model, step, states, ckpts, tokens, pad: list[int], width: int):
+    """The same rows through DecodeStep, with padded rows inserted at `pad` and tables `width` wide."""
+    slots, positions, tables, writes, ks = _rows()
+    order = list(range(5))
+    for p in pad:
+        order.insert(p, -1)
+
+    def col(values, fill):
+        return torch.tensor([values[i] if i >= 0 else fill for i in order])
+
+    table = torch.tensor([(tables[i] if i >= 0 else []) + [-1] * (width - (len(tables[i]) if i >= 0 else 0))
+                          for i in order])
+    batch = DecodeBatch(positions=col(positions, 0), slots=col(slots, -1), block_table=table,
+                        write_blocks=col(writes, -1), top_k=col(ks, 1), top_k_max=model.spec.top_k)
+    ckpt_sum = None
+    if model.spec.aggregation == "residual":
+        L = model.cfg.num_hidden_layers
+        ckpt_sum = torch.zeros(L, states.num_slots, *states.ssm.shape[2:], dtype=torch.float32)
+        for i in range(5):
+            for li in range(L):
+                rebuild_ckpt_sum(ckpt_sum[li, slots[i]], ckpts.ssm[:, li], tables[i])
+    util = torch.zeros(ckpts.num_blocks, dtype=torch.float32)
+    logits = step(col(tokens, 0), batch, states, ckpts, ckpt_sum, util)
+    live = torch.tensor([i >= 0 for i in order])
+    return logits[live], logits[~live], util
+
+
+def _compare(model, path: str, glue, atol: float) -> None:
+    ref_states, ref_ckpts = _pools(model, 8, 17, seed=1)
+    states, ckpts = _clone(ref_states, ref_ckpts)
+    tokens = [5, 17, 3, 96, 40]
+    want, want_util = _reference(model, None, ref_states, ref_ckpts, tokens)
+    step = DecodeStep(model, get_decode_path(path), glue)
+    got, padded, util = _step(model, step, states, ckpts, tokens, pad=[0, 3], width=7)
+    torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+    assert torch.isfinite(padded).all()
+    for name in ("ssm", "key_sum", "conv"):
+        torch.testing.assert_close(getattr(states, name), getattr(ref_states, name), atol=atol, rtol=atol)
+    # checkpoints and keys of the boundary rows (15, 16); the conv part of a block is the runner's
+    for name in ("ssm", "key"):
+        torch.testing.assert_close(getattr(ckpts, name), getattr(ref_ckpts, name), atol=atol, rtol=atol)
+    torch.testing.assert_close(util.double(), want_util, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_path_equals_model_decode(case: str) -> None:
+    _compare(_model(case), "torch", TORCH_GLUE, 1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_path_equals_model_decode(case: str) -> None:
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    _compare(_model(case), "triton", triton_glue(), 2e-4)
+
+
+def test_fused_weights_are_views_and_leave_model_decode_unchanged() -> None:
+    model = _model("ssc-learned")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = sum(p.numel() for p in model.parameters())
+    step = DecodeStep(model, get_decode_path("torch"))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert sum(p.numel() for p in model.parameters()) == params
+    attn = model.model.layers[0].attn
+    assert attn.k_proj.weight.data_ptr() == step.layers[0].w_in.data_ptr() + attn.q_proj.weight.numel() * 4
