@@ -40,6 +40,16 @@ def parse_memory(text: str) -> int | float:
     return int(number * _UNITS[unit])
 
 
+def parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcserve",
@@ -124,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not reuse checkpoints across requests",
     )
     eng.add_argument("--seed", type=int, help="seed of requests that give none")
+    eng.add_argument("--enforce-eager", action="store_const", const=True,
+                     help="no CUDA graphs for the decode step (each step launched op by op)")
+    eng.add_argument("--cuda-graph-sizes", type=parse_sizes,
+                     help="batch sizes to capture decode CUDA graphs for, e.g. 1,8,64 (default 1, 2, 4, 8, 16, "
+                     "then multiples of 16 up to --max-num-seqs)")
     eng.add_argument(
         "--threads",
         type=int,
@@ -163,6 +178,8 @@ ENGINE_FLAGS = (
     "device",
     "enable_prefix_caching",
     "seed",
+    "enforce_eager",
+    "cuda_graph_sizes",
 )
 
 

@@ -24,6 +24,7 @@ import torch
 from mcserve.kernels.mc_spec import AGGREGATIONS
 from mcserve.server.engine.checkpoint_cache import blocks_for_budget
 from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.runner.factory import RunnerOptions
 from mcserve.server.engine.state_pool import slots_for_budget
 from mcserve.server.errors import ConfigError
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
@@ -61,6 +62,9 @@ class EngineArgs:
     mc_aggregation / mc_top_k: override the checkpoint's memory-caching block.
     threads: intra-op CPU threads of the thread that runs the model; None = the process's CPU
         allowance less one core for the HTTP side (server/engine/cpu_threads.py).
+    enforce_eager: no CUDA graphs for the decode step; cuda_graph_sizes: the batch sizes to capture
+        (None: 1, 2, 4, 8, 16, then multiples of 16 up to max_num_seqs). runner: "auto" (the CUDA
+        runner on CUDA, the torch runner on CPU), "torch" or "cuda" (runner/factory.py).
     """
 
     device: str = "auto"
@@ -81,6 +85,9 @@ class EngineArgs:
     seed: int | None = None
     served_model_name: str | None = None
     threads: int | None = None
+    enforce_eager: bool = False
+    cuda_graph_sizes: tuple[int, ...] | None = None
+    runner: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_waiting"):
@@ -100,8 +107,13 @@ class EngineArgs:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
+        self.runner_options()  # ConfigError on a bad runner, size list
         if self.served_model_name is not None and not str(self.served_model_name).strip():
             raise ConfigError(f"served_model_name must not be blank, got {self.served_model_name!r}")
+
+    def runner_options(self) -> RunnerOptions:
+        sizes = self.cuda_graph_sizes
+        return RunnerOptions(self.runner, self.enforce_eager, tuple(sizes) if sizes is not None else None)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -39,7 +39,7 @@ from mcserve.server.engine.metrics_publisher import MetricsPublisher
 from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
 from mcserve.server.engine.plan import StepPlan
 from mcserve.server.engine.runner.base import Logprobs, TransferError
-from mcserve.server.engine.runner.factory import make_runner
+from mcserve.server.engine.runner.factory import RunnerOptions, make_runner
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.sampler import SamplingRow
 from mcserve.server.engine.scheduler import Scheduler
@@ -80,8 +80,8 @@ class _Request:
 class LLMEngine:
     def __init__(self, model: MCGatedDeltaNetForCausalLM, tokenizer: Tokenizer, config: EngineConfig, *,
                  ckpt_dtype: torch.dtype | None = None, model_name: str = "model", metrics: Any = None,
-                 seed: int | None = None) -> None:
-        """`metrics`: an `EngineMetrics` (server/metrics.py) or None."""
+                 seed: int | None = None, runner: RunnerOptions | None = None) -> None:
+        """`metrics`: an `EngineMetrics` (server/metrics.py) or None; `runner`: which runner and how."""
         assert model.spec.segment_size == config.segment_size, (model.spec, config.segment_size)
         self.model = model
         self.tokenizer = tokenizer
@@ -94,7 +94,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer.backend.to_str(), self.eos_token_ids)
         self.masks = TokenMasks(self.grammars)
         self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size,
-                                  masks=self.masks)
+                                  masks=self.masks, options=runner)
         self.engine_counters: Counter[str] = Counter()
         self.publisher = MetricsPublisher(metrics, self.scheduler.counters, self.runner, model.spec.reads_cache)
         self._requests: dict[str, _Request] = {}
@@ -124,7 +124,7 @@ class LLMEngine:
         name = args.served_model_name or Path(model_dir).resolve().name
         try:
             engine = cls(model, tokenizer, config, ckpt_dtype=ckpt_dtype, model_name=name, metrics=metrics,
-                         seed=args.seed)
+                         seed=args.seed, runner=args.runner_options())
         except torch.cuda.OutOfMemoryError as e:
             raise ConfigError(f"cannot allocate {pools.describe()} on {device}: {e}; lower the memory budgets"
                               " or --max-num-seqs") from None

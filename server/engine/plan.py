@@ -13,6 +13,13 @@ A runner executes one StepPlan in this order (later stages may read what earlier
 
 Block ids index the GPU checkpoint pool ([num_blocks, ...]); -1 in a read list is a checkpoint that is
 not on the GPU (dropped or offloaded): the runner skips it (SSC selects among the others).
+
+Block tables as diffs: a runner that keeps every running sequence's table between steps applies, before
+stage 1, `released` (tables that ended since the last plan: finished, aborted, preempted), then
+`table_appends` (each a new last entry of a table, in order; a sequence's first entry starts its
+table), then `table_updates` (entries whose block changed: offloaded or dropped -> -1, onloaded ->
+its new block), each in order. The result is every running sequence's table, the same as the read
+lists the rows and chunks carry.
 """
 
 from __future__ import annotations
@@ -59,6 +66,15 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class TableEntry:
+    """Segment `segment` of sequence `seq_id`'s checkpoints is in GPU block `block` (-1: not on the GPU)."""
+
+    seq_id: int
+    segment: int
+    block: int
+
+
+@dataclass(frozen=True, slots=True)
 class SlotRestore:
     slot: int
     block_id: int
@@ -82,6 +98,9 @@ class StepPlan:
     offloads: tuple[BlockCopy, ...] = ()
     onloads: tuple[BlockCopy, ...] = ()
     preempted: tuple[int, ...] = ()  # seq ids sent back to the waiting queue while planning (info)
+    released: tuple[int, ...] = ()
+    table_appends: tuple[TableEntry, ...] = ()
+    table_updates: tuple[TableEntry, ...] = ()
 
     @property
     def num_tokens(self) -> int:

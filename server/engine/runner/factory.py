@@ -2,19 +2,57 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.runner.base import ModelRunner
 from mcserve.server.engine.runner.torch_runner import TorchModelRunner
 from mcserve.server.engine.structured.masks import TokenMasks
+from mcserve.server.errors import ConfigError
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+
+RUNNERS = ("auto", "torch", "cuda")
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOptions:
+    """How plans are executed (never what they compute).
+
+    kind: "auto" = the CUDA runner on a CUDA device, the torch runner on CPU; "torch" = the torch
+        runner anywhere (the reference); "cuda" = the CUDA runner's code anywhere (on CPU it runs the
+        torch decode path without graphs: how its host logic is tested).
+    enforce_eager: no CUDA graphs (every decode step launched op by op).
+    cuda_graph_sizes: the batch sizes to capture graphs for (None: 1, 2, 4, 8, 16, 32, ..., max_num_seqs).
+    """
+
+    kind: str = "auto"
+    enforce_eager: bool = False
+    cuda_graph_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in RUNNERS:
+            raise ConfigError(f"runner must be one of {list(RUNNERS)}, got {self.kind!r}")
+        sizes = self.cuda_graph_sizes
+        if sizes is not None and (not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
+                                                   for s in sizes)):
+            raise ConfigError(f"cuda_graph_sizes must be positive integers, got {sizes!r}")
 
 
 def make_runner(model: MCGatedDeltaNetForCausalLM, config: EngineConfig, *, ckpt_dtype: torch.dtype | None = None,
-                seed: int | None = None, vocab_size: int | None = None, masks: TokenMasks | None = None
-                ) -> ModelRunner:
-    """The runner for `model`'s device with pools sized by `config`. One implementation so far: the
-    torch runner (CPU and GPU)."""
-    return TorchModelRunner(model, config.num_state_slots, config.num_checkpoint_blocks, config.num_host_blocks,
-                            ckpt_dtype, seed=seed, vocab_size=vocab_size, masks=masks)
+                seed: int | None = None, vocab_size: int | None = None, masks: TokenMasks | None = None,
+                options: RunnerOptions | None = None) -> ModelRunner:
+    """The runner for `model`'s device with pools sized by `config`."""
+    options = options or RunnerOptions()
+    kind = options.kind
+    if kind == "auto":
+        kind = "cuda" if model.device.type == "cuda" else "torch"
+    if kind == "torch":
+        return TorchModelRunner(model, config.num_state_slots, config.num_checkpoint_blocks, config.num_host_blocks,
+                                ckpt_dtype, seed=seed, vocab_size=vocab_size, masks=masks)
+    from mcserve.server.engine.runner.cuda_runner import CudaModelRunner
+
+    sizes = list(options.cuda_graph_sizes) if options.cuda_graph_sizes is not None else None
+    return CudaModelRunner(model, config, ckpt_dtype, seed=seed, vocab_size=vocab_size, masks=masks,
+                           enforce_eager=options.enforce_eager, cuda_graph_sizes=sizes)

@@ -14,13 +14,14 @@ from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
 class DevicePools:
     """State slots and the GPU checkpoint pool on the model's device; the host pool (pinned on CUDA)
-    when offloading is on."""
+    when offloading is on. `scratch_blocks` extra GPU blocks past the cache's (which the cache never
+    hands out) take the writes that graph-captured code aims at "no block"."""
 
     def __init__(self, model: MCGatedDeltaNetForCausalLM, num_state_slots: int, num_checkpoint_blocks: int,
-                 num_host_blocks: int = 0, ckpt_dtype: torch.dtype | None = None) -> None:
+                 num_host_blocks: int = 0, ckpt_dtype: torch.dtype | None = None, scratch_blocks: int = 0) -> None:
         self.model = model
         self.states: StateSlots = model.allocate_states(num_state_slots)
-        self.ckpts: CheckpointBlocks = model.allocate_checkpoints(num_checkpoint_blocks, ckpt_dtype)
+        self.ckpts: CheckpointBlocks = model.allocate_checkpoints(num_checkpoint_blocks + scratch_blocks, ckpt_dtype)
         self.host: CheckpointBlocks | None = None
         if num_host_blocks:
             self.host = CheckpointBlocks.allocate(model.cfg, num_host_blocks, self.ckpts.ssm.dtype, model.dtype,
