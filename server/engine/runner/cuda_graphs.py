@@ -50,8 +50,11 @@ def bucket(sizes: list[int], n: int) -> int | None:
 
 
 class DecodeGraphs:
-    def __init__(self, forward: Forward, batch_sizes: list[int], widths: list[int], enabled: bool) -> None:
+    def __init__(self, forward: Forward, batch_sizes: list[int], widths: list[int], enabled: bool,
+                 pad_eager: bool = False) -> None:
+        """pad_eager: eager steps also run at their bucket's batch size (what a replay computes; tests)."""
         self.forward = forward
+        self.pad_eager = pad_eager
         self.batch_sizes, self.widths = batch_sizes, widths
         self.enabled = enabled
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -90,7 +93,8 @@ class DecodeGraphs:
         entry = self._graphs.get((b, w)) if b is not None and w is not None else None
         if entry is None:
             self.eager += 1
-            return self.forward(rows, w if w is not None else width)
+            padded = b if self.pad_eager and b is not None else rows
+            return self.forward(padded, w if w is not None else width)
         graph, out = entry
         graph.replay()
         self.replays += 1

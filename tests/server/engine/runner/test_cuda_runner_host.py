@@ -5,6 +5,7 @@ nothing is sent in a steady decode step."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -124,13 +125,21 @@ def _params(seq_id: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, mc_top_k=1 if seq_id % 4 == 2 else None)
 
 
-@pytest.mark.parametrize("aggregation", ["ssc", "grm", "residual", "none"])
-def test_cuda_runner_equals_torch_runner(aggregation: str) -> None:
+CASES = [("ssc", "torch", False), ("grm", "torch", False), ("residual", "torch", False), ("none", "torch", True),
+         ("ssc", "triton", True)]
+
+
+@pytest.mark.parametrize(("aggregation", "path", "pad"), CASES)
+def test_cuda_runner_equals_torch_runner(aggregation: str, path: str, pad: bool) -> None:
+    """pad: decode steps run at their graph bucket's batch size with padding rows; triton: the GPU's
+    decode path and fused glue (under the interpreter on CPU)."""
+    if path == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     model = _model(aggregation)
     cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=160, segment_size=C,
                        num_state_slots=6, num_checkpoint_blocks=48)
     ref = TorchModelRunner(model, 6, 48, ckpt_dtype=torch.float32)
-    cuda = CudaModelRunner(model, cfg, torch.float32)
+    cuda = CudaModelRunner(model, cfg, torch.float32, decode_path=path, pad_eager=pad)
     for pools in (ref.pools, cuda.pools):
         for t in (pools.states.ssm, pools.states.key_sum, pools.states.conv, pools.ckpts.ssm, pools.ckpts.key,
                   pools.ckpts.conv):
@@ -139,7 +148,8 @@ def test_cuda_runner_equals_torch_runner(aggregation: str) -> None:
     for n, out in ((13, 20), (30, 12), (8, 9), (21, 16)):
         maker.admit(n, out)
     sends, steady = 0, 0
-    for step in range(1, 70):
+    steps = 70 if path == "torch" else 16  # the interpreter is slow
+    for step in range(1, steps):
         if len(maker.seqs) < 4 and step % 7 == 0:
             maker.admit(5 + step % 17, 6 + step % 5)
         plan = maker.plan(step)
@@ -163,8 +173,9 @@ def test_cuda_runner_equals_torch_runner(aggregation: str) -> None:
         for s in maker.seqs.values():
             if s.seq_id in cuda.batch.row_of:
                 assert cuda.batch.host_table(s.seq_id) == s.table, (step, s.seq_id)
-    assert steady > 5 and sends == 0  # a steady decode step sends nothing (CPU counts no copies anyway)
+    assert steady > (5 if path == "torch" else 0) and sends == 0  # a steady decode step sends nothing (CPU counts no copies anyway)
     assert maker.next_id > 4  # rows were recycled
+    assert cuda.graphs.eager > 0 and (not pad or cuda.batch.num_decode < 4)
 
 
 def test_utility_matches_the_torch_runners_block_weights() -> None:
