@@ -36,6 +36,7 @@ from mcserve.server.engine.runner.cuda_graphs import DecodeGraphs, batch_buckets
 from mcserve.server.engine.runner.device_batch import DeviceBatch
 from mcserve.server.engine.runner.device_sampler import DeviceSampler, to_host
 from mcserve.server.engine.runner.pools import DevicePools
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
 from mcserve.server.engine.runner.sampler_rows import SamplerRows
 from mcserve.server.engine.runner.staging import Staging
 from mcserve.server.engine.sampler import SamplingRow
@@ -111,12 +112,14 @@ class CudaModelRunner(ModelRunner):
         self.pools.prepare(plan)
         added = {seq_id for _, seq_id in changes.added}
         logits: list[torch.Tensor] = []
+        prompt_lps: dict[int, tuple[int, list[PromptLogprob]]] = {}
         if plan.prefill:
-            self._prefill(plan, sampling, added, logits)
+            self._prefill(plan, sampling, added, logits, prompt_lps)
         B = self.batch.num_decode
         if B:
             logits.append(self.graphs.run(B, self.batch.table_width)[:B])
-        return self._sample(logits, sample_chunks, sample_rows, rows_piece, B)
+        out = self._sample(logits, sample_chunks, sample_rows, rows_piece, B)
+        return RunnerOutput(out.step, out.logprobs, prompt_lps) if prompt_lps else out
 
     def _set_sampling(self, chunks, chunk_rows: list[int], changes, sampling: Mapping[int, SamplingRow],
                       st: Staging) -> None:
@@ -137,22 +140,31 @@ class CudaModelRunner(ModelRunner):
         st.then(apply)
 
     def _prefill(self, plan: StepPlan, sampling: Mapping[int, SamplingRow], added: set[int],
-                 logits: list[torch.Tensor]) -> None:
+                 logits: list[torch.Tensor], prompt_lps: dict[int, tuple[int, list[PromptLogprob]]]) -> None:
         states, ckpts = self.pools.states, self.pools.ckpts
         if self.ckpt_sum is not None:  # a sequence new to the runner: its slot's sum from its table
             for c in plan.prefill:
                 if c.seq_id in added:
                     rebuild_ckpt_sum(self.ckpt_sum[:, c.slot], ckpts.ssm, c.read_blocks)
+        scored = [scores_prompt(sampling, c) for c in plan.prefill]
         chunks = [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
-                               request_top_k(self.spec, sampling, c.seq_id), "last" if c.sample else "none")
-                  for c in plan.prefill]
+                               request_top_k(self.spec, sampling, c.seq_id),
+                               "all" if all_ else "last" if c.sample else "none")
+                  for c, all_ in zip(plan.prefill, scored, strict=True)]
         out = self.model.prefill_batch(chunks, states, ckpts, self.prefill_kernels, self.selections,
                                        self.utility.acc)
         if self.ckpt_sum is not None:
             for c in plan.prefill:
                 for b in c.write_blocks:
                     self.ckpt_sum[:, c.slot] += ckpts.ssm[b].to(self.ckpt_sum.dtype)
-        logits.extend(lg for c, lg in zip(plan.prefill, out.logits, strict=True) if c.sample)
+        for c, lg, all_ in zip(plan.prefill, out.logits, scored, strict=True):
+            if all_:
+                row = sampling[c.seq_id]
+                prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids,
+                                                             row.params.prompt_logprobs, self.sampler.vocab_size)
+                lg = lg[-1:]
+            if c.sample:
+                logits.append(lg)
 
     def _sample(self, logits: list[torch.Tensor], chunks, chunk_rows: list[int], rows_piece, B: int) -> RunnerOutput:
         if not logits:

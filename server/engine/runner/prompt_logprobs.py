@@ -6,11 +6,12 @@ penalties, bias or grammar (those belong to sampling), floored like the sampler'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from mcserve.server.engine.sampler import LOGPROB_FLOOR
+from mcserve.server.engine.plan import PrefillChunk
+from mcserve.server.engine.sampler import LOGPROB_FLOOR, SamplingRow
 
 # (chosen logprob, rank, [(token_id, logprob)] best first), one per scored position
 PromptLogprob = tuple[float, int, list[tuple[int, float]]]
@@ -37,3 +38,11 @@ def chunk_prompt_logprobs(logits: torch.Tensor, start: int, prompt: Sequence[int
     host = torch.cat(cols, dim=1).tolist()  # one transfer; float64 holds ids exactly
     return first, [(r[0], int(r[1]), [(int(t), v) for t, v in zip(r[2 : 2 + k], r[2 + k :], strict=True)])
                    for r in host]
+
+
+def scores_prompt(sampling: Mapping[int, SamplingRow], chunk: PrefillChunk) -> bool:
+    """Whether this chunk's logits are all needed: its sequence asks for prompt logprobs and some of
+    its positions score a prompt token."""
+    row = sampling.get(chunk.seq_id)
+    return (row is not None and row.params.prompt_logprobs is not None
+            and chunk.start_pos + 1 < len(row.prompt_token_ids))

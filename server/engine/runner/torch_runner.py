@@ -24,7 +24,7 @@ from mcserve.server.engine.plan import PrefillChunk, StepOutput, StepPlan
 from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
 from mcserve.server.engine.runner.decode_batch import pack_decode
 from mcserve.server.engine.runner.pools import DevicePools
-from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
 from mcserve.server.engine.runner.router_weights import BlockWeights
 from mcserve.server.engine.sampler import Sampler, SamplingRow
 from mcserve.server.engine.structured.masks import TokenMasks
@@ -87,7 +87,7 @@ class TorchModelRunner(ModelRunner):
                  prompt_lps: dict[int, tuple[int, list[PromptLogprob]]]) -> list[torch.Tensor]:
         """Every chunk in one packed pass; the logits of those that sample, in order. Fills the prompt
         logprobs of the chunks that score them."""
-        scored = [_scores_prompt(sampling, c) for c in chunks]
+        scored = [scores_prompt(sampling, c) for c in chunks]
         inputs = [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
                                request_top_k(self.spec, sampling, c.seq_id),
                                "all" if all_ else "last" if c.sample else "none")
@@ -139,10 +139,3 @@ class TorchModelRunner(ModelRunner):
                     logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
         return token_ids, logprobs
 
-
-def _scores_prompt(sampling: Mapping[int, SamplingRow], chunk: PrefillChunk) -> bool:
-    """Whether this chunk's logits are all needed: its sequence asks for prompt logprobs and some of
-    its positions score a prompt token."""
-    row = sampling.get(chunk.seq_id)
-    return (row is not None and row.params.prompt_logprobs is not None
-            and chunk.start_pos + 1 < len(row.prompt_token_ids))
