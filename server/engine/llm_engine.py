@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,15 +257,18 @@ class LLMEngine:
         out, self._out = self._out, []
         return out
 
-    def _sampling_rows(self, plan: StepPlan) -> dict[int, SamplingRow]:
-        rows = {}
-        for seq_id in [r.seq_id for r in plan.decode] + [c.seq_id for c in plan.prefill]:
-            req, c = self._by_seq[seq_id]
-            sp, seq = req.request.params, c.seq
-            wants_prompt = sp.repetition_penalty != 1.0 or (sp.prompt_logprobs is not None and seq.is_prefilling)
-            prompt = seq.token_ids[:seq.num_prompt_tokens] if wants_prompt else ()
-            rows[seq_id] = SamplingRow(sp, prompt, seq.output_token_ids, self.eos_token_ids, c.index)
-        return rows
+    def _sampling_rows(self, plan: StepPlan) -> Mapping[int, SamplingRow]:
+        """Every live sequence's SamplingRow, each built when a runner first asks for it: the torch
+        runner asks for every row of the plan, the CUDA runner only for rows new to it (building one
+        copies the sequence's output tokens, so building them all would cost O(batch x output) per step)."""
+        return _SamplingRows(self)
+
+    def sampling_row(self, seq_id: int) -> SamplingRow:
+        req, c = self._by_seq[seq_id]
+        sp, seq = req.request.params, c.seq
+        wants_prompt = sp.repetition_penalty != 1.0 or (sp.prompt_logprobs is not None and seq.is_prefilling)
+        prompt = seq.token_ids[:seq.num_prompt_tokens] if wants_prompt else ()
+        return SamplingRow(sp, prompt, seq.output_token_ids, self.eos_token_ids, c.index)
 
     def _check_progress(self, plan: StepPlan) -> None:
         """Empty plans in a row while requests wait: the scheduler cannot progress on the sequence in
@@ -422,3 +425,26 @@ class LLMEngine:
         if s is None:
             s = self._token_text[tok] = self.tokenizer.decode([tok], skip_special_tokens=False)
         return s
+
+
+class _SamplingRows(Mapping[int, SamplingRow]):
+    """seq_id -> SamplingRow of the engine's live sequences, built on first access within one step."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self._engine = engine
+        self._rows: dict[int, SamplingRow] = {}
+
+    def __getitem__(self, seq_id: int) -> SamplingRow:
+        row = self._rows.get(seq_id)
+        if row is None:
+            row = self._rows[seq_id] = self._engine.sampling_row(seq_id)
+        return row
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._engine._by_seq
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._engine._by_seq)
+
+    def __len__(self) -> int:
+        return len(self._engine._by_seq)
