@@ -38,7 +38,7 @@ class BlockUtility:
 
     def forget(self, blocks: torch.Tensor) -> None:
         """Zero blocks handed to new owners this step (device tensor of block ids)."""
-        self.acc[blocks] = 0.0
+        self.acc.index_fill_(0, blocks, 0.0)
 
     def take(self, now: int) -> tuple[list[int], list[float]]:
         """(blocks, weights) with weight > 0, as of step `now` (>= the last step run); empties the sums.

@@ -60,12 +60,30 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
         self.eager = 0
+        self.capture_error: str | None = None
 
     def capture(self, progress: Callable[[int, int], None] | None = None) -> float:
-        """Capture every (batch, width) pair; returns the seconds it took. Logs a progress line."""
+        """Capture every (batch, width) pair; returns the seconds it took. Logs a progress line. A
+        capture that fails is logged with its traceback and leaves the engine eager (slower, same
+        tokens), with the error in `capture_error`."""
         if not self.enabled:
             return 0.0
         start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                self._capture_all(progress)
+        except Exception as e:  # noqa: BLE001 - degrade to eager, loudly
+            log.exception("CUDA graph capture failed; the decode step runs eagerly")
+            self.capture_error = f"{type(e).__name__}: {e}"
+            self._graphs.clear()
+            self.enabled = False
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        if self.enabled:
+            log.info("captured %d CUDA graphs in %.1f s", len(self._graphs), seconds)
+        return seconds
+
+    def _capture_all(self, progress: Callable[[int, int], None] | None) -> None:
         pool = torch.cuda.graph_pool_handle()
         pairs = [(b, w) for b in reversed(self.batch_sizes) for w in reversed(self.widths)]
         log.info("capturing %d CUDA graphs of the decode step (batch %s, table width %s)", len(pairs),
@@ -82,10 +100,9 @@ class DecodeGraphs:
             self._graphs[(b, w)] = (graph, out)
             if progress is not None:
                 progress(i + 1, len(pairs))
+            elif (i + 1) % max(1, len(pairs) // 8) == 0 or i + 1 == len(pairs):
+                log.info("CUDA graphs: %d/%d captured (last: batch %d, width %d)", i + 1, len(pairs), b, w)
         torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        log.info("captured %d CUDA graphs in %.1f s", len(pairs), seconds)
-        return seconds
 
     def run(self, rows: int, width: int) -> torch.Tensor:
         """Logits [>= rows, V] of the step (only the first `rows` are real)."""

@@ -86,7 +86,7 @@ class CudaModelRunner(ModelRunner):
         states, ckpts = self.pools.states, self.pools.ckpts
         tokens, batch = self.batch.gather(rows, width, self.spec.top_k)
         written = torch.where(batch.write_blocks >= 0, batch.write_blocks, self.scratch)
-        self.utility.acc[written] = 0.0  # a fresh write block: its old weight belonged to a checkpoint now gone
+        self.utility.acc.index_fill_(0, written, 0.0)  # fresh write blocks: their old weight is gone
         logits = self.step_fn(tokens, batch, states, ckpts, self.ckpt_sum, self.utility.acc)
         if states.conv.shape[-1]:
             # a boundary's conv state is the slot's after its token (padding rows write the scratch block)
