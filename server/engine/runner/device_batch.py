@@ -102,9 +102,6 @@ class DeviceBatch:
             entries.append((row, e.segment, e.block))
         for c in plan.prefill:
             row_for(c.seq_id, c.slot)
-        # a row created by an append before its chunk was seen has slot -1 so far: fix it up
-        new = [(r, s if s >= 0 else slot_of[seq], k) for (r, s, k), (_, seq) in zip(new, added, strict=True)]
-
         ids = [r.seq_id for r in plan.decode]
         joined: list[tuple[int, int, int]] = []
         joiners: list[tuple[int, int]] = []
@@ -126,6 +123,11 @@ class DeviceBatch:
             for row, _, _ in entries[:n_appends]:
                 if decoding is None or row in decoding:
                     self._need = max(self._need, self._length[row])
+        if any(slot < 0 for _, slot, _ in new):
+            # a row created by a table append before any chunk of its sequence (a sequence put straight
+            # into decoding, as benchmarks do): its slot comes from its decode row
+            slot_of = {r.seq_id: r.slot for r in plan.decode}
+            new = [(r, s if s >= 0 else slot_of[seq], k) for (r, s, k), (_, seq) in zip(new, added, strict=True)]
         self._stage_device(staging, cleared, new, entries, n_appends, joined, order)
         return RowChanges(cleared, added, joiners)
 
