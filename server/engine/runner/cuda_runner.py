@@ -29,7 +29,7 @@ from mcserve.kernels.decode import get_decode_path
 from mcserve.kernels.decode.residual import rebuild_ckpt_sum
 from mcserve.kernels.prefill.batched import select_kernels
 from mcserve.server.engine.config import EngineConfig
-from mcserve.server.engine.plan import StepOutput, StepPlan
+from mcserve.server.engine.plan import PrefillChunk, StepOutput, StepPlan
 from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
 from mcserve.server.engine.runner.block_utility import BlockUtility
 from mcserve.server.engine.runner.cuda_graphs import DecodeGraphs, batch_buckets, width_buckets
@@ -47,6 +47,8 @@ from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
 
 class CudaModelRunner(ModelRunner):
+    keeps_tables = True
+
     def __init__(self, model: MCGatedDeltaNetForCausalLM, config: EngineConfig, ckpt_dtype: torch.dtype | None = None,
                  seed: int | None = None, vocab_size: int | None = None, masks: TokenMasks | None = None,
                  enforce_eager: bool = False, cuda_graph_sizes: list[int] | None = None,
@@ -98,9 +100,14 @@ class CudaModelRunner(ModelRunner):
     def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
         st = self.staging
         self.utility.begin(plan.step)
+        # stages 1-3 first: they touch only the pools, which the diffs below do not
+        self.pools.copy(plan)
+        bad_slots = self.pools.prepare_slots(plan)
+        failed = {c.seq_id: bad_slots[c.slot] for c in plan.prefill if c.slot in bad_slots}
+        chunks = [c for c in plan.prefill if c.slot not in bad_slots]
         changes = self.batch.stage(plan, lambda seq_id: self.spec.top_k, st)
         self.sampler_rows.clear([r for r in changes.cleared if r in self.sampler_rows])
-        sample_chunks = [c for c in plan.prefill if c.sample]
+        sample_chunks = [c for c in chunks if c.sample]
         sample_rows = [self.batch.row_of[c.seq_id] for c in sample_chunks]
         self._set_sampling(sample_chunks, sample_rows, changes, sampling, st)
         fresh = [b for c in plan.prefill for b in c.write_blocks] + [c.dst for c in plan.onloads]
@@ -109,17 +116,16 @@ class CudaModelRunner(ModelRunner):
         if fresh_piece is not None:
             st.then(lambda: self.utility.forget(fresh_piece.get()))
         st.send()
-        self.pools.prepare(plan)
         added = {seq_id for _, seq_id in changes.added}
         logits: list[torch.Tensor] = []
         prompt_lps: dict[int, tuple[int, list[PromptLogprob]]] = {}
-        if plan.prefill:
-            self._prefill(plan, sampling, added, logits, prompt_lps)
+        if chunks:
+            self._prefill(chunks, sampling, added, logits, prompt_lps)
         B = self.batch.num_decode
         if B:
             logits.append(self.graphs.run(B, self.batch.table_width)[:B])
         out = self._sample(logits, sample_chunks, sample_rows, rows_piece, B)
-        return RunnerOutput(out.step, out.logprobs, prompt_lps) if prompt_lps else out
+        return RunnerOutput(out.step, out.logprobs, prompt_lps, failed)
 
     def _set_sampling(self, chunks, chunk_rows: list[int], changes, sampling: Mapping[int, SamplingRow],
                       st: Staging) -> None:
@@ -139,25 +145,25 @@ class CudaModelRunner(ModelRunner):
 
         st.then(apply)
 
-    def _prefill(self, plan: StepPlan, sampling: Mapping[int, SamplingRow], added: set[int],
+    def _prefill(self, prefill: list[PrefillChunk], sampling: Mapping[int, SamplingRow], added: set[int],
                  logits: list[torch.Tensor], prompt_lps: dict[int, tuple[int, list[PromptLogprob]]]) -> None:
         states, ckpts = self.pools.states, self.pools.ckpts
         if self.ckpt_sum is not None:  # a sequence new to the runner: its slot's sum from its table
-            for c in plan.prefill:
+            for c in prefill:
                 if c.seq_id in added:
                     rebuild_ckpt_sum(self.ckpt_sum[:, c.slot], ckpts.ssm, c.read_blocks)
-        scored = [scores_prompt(sampling, c) for c in plan.prefill]
+        scored = [scores_prompt(sampling, c) for c in prefill]
         chunks = [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
                                request_top_k(self.spec, sampling, c.seq_id),
                                "all" if all_ else "last" if c.sample else "none")
-                  for c, all_ in zip(plan.prefill, scored, strict=True)]
+                  for c, all_ in zip(prefill, scored, strict=True)]
         out = self.model.prefill_batch(chunks, states, ckpts, self.prefill_kernels, self.selections,
                                        self.utility.acc)
         if self.ckpt_sum is not None:
-            for c in plan.prefill:
+            for c in prefill:
                 for b in c.write_blocks:
                     self.ckpt_sum[:, c.slot] += ckpts.ssm[b].to(self.ckpt_sum.dtype)
-        for c, lg, all_ in zip(plan.prefill, out.logits, scored, strict=True):
+        for c, lg, all_ in zip(prefill, out.logits, scored, strict=True):
             if all_:
                 row = sampling[c.seq_id]
                 prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids,
@@ -193,6 +199,7 @@ class CudaModelRunner(ModelRunner):
         self.selections.zero_()
         return counts
 
-    def take_block_weights(self, now: int) -> tuple[list[int], list[float]]:
+    def take_block_weights(self, now: int) -> dict[int, float]:
         """Router weight per GPU block since the last call, decayed to step `now` (one copy)."""
-        return self.utility.take(now)
+        ids, weights = self.utility.take(now)
+        return dict(zip(ids, weights, strict=True))
