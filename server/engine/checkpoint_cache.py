@@ -27,6 +27,11 @@ Eviction when a GPU block is needed and none is free (each action counted in `co
 3. fail: the scheduler preempts.
 Checkpoints pinned in the current step (to be written, restored from, or onloaded) are never victims.
 
+Table diffs (plan.py): every change of a table since the last `take_table_diffs` is recorded, O(1) per
+change, so a runner that keeps the tables between steps is sent only what changed: released tables,
+appended entries, and entries of held checkpoints whose GPU block changed (offload, drop, onload;
+`holders` says whose tables to update).
+
 Utility: u = u * decay^(steps since its last update) + router weight. Comparing u_a*d^(now-s_a) with
 u_b*d^(now-s_b) does not depend on `now`, so an idle checkpoint's rank (log u - s log d) is fixed
 until its utility changes, which lets step 1 use a heap with lazy invalidation.
@@ -38,9 +43,9 @@ import heapq
 import itertools
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from mcserve.server.engine.plan import BlockCopy
+from mcserve.server.engine.plan import BlockCopy, TableEntry
 from mcserve.server.errors import ConfigError
 
 
@@ -58,7 +63,7 @@ def blocks_for_budget(bytes_per_block: int, budget_bytes: int, min_blocks: int) 
 
 
 class Checkpoint:
-    __slots__ = ("segment", "key", "parent", "children", "gpu", "host", "refs", "utility", "stamp",
+    __slots__ = ("segment", "key", "parent", "children", "gpu", "host", "refs", "holders", "utility", "stamp",
                  "version")
 
     def __init__(self, segment: int, gpu: int, now: int) -> None:
@@ -69,6 +74,7 @@ class Checkpoint:
         self.gpu: int | None = gpu
         self.host: int | None = None
         self.refs = 1  # sequence tables holding it
+        self.holders: set[int] = set()  # their seq ids (a table holds a checkpoint once)
         self.utility = 0.0  # as of step `stamp`
         self.stamp = now
         self.version = 0  # bumped on every change; stale heap entries are skipped
@@ -101,6 +107,14 @@ class CheckpointCache:
         self._offloaded_now: set[Checkpoint] = set()
         self._offloads: list[BlockCopy] = []
         self._onloads: list[BlockCopy] = []
+        self._maybe_holes: set[int] = set()  # seq ids whose tables may hold offloaded checkpoints
+        # table diffs since the last take_table_diffs: released seq ids, appended and moved entries
+        self._released: list[int] = []
+        self._appended: list[tuple[int, int]] = []  # (seq_id, segment) in order
+        self._moved: dict[tuple[int, int], None] = {}  # (seq_id, segment), an ordered set
+        # called (at most once a step) before a victim is picked: the router weights the runner holds
+        self.weights_source: Callable[[], dict[int, float]] | None = None
+        self._weights_pulled = -1
         self.now = 0
 
     @property
@@ -142,6 +156,27 @@ class CheckpointCache:
         self._onloads.clear()
         return out
 
+    def take_table_diffs(self) -> tuple[tuple[int, ...], tuple[TableEntry, ...], tuple[TableEntry, ...]]:
+        """(released, table_appends, table_updates) since the last call, each entry with its block now."""
+        def entry(seq_id: int, segment: int) -> TableEntry:
+            c = self._tables[seq_id][segment]
+            return TableEntry(seq_id, segment, -1 if c.gpu is None else c.gpu)
+
+        appended = set(self._appended)
+        appends = tuple(entry(*e) for e in self._appended)
+        updates = tuple(entry(s, i) for s, i in self._moved if (s, i) not in appended and i < len(self._tables[s]))
+        out = tuple(self._released), appends, updates
+        self._released, self._appended, self._moved = [], [], {}
+        return out
+
+    def open_tables(self) -> list[int]:
+        """Seq ids whose tables a runner keeping them may still hold: live ones and releases not yet taken."""
+        return [*self._released, *self._tables]
+
+    def released_elsewhere(self, seq_ids: Iterable[int]) -> None:
+        """Report these tables as released in the next diffs (tables a runner keeps from a previous cache)."""
+        self._released.extend(seq_ids)
+
     def match(self, hashes: list[bytes], limit: int) -> list[Checkpoint]:
         """Cached checkpoints of the longest prefix: hashes = [h_0..h_n]; at most `limit` segments."""
         hits = []
@@ -161,6 +196,7 @@ class CheckpointCache:
         table = self._tables[seq_id] = list(hits)
         for c in hits:
             c.refs += 1
+            c.holders.add(seq_id)
             self._held_gpu += c.refs == 1 and c.gpu is not None
             self._rebase(c)
         for i, c in enumerate(hits):
@@ -169,6 +205,7 @@ class CheckpointCache:
                 break
         if table:
             self._pinned.add(table[-1])
+        self._appended.extend((seq_id, i) for i in range(len(table)))
         return len(table)
 
     def allocate(self, seq_id: int, evict_running: bool) -> bool:
@@ -179,6 +216,8 @@ class CheckpointCache:
             return False
         table = self._tables.setdefault(seq_id, [])
         c = Checkpoint(len(table), gpu, self.now)
+        c.holders.add(seq_id)
+        self._appended.append((seq_id, c.segment))
         self._by_gpu[gpu] = c
         self._held_gpu += 1
         self._pinned.add(c)
@@ -186,10 +225,19 @@ class CheckpointCache:
         return True
 
     def onload_holes(self, seq_id: int) -> None:
-        """Bring a scheduled sequence's offloaded checkpoints back, evicting idle blocks only."""
+        """Bring a scheduled sequence's offloaded checkpoints back, evicting idle blocks only. O(1)
+        unless the table may hold some (`_maybe_holes`)."""
+        if seq_id not in self._maybe_holes:
+            return
+        left = False
         for c in self._tables.get(seq_id, ()):
-            if c.gpu is None and c.host is not None and c not in self._offloaded_now and not self._onload(c):
-                return
+            if c.gpu is None and c.host is not None:
+                if c in self._offloaded_now:
+                    left = True
+                elif not self._onload(c):
+                    return
+        if not left:
+            self._maybe_holes.discard(seq_id)
 
     @property
     def num_tables(self) -> int:
@@ -221,11 +269,17 @@ class CheckpointCache:
         """Drop every reference of `seq_id` (finish, abort, preemption)."""
         self.release_from(seq_id, 0)
         del self._tables[seq_id]
+        self._maybe_holes.discard(seq_id)
+        self._released.append(seq_id)
+        # diffs of this table not yet taken are moot (a re-admission in the same step starts a new one)
+        self._appended = [e for e in self._appended if e[0] != seq_id]
+        self._moved = {e: None for e in self._moved if e[0] != seq_id}
 
     def release_from(self, seq_id: int, start: int) -> None:
         table = self._tables[seq_id]
         for c in table[start:]:
             c.refs -= 1
+            c.holders.discard(seq_id)
             assert c.refs >= 0, c
             self._held_gpu -= c.refs == 0 and c.gpu is not None
             if c.refs == 0 and c.key is None:
@@ -267,6 +321,9 @@ class CheckpointCache:
                 heapq.heapify(self._idle_heap)
 
     def _take_gpu(self, evict_running: bool) -> int | None:
+        if not self._free and self.weights_source is not None and self._weights_pulled != self.now:
+            self._weights_pulled = self.now  # fresh utilities before a victim is picked
+            self.add_weights(self.weights_source())
         if not self._free:
             if not self._evict_idle() and not (evict_running and self._evict_held()):
                 return None
@@ -340,6 +397,7 @@ class CheckpointCache:
         self._host_freed_now.append(c.host)
         c.host, c.gpu = None, gpu
         self._by_gpu[gpu] = c
+        self._moved.update(((h, c.segment), None) for h in c.holders)
         self._held_gpu += c.refs > 0
         self._pinned.add(c)
         self.counters["onload"] += 1
@@ -368,6 +426,9 @@ class CheckpointCache:
 
     def _free_gpu(self, c: Checkpoint) -> None:
         self._held_gpu -= c.refs > 0
+        if c.holders:  # offloaded or dropped while held: a hole in its holders' tables
+            self._moved.update(((h, c.segment), None) for h in c.holders)
+            self._maybe_holes.update(c.holders)
         del self._by_gpu[c.gpu]
         self._free.append(c.gpu)
         c.gpu = None
@@ -394,7 +455,7 @@ class CheckpointCache:
         every: Iterable[Checkpoint] = {*refs, *self._index.values(), *self._by_gpu.values(),
                                        *self._by_host.values()}
         for c in every:
-            assert c.refs == refs[c], (c, refs[c])
+            assert c.refs == refs[c] == len(c.holders), (c, refs[c])
             assert c.refs > 0 or c.key is not None, f"unheld unindexed checkpoint {c}"
             assert c.gpu is None or c.host is None, c
             assert c.gpu is None or self._by_gpu[c.gpu] is c, c

@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 # Empty plans in a row, with requests unfinished, after which the stuck sequence fails.
 STALL_STEPS = 8
+# A runner that holds the router weights back (`keeps_tables`) hands them to the cache this often (and
+# whenever the cache must pick a victim).
+WEIGHTS_EVERY = 32
 
 
 
@@ -90,11 +93,11 @@ class LLMEngine:
         self.num_threads: int | None = None  # intra-op threads the driving thread sets (None: leave torch's)
         self.vocab_size = min(model.cfg.vocab_size, tokenizer.vocab_size)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.cfg.eos_token_ids)
-        self.scheduler = Scheduler(config)
         self.grammars = GrammarCompiler(tokenizer.backend.to_str(), self.eos_token_ids)
         self.masks = TokenMasks(self.grammars)
         self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size,
                                   masks=self.masks, options=runner)
+        self.scheduler = self._new_scheduler()
         self.engine_counters: Counter[str] = Counter()
         self.publisher = MetricsPublisher(metrics, self.scheduler.counters, self.runner, model.spec.reads_cache)
         self._requests: dict[str, _Request] = {}
@@ -242,6 +245,8 @@ class LLMEngine:
             self._fail_rows(out.failed)
             self._record_prompt_logprobs(out.prompt_logprobs)
             seqs = self.scheduler.update(plan, out.step)
+            if self.runner.keeps_tables and plan.step % WEIGHTS_EVERY == 0:
+                self.scheduler.cache.add_weights(self.runner.take_block_weights(plan.step))
             self._stop_checks(seqs, out.logprobs)
         except EngineDeadError:
             raise
@@ -252,6 +257,13 @@ class LLMEngine:
         except Exception:  # a metrics bug must neither fail requests nor stop the engine: logged
             log.exception("publishing the metrics of step %d failed", self.engine_counters["steps"])
         return self._take_deltas()
+
+    def _new_scheduler(self, counters: Counter[str] | None = None) -> Scheduler:
+        keeps = self.runner.keeps_tables
+        sched = Scheduler(self.config, counters, decode_tables=not keeps)
+        if keeps:
+            sched.cache.weights_source = lambda: self.runner.take_block_weights(sched.cache.now)
+        return sched
 
     def _take_deltas(self) -> list[Delta]:
         out, self._out = self._out, []
@@ -398,7 +410,8 @@ class LLMEngine:
                 c.seq.status = SequenceStatus.FINISHED_ERROR  # not freed through `old`: it cannot be trusted
                 self.publisher.on_failure(failure_reason(error))
                 self._finish(req, c, "error", error=describe(error))
-        self.scheduler = Scheduler(self.config, counters=old.counters)
+        self.scheduler = self._new_scheduler(old.counters)
+        self.scheduler.cache.released_elsewhere(old.cache.open_tables())  # the tables a runner still keeps
         for seq in old.waiting:
             if seq.status is SequenceStatus.WAITING:
                 seq.slot, seq.num_computed_tokens, seq.num_prefill_tokens = None, 0, 0

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 class DecodeRow:
     """Feed `token_id` at `position` to the sequence in `slot`.
 
-    block_table: block ids of segments 0..position//C - 1, in order (-1 = skip).
+    block_table: block ids of segments 0..position//C - 1, in order (-1 = skip); empty when the
+        scheduler leaves the tables to the diffs below (`Scheduler(decode_tables=False)`).
     write_block: where to write the checkpoint of segment position//C when position % C == C-1, else -1.
     """
 

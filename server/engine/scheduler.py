@@ -65,9 +65,12 @@ class _Step:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, counters: Counter[str] | None = None) -> None:
-        """counters: where to count (a rebuilt scheduler continues its predecessor's)."""
+    def __init__(self, config: EngineConfig, counters: Counter[str] | None = None, decode_tables: bool = True) -> None:
+        """counters: where to count (a rebuilt scheduler continues its predecessor's). decode_tables:
+        decode rows carry their whole block table (False for a runner that keeps the tables from the
+        plans' diffs: the per-step host work then does not grow with the checkpoints per row)."""
         self.config = config
+        self.decode_tables = decode_tables
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.pool = StatePool(config.num_state_slots, self.counters)
         self.cache = CheckpointCache(config.num_checkpoint_blocks, config.num_host_blocks,
@@ -304,12 +307,12 @@ class Scheduler:
 
     def _build(self, st: _Step) -> StepPlan:
         # Built last: evictions while planning may have moved checkpoints of rows planned earlier.
-        C, ids = self.config.segment_size, self.cache.block_ids
+        C, ids, tables = self.config.segment_size, self.cache.block_ids, self.decode_tables
         decode = []
         for seq in st.decode:
             p, sid = seq.num_computed_tokens, seq.seq_id
             write = ids(sid, p // C, p // C + 1)[0] if p % C == C - 1 else -1
-            decode.append(DecodeRow(sid, seq.slot, p, seq.token_ids[p], ids(sid, 0, p // C), write))
+            decode.append(DecodeRow(sid, seq.slot, p, seq.token_ids[p], ids(sid, 0, p // C) if tables else (), write))
         prefill = []
         for seq, start, end in st.chunks:
             writes = ids(seq.seq_id, start // C, end // C)
@@ -318,8 +321,9 @@ class Scheduler:
             assert min(writes, default=0) >= 0, writes
         assert all(r.write_block >= 0 for r in decode if r.position % C == C - 1)
         offloads, onloads = self.cache.take_transfers()
+        released, appends, updates = self.cache.take_table_diffs()
         return StepPlan(self._step, tuple(decode), tuple(prefill), tuple(st.resets), tuple(st.restores),
-                        offloads, onloads, tuple(st.preempted))
+                        offloads, onloads, tuple(st.preempted), released, appends, updates)
 
     def check(self) -> None:
         """Invariants between steps (tests): ownership is consistent and nothing leaked."""

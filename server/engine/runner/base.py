@@ -1,7 +1,11 @@
 """The contract between the engine and whatever executes plans on the model.
 
 The engine sees only `ModelRunner`: `execute(plan, sampling) -> RunnerOutput` once per step, and
-`take_selections()` when it publishes metrics.
+`take_selections()` when it publishes metrics. A runner with `keeps_tables` keeps every running
+sequence's block table from the plans' diffs (plan.py), so the scheduler leaves the decode rows'
+tables empty, and holds the router weights back (`StepOutput.block_weights` empty): the scheduler's
+cache pulls them with `take_block_weights` before it picks a victim, and the engine every
+`WEIGHTS_EVERY` steps.
 
 Failures: a runner reports what it can attribute and raises what it cannot. A stage that fails for
 some sequences (their slot restore, the prefill pass, the decode pass, their sampling) puts them in
@@ -66,9 +70,15 @@ class ModelRunner(ABC):
     def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
         """Run every stage of `plan` and sample; returns once the sampled tokens are on the host."""
 
+    keeps_tables = False
+
     @abstractmethod
     def take_selections(self) -> list[int]:
         """Checkpoint reads per layer chosen by the router since the last call, then reset to 0."""
+
+    def take_block_weights(self, now: int) -> dict[int, float]:
+        """Router weight per GPU block held back since the last call, decayed to step `now`; then empty."""
+        return {}
 
 
 def request_top_k(spec: MCSpec, sampling: Mapping[int, SamplingRow], seq_id: int) -> int | None:

@@ -3,7 +3,9 @@
 A slot's "state" is the tuple of token ids it has absorbed; a checkpoint block holds the tuple of
 tokens before its boundary. Executing a plan asserts what a real runner relies on: a slot holds
 exactly the tokens before the row's first position, every block read holds exactly the prefix its
-segment ends, no block is read and written in one step, write blocks match the boundaries crossed.
+segment ends, no block is read and written in one step, write blocks match the boundaries crossed,
+and the tables kept from the plans' diffs (released, appends, updates: what the CUDA runner keeps)
+equal every row's and chunk's read list.
 The sampled token is a hash of the state, so (like a real model) it depends only on the tokens seen:
 a run that reuses cached prefixes must produce the tokens of a cold run.
 """
@@ -31,6 +33,28 @@ class FakeRunner:
         self.host: dict[int, tuple[int, ...]] = {}
         self.tokens_computed = 0
         self.num_steps = 0
+        self.tables: dict[int, list[int]] = {}  # seq_id -> table, from the diffs only
+
+    def apply_diffs(self, plan: StepPlan) -> None:
+        """Keep the tables as a runner with `keeps_tables` does, and check them against the read lists."""
+        for seq_id in plan.released:
+            self.tables.pop(seq_id, None)
+        for e in plan.table_appends:
+            table = self.tables.setdefault(e.seq_id, [])
+            assert e.segment == len(table), (e, table)
+            table.append(e.block)
+        for e in plan.table_updates:
+            assert e.segment < len(self.tables[e.seq_id]), (e, self.tables[e.seq_id])
+            self.tables[e.seq_id][e.segment] = e.block
+        for r in plan.decode:
+            table = self.tables.get(r.seq_id, [])
+            assert tuple(table[:r.position // self.C]) == r.block_table, (r, table)
+            if r.write_block >= 0:
+                assert table[r.position // self.C] == r.write_block, (r, table)
+        for c in plan.prefill:
+            table = self.tables.get(c.seq_id, [])
+            assert tuple(table[:c.start_pos // self.C]) == c.read_blocks, (c, table)
+            assert tuple(table[c.start_pos // self.C:c.end_pos // self.C]) == c.write_blocks, (c, table)
 
     def next_token(self, state: tuple[int, ...]) -> int:
         return hash(state) % self.vocab_size
@@ -38,6 +62,7 @@ class FakeRunner:
     def execute(self, plan: StepPlan) -> StepOutput:
         C = self.C
         self.num_steps += 1
+        self.apply_diffs(plan)
         for copy in plan.offloads:
             self.host[copy.dst] = self.blocks[copy.src]
         for copy in plan.onloads:

@@ -21,11 +21,13 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 def make_engine(model: MCGatedDeltaNetForCausalLM, tokenizer: Tokenizer, **overrides) -> LLMEngine:
     """A small engine with fp32 checkpoints (exact resume on CPU) and NaN-poisoned pools, so that
-    reading a slot or block that was never written shows up in the outputs."""
+    reading a slot or block that was never written shows up in the outputs. overrides: EngineConfig
+    fields, and `runner` (RunnerOptions)."""
     cfg = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512, segment_size=model.spec.segment_size,
                num_state_slots=16, num_checkpoint_blocks=256)
+    runner = overrides.pop("runner", None)
     cfg.update(overrides)
-    engine = LLMEngine(model, tokenizer, EngineConfig(**cfg), ckpt_dtype=torch.float32, seed=0)
+    engine = LLMEngine(model, tokenizer, EngineConfig(**cfg), ckpt_dtype=torch.float32, seed=0, runner=runner)
     r = engine.runner.pools
     for t in (r.states.ssm, r.states.key_sum, r.states.conv, r.ckpts.ssm, r.ckpts.key, r.ckpts.conv):
         t.fill_(float("nan"))
