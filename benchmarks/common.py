@@ -36,3 +36,45 @@ def machine() -> str:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"{dev}, Python {platform.python_version()}")
+
+
+def start_decoding(engine, prompts: list[list[int]], params, rng_seed: int = 0) -> list[str]:
+    """Queue one request per prompt and put its sequence straight into decoding, as if its prefill had
+    run: `len(prompt) - 1` tokens computed (the last token is the first decode input), a checkpoint
+    block held per whole segment before that, a state slot. The blocks and slots keep whatever the
+    pools hold (random after `fill_pools`): what a decode step costs does not depend on their values,
+    and skipping the prefill keeps a large batch's set-up within a GPU run's minutes. Not for
+    residual aggregation (its running sums are built only by a prefill). Returns the request ids."""
+    import bisect
+
+    from mcserve.server.engine.client import GenerateRequest
+    from mcserve.server.engine.sequence import SequenceStatus
+
+    sched, C = engine.scheduler, engine.config.segment_size
+    ids = []
+    for i, prompt in enumerate(prompts):
+        rid = f"decode-{rng_seed}-{i}"
+        engine.add_request(GenerateRequest(rid, tuple(prompt), params))
+        ids.append(rid)
+    for seq in list(sched.waiting):
+        pos = seq.num_tokens - 1
+        for _ in range(pos // C):
+            assert sched.cache.allocate(seq.seq_id, evict_running=False), "checkpoint pool too small"
+        slot = sched.pool.alloc()
+        assert slot is not None, "state slots too few"
+        sched.waiting.remove(seq)
+        seq.status, seq.slot = SequenceStatus.RUNNING, slot
+        seq.num_computed_tokens = seq.num_prefill_tokens = pos
+        bisect.insort(sched.running, seq, key=lambda s: s.sort_key)
+    return ids
+
+
+def fill_pools(runner, seed: int = 0) -> None:
+    """Small random values in every state slot and checkpoint block (no NaN or zero-only inputs)."""
+    g = torch.Generator(device=runner.pools.states.ssm.device).manual_seed(seed)
+    for t in (runner.pools.states.ssm, runner.pools.states.conv, runner.pools.ckpts.ssm, runner.pools.ckpts.conv):
+        if t.numel():
+            t.normal_(0.0, 0.02, generator=g)
+    for t in (runner.pools.states.key_sum, runner.pools.ckpts.key):
+        if t.numel():
+            t.uniform_(0.0, 1.0, generator=g)

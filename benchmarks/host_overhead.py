@@ -1,0 +1,136 @@
+"""Host time of one decode step with the device taken out (issue 11): scheduler + CUDA-runner
+bookkeeping on CPU, for batch x cached checkpoints per row.
+
+    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py [--batches 64,256,512] [--ckpts 16,64,256]
+
+The real `LLMEngine` with the CUDA runner's code (`RunnerOptions("cuda")`) on a microscopic model
+(1 layer, 1 head, dk 8) on CPU. What the device would do is replaced by fakes that cost what a
+launch costs the host: the decode step's graph replay returns a fixed logits tensor, the sampler a
+fixed token per row (its one device->host copy is still made). Every row is put straight into
+decoding at `n * C + (i % C)` tokens, i.e. n checkpoints (segment C = 16) with the rows' boundaries
+spread over the steps, as in a server (a row crosses a boundary every 16 steps and allocates a block).
+
+Per configuration, 48 steady steps after 4 warm-up steps (the first step sends every table); columns:
+`sched+runner` = `Scheduler.schedule` + `runner.execute` + `Scheduler.update` (the issue's target:
+<= 1 ms at B=256 with 64 checkpoints per row, flat in the checkpoints), and `engine step` = the whole
+`LLMEngine.step` (adds the stop rules, detokenization and the deltas, O(1) per row). Median ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import machine, start_decoding
+
+from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.llm_engine import LLMEngine
+from mcserve.server.engine.runner.device_sampler import DeviceSample
+from mcserve.server.engine.runner.factory import RunnerOptions
+from mcserve.server.engine.sampling_params import SamplingParams
+from mcserve.server.model.default import default_model_dir
+from mcserve.server.model.init_model import build_config
+from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+from mcserve.server.text.tokenizer import Tokenizer
+
+C = 16
+STEPS, WARMUP = 48, 4
+
+
+def micro_model(vocab: int) -> MCGatedDeltaNetForCausalLM:
+    mc = dict(aggregation="ssc", segment_size=C, top_k=4, router="learned")
+    cfg = build_config("tiny", vocab, mc, hidden_size=16, num_hidden_layers=1, num_heads=1, head_dim=8)
+    return MCGatedDeltaNetForCausalLM(cfg).eval()
+
+
+def fake_device(engine: LLMEngine, batch: int) -> None:
+    """The runner's device work becomes O(1) host calls: what a CUDA graph replay and the sampler's
+    launches cost the host, not what the CPU would take to compute them."""
+    runner = engine.runner
+    logits = torch.zeros(batch, runner.sampler.vocab_size)
+    runner.graphs.run = lambda rows, width: logits
+    token = torch.full((batch + 1,), 100, dtype=torch.int64)
+
+    def sample(lg: torch.Tensor, rows: torch.Tensor, allowed=None) -> DeviceSample:
+        return DeviceSample(token[:lg.shape[0]], None, 0)
+
+    runner.sampler = sample
+
+
+def timed(engine: LLMEngine) -> dict[str, float]:
+    """Time the scheduler's and the runner's calls inside one engine step."""
+    sched, runner = engine.scheduler, engine.runner
+    spent = {"sched+runner": 0.0}
+
+    def wrap(obj, name):
+        inner = getattr(obj, name)
+
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                spent["sched+runner"] += time.perf_counter() - t
+
+        setattr(obj, name, call)
+
+    wrap(sched, "schedule"), wrap(sched, "update"), wrap(runner, "execute")
+    return spent
+
+
+def run(tokenizer: Tokenizer, model, batch: int, ckpts: int) -> dict:
+    max_len = (ckpts + 2) * C + STEPS + WARMUP + 8
+    cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch), max_model_len=max_len,
+                       segment_size=C, num_state_slots=batch, num_checkpoint_blocks=batch * (ckpts + 6),
+                       enable_prefix_caching=False)
+    engine = LLMEngine(model, tokenizer, cfg, ckpt_dtype=torch.float32, seed=0, runner=RunnerOptions("cuda"))
+    fake_device(engine, batch)
+    params = SamplingParams(temperature=0.0, max_tokens=STEPS + WARMUP + 4, ignore_eos=True)
+    prompts = [[100 + (j % 50) for j in range(ckpts * C + i % C + 1)] for i in range(batch)]
+    start_decoding(engine, prompts, params)
+    for _ in range(WARMUP):
+        engine.step()
+    spent = timed(engine)
+    engine_ms, host_ms = [], []
+    for _ in range(STEPS):
+        spent["sched+runner"] = 0.0
+        t = time.perf_counter()
+        deltas = engine.step()
+        engine_ms.append((time.perf_counter() - t) * 1e3)
+        host_ms.append(spent["sched+runner"] * 1e3)
+        assert len(deltas) == batch, len(deltas)
+    assert engine.runner.staging.num_sends <= WARMUP + STEPS
+    return {"batch": batch, "ckpts_per_row": ckpts, "sched_runner_ms": statistics.median(host_ms),
+            "sched_runner_ms_max": max(host_ms), "engine_step_ms": statistics.median(engine_ms)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="64,256,512")
+    ap.add_argument("--ckpts", default="16,64,256")
+    ap.add_argument("--out", help="write the rows as JSON here")
+    args = ap.parse_args()
+    tokenizer = Tokenizer.from_dir(default_model_dir())
+    model = micro_model(tokenizer.vocab_size)
+    print(f"machine: {machine()}")
+    print(f"segment {C}, {STEPS} steps after {WARMUP} warm-up steps, median ms per decode step\n")
+    print("| batch | ckpts per row | sched+runner ms | (max) | engine step ms |")
+    print("|---:|---:|---:|---:|---:|")
+    rows = []
+    for b in (int(x) for x in args.batches.split(",")):
+        for n in (int(x) for x in args.ckpts.split(",")):
+            r = run(tokenizer, model, b, n)
+            rows.append(r)
+            print(f"| {b} | {n} | {r['sched_runner_ms']:.3f} | {r['sched_runner_ms_max']:.2f} | "
+                  f"{r['engine_step_ms']:.3f} |", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
