@@ -217,17 +217,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="a directory: decode_engine.md and decode_engine.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batches", default="1,16,64,256,512")
+    ap.add_argument("--batches", help="default 1,16,64,256,512 (--quick: 1,16,64)")
     ap.add_argument("--aggregations", default="none,ssc k=4")
-    ap.add_argument("--fla-batches", default="1,16,64", help="'' to skip fla + HF generate")
-    ap.add_argument("--steps", type=int, default=24, help="timed engine steps per row")
+    ap.add_argument("--fla-batches", help="default 1,16,64 (--quick: 1); '' to skip fla + HF generate")
+    ap.add_argument("--steps", type=int, help="timed engine steps per row (default 24, --quick: 12)")
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--prompt-len", type=int, default=1100)
     ap.add_argument("--quick", action="store_true", help="B=1,16,64, 12 steps, fla at B=1 only")
     args = ap.parse_args()
     device = torch.device(args.device)
-    if args.quick:
-        args.batches, args.steps, args.fla_batches = "1,16,64", 12, "1" if args.fla_batches else ""
+    quick = args.quick
+    args.batches = args.batches or ("1,16,64" if quick else "1,16,64,256,512")
+    args.steps = args.steps or (12 if quick else 24)
+    args.fla_batches = args.fla_batches if args.fla_batches is not None else ("1" if quick else "1,16,64")
     if device.type == "cpu":  # a dry run of the script: the tiny preset, segment 16 (4 checkpoints at 65+)
         args.preset, args.prompt_len, args.fla_batches = "tiny", 70, ""
     segment = 256 if args.preset == "1.3b" else 16

@@ -1,0 +1,38 @@
+"""The decode benchmarks run end to end on CPU (their GPU runs must work the first time): the GPU
+table's script as its dry run (tiny preset, the CUDA runner's code with the torch decode path) and
+the host-overhead benchmark at small sizes; both write what they measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=600,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_decode_engine_dry_run(tmp_path: Path) -> None:
+    _run("decode_engine.py", "--device", "cpu", "--batches", "1,3", "--steps", "3", "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "decode_engine.json").read_text())
+    rows = summary["rows"]
+    assert [(r["batch"], r["aggregation"]) for r in rows] == [(1, "none"), (3, "none"), (1, "ssc k=4"),
+                                                              (3, "ssc k=4")]
+    assert all(r["ms_per_step"] > 0 and r["eager_steps"] > 0 for r in rows)
+    assert "| 3 | ssc k=4 |" in (tmp_path / "decode_engine.md").read_text()
+
+
+def test_host_overhead_small(tmp_path: Path) -> None:
+    out = tmp_path / "host.json"
+    text = _run("host_overhead.py", "--batches", "4", "--ckpts", "2,5", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["ckpts_per_row"]) for r in rows] == [(4, 2), (4, 5)]
+    assert all(0 < r["sched_runner_ms"] <= r["engine_step_ms"] * 1.5 for r in rows), rows
+    assert "| 4 | 5 |" in text
