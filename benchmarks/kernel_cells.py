@@ -36,7 +36,9 @@ def mc_bytes(s: dict, B: int, agg: str, k: int, N: int, out_bytes: int = 2) -> i
 class Cells:
     def __init__(self, device: torch.device, cfg: dict, seg: int, deadline: float) -> None:
         self.dev, self.cfg, self.seg, self.deadline = device, cfg, seg, deadline
+        self.t0 = time.monotonic()
         self.skipped: list[str] = []
+        self.fla_fn, self.fla_status = _fla()
         self._pools: dict[str, dict] = {}
         self.gen = torch.Generator(device=device).manual_seed(0)
 
@@ -55,11 +57,19 @@ class Cells:
             times.append(time.perf_counter() - t)
         return 1e3 * statistics.median(times)
 
-    def late(self, label: str) -> bool:
-        if time.monotonic() > self.deadline:
+    def late(self, label: str, deadline: float | None = None) -> bool:
+        if time.monotonic() > min(self.deadline, deadline or math.inf):
             self.skipped.append(label)
             return True
         return False
+
+    def log(self, r: dict) -> dict:
+        """One progress line per timed cell (the first call of a config includes its Triton compile)."""
+        where = (f"{r['path']} B={r['B']} context={r['len']}" if "len" in r else
+                 f"{r['path']} {r['shape']} B={r['B']} {r['agg']} k={r['k']} N={r['N']}")
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {where} {r.get('config', '')}: {r['ms']:.4f} ms "
+              f"{r['gbps']:.0f} GB/s", flush=True)
+        return r
 
     def copy_bandwidth(self) -> float:
         n = (1 << 30 if self.dev.type == "cuda" else 1 << 24) // 4
@@ -106,9 +116,10 @@ class Cells:
         return batch, LayerMemory(p["state"], p["key_sum"], p["ckpt"], p["keys"], None, p["utility"])
 
     # ---- measurements ----
-    def mc(self, name: str, s: dict, B: int, agg: str, k: int, N: int, config: KernelConfig | None) -> dict | None:
-        label = f"triton {name} B={B} {agg} k={k} N={N}"
-        if self.late(label):
+    def mc(self, name: str, s: dict, B: int, agg: str, k: int, N: int, config: KernelConfig | None,
+           deadline: float | None = None) -> dict | None:
+        label = f"triton {name} B={B} {agg} k={k} N={N} {config}"
+        if self.late(label, deadline):
             return None
         N = 0 if agg == "none" else N
         batch, memory = self.step(name, s, B, N)
@@ -119,8 +130,8 @@ class Cells:
         ms = self.bench(lambda: triton_decode_step(*x, spec=spec, batch=batch, memory=memory, out_dtype=BF16,
                                                    config=config))
         nbytes = mc_bytes(s, B, agg, k, N)
-        return dict(path="triton", shape=name, B=B, agg=agg, k=k, N=N, ms=ms, bytes=nbytes, gbps=nbytes / ms / 1e6,
-                    config=str(config))
+        return self.log(dict(path="triton", shape=name, B=B, agg=agg, k=k, N=N, ms=ms, bytes=nbytes,
+                             gbps=nbytes / ms / 1e6, config=str(config)))
 
     def torch_path(self, name: str, s: dict, B: int, k: int, N: int) -> dict | None:
         agg = "none" if k == 0 else "ssc"
@@ -135,21 +146,30 @@ class Cells:
                             write_rows=batch.write_rows, live_rows=batch.slots)
         ms = self.bench(lambda: fn(*x, spec=spec, batch=batch, memory=memory, out_dtype=BF16))
         nbytes = mc_bytes(s, B, agg, k, N)
-        return dict(path="torch", shape=name, B=B, agg=agg, k=k, N=N, ms=ms, bytes=nbytes, gbps=nbytes / ms / 1e6)
+        return self.log(dict(path="torch", shape=name, B=B, agg=agg, k=k, N=N, ms=ms, bytes=nbytes,
+                             gbps=nbytes / ms / 1e6))
 
     def fla(self, name: str, s: dict, B: int) -> dict | None:
-        """fla 0.6's fused recurrent step with the same fused gates and norms, state [B, HV, dv, dk]."""
-        fr = _fla()
+        """fla 0.6's fused recurrent step with the same fused gates and norms, state [B, HV, dv, dk]; None (and
+        fla_status says why) when fla is missing or fails: its column is then n/a, the run goes on."""
+        fr = self.fla_fn
         if fr is None or self.late(f"fla {name} B={B}"):
             return None
         q, k, v, a, b, _, A_log, dt_bias = self.inputs(s, B)
         h0 = self.pools(name, s)["state"][:B]
-        ms = self.bench(lambda: fr(q[:, None], k[:, None], v[:, None], g=a[:, None], beta=b[:, None], initial_state=h0,
-                                   output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                                   A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True, state_v_first=True))
+        try:
+            ms = self.bench(lambda: fr(q[:, None], k[:, None], v[:, None], g=a[:, None], beta=b[:, None],
+                                       initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                       use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+                                       use_beta_sigmoid_in_kernel=True, state_v_first=True))
+        except Exception as e:  # noqa: BLE001 (a broken fla costs its column, not the run)
+            self.fla_fn, self.fla_status = None, f"failed at {name} B={B}: {type(e).__name__}: {e}"[:300]
+            print("fla", self.fla_status, flush=True)
+            return None
         H, HV, dk, dv = s["H"], s["HV"], s["dk"], s["dv"]
         nbytes = B * (2 * 4 * HV * dv * dk + 2 * (2 * H * dk + 2 * HV * dv + 2 * HV))
-        return dict(path="fla", shape=name, B=B, agg="none", k=0, N=0, ms=ms, bytes=nbytes, gbps=nbytes / ms / 1e6)
+        return self.log(dict(path="fla", shape=name, B=B, agg="none", k=0, N=0, ms=ms, bytes=nbytes,
+                             gbps=nbytes / ms / 1e6))
 
     def sdpa(self, s: dict, B: int, length: int) -> dict | None:
         """Flash SDPA decode: one bf16 query token over a `length`-token KV cache, the same heads."""
@@ -163,6 +183,7 @@ class Cells:
         with torch.nn.attention.sdpa_kernel(backend):
             ms = self.bench(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1]))
         nbytes = 2 * B * H * length * dk * 2
+        self.log(dict(path="sdpa", B=B, len=length, ms=ms, gbps=nbytes / ms / 1e6))
         kv.clear()  # free the cache before the next cell
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -191,35 +212,42 @@ class Cells:
                 states.append(torch.cat([mem.state.flatten(), mem.ckpt[-1].float().flatten()]))
             errors[agg] = dict(y=_rel(ys[0], ys[1]), state=_rel(states[0], states[1]))
         out = dict(what="triton vs torch path", shape=name, B=B, errors=errors)
-        fr = _fla()
-        if fr is not None:
-            batch, memory = self.step(name, s, B, 0)
-            q, k, v, a, b, _, A_log, dt_bias = self.inputs(s, B)
-            h0 = memory.state[:B].clone()
-            mem = LayerMemory(h0.clone(), memory.key_sum[:B].clone(), memory.ckpt, memory.ckpt_key)
-            y = triton_decode_step(q, k, v, a, b, None, A_log, dt_bias, spec=MCSpec("none", self.seg), batch=batch,
-                                   memory=mem)
-            o, ht = fr(q[:, None].float(), k[:, None].float(), v[:, None].float(), g=a[:, None].float(),
-                       beta=b[:, None].float(), initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
-                       use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True,
-                       state_v_first=True)
-            out["vs_fla_none"] = dict(y=_rel(y, o[:, 0]), state=_rel(mem.state, ht))
+        if self.fla_fn is not None:
+            try:
+                out["vs_fla_none"] = self._check_fla(name, s, B)
+            except Exception as e:  # noqa: BLE001 (as in fla(): the run goes on without fla)
+                self.fla_fn, self.fla_status = None, f"failed in the check: {type(e).__name__}: {e}"[:300]
+                print("fla", self.fla_status, flush=True)
         return out
 
+    def _check_fla(self, name: str, s: dict, B: int) -> dict:
+        """Triton `none` against fla's fused recurrent step in fp32."""
+        fr = self.fla_fn
+        batch, memory = self.step(name, s, B, 0)
+        q, k, v, a, b, _, A_log, dt_bias = self.inputs(s, B)
+        h0 = memory.state[:B].clone()
+        mem = LayerMemory(h0.clone(), memory.key_sum[:B].clone(), memory.ckpt, memory.ckpt_key)
+        y = triton_decode_step(q, k, v, a, b, None, A_log, dt_bias, spec=MCSpec("none", self.seg), batch=batch,
+                               memory=mem)
+        o, ht = fr(q[:, None].float(), k[:, None].float(), v[:, None].float(), g=a[:, None].float(),
+                   beta=b[:, None].float(), initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                   use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True,
+                   state_v_first=True)
+        return dict(y=_rel(y, o[:, 0]), state=_rel(mem.state, ht))
+
     # ---- variants ----
-    def sweep(self) -> tuple[list[dict], dict]:
-        """Time each config on a few cells of shapes a and b; best = lowest geometric-mean time."""
-        online = [KernelConfig(8, 1), KernelConfig(8, 2), KernelConfig(16, 1), KernelConfig(16, 2), KernelConfig(16, 4),
-                  KernelConfig(32, 4), KernelConfig(64, 8), KernelConfig(8, 1, 2), KernelConfig(16, 2, 2)]
-        routed = [KernelConfig(8, 1, two_pass=True), KernelConfig(8, 2, two_pass=True),
-                  KernelConfig(16, 2, two_pass=True), KernelConfig(32, 4, two_pass=True),
-                  KernelConfig(16, 2, 8, two_pass=False), KernelConfig(32, 4, 4, two_pass=False),
-                  KernelConfig(8, 1, 1, two_pass=False)]
-        grm = [KernelConfig(16, 2, two_pass=True, num_stages=1), KernelConfig(16, 2, two_pass=True, num_stages=2),
-               KernelConfig(16, 2, two_pass=True, num_stages=3), KernelConfig(8, 1, two_pass=True, num_stages=3),
-               KernelConfig(32, 4, two_pass=True, num_stages=2), KernelConfig(16, 2, 8, two_pass=False, num_stages=2)]
+    def sweep(self, deadline: float) -> tuple[list[dict], dict]:
+        """Time each config on a few cells of shapes a and b until `deadline`; best = lowest geometric-mean
+        time over the configs timed at every sweep batch. Each config is a Triton compile (~2 s), so the
+        lists are short: tile height x warps, more tiles per program, 1- vs 2-pass routing, grm's stages."""
+        online = [KernelConfig(8, 1), KernelConfig(16, 2), KernelConfig(32, 4), KernelConfig(8, 1, 2),
+                  KernelConfig(16, 2, 2)]
+        routed = [KernelConfig(8, 1, two_pass=True), KernelConfig(16, 2, two_pass=True),
+                  KernelConfig(32, 4, two_pass=True), KernelConfig(16, 2, 8, two_pass=False)]
+        grm = [KernelConfig(16, 2, two_pass=True, num_stages=1), KernelConfig(16, 2, two_pass=True, num_stages=3),
+               KernelConfig(32, 4, two_pass=True, num_stages=2)]
         if self.dev.type != "cuda":
-            online, routed, grm = online[:2], [routed[0], routed[4]], grm[1:2]
+            online, routed, grm = online[:2], [routed[0], routed[3]], grm[1:2]
         rows, best = [], {}
         k_routed = 4 if self.dev.type == "cuda" else 2
         for name in [n for n in ("a", "b") if n in self.cfg["shapes"]]:
@@ -231,7 +259,7 @@ class Cells:
                 times: dict[int, list[float]] = {}
                 for i, c in enumerate(configs):
                     for B in self.cfg["sweep_batches"]:
-                        r = self.mc(name, s, B, agg, k, self.cfg["cached"], c)
+                        r = self.mc(name, s, B, agg, k, self.cfg["cached"], c, deadline=deadline)
                         if r:
                             rows.append(r)
                             times.setdefault(i, []).append(r["ms"])
@@ -248,8 +276,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _fla():
+    """(fla 0.6's fused recurrent step, "ok") or (None, why not): fla needs its wheels and einops."""
     try:
         from fla.ops.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule  # noqa: PLC0415
-    except ImportError:
-        return None
-    return fused_recurrent_gated_delta_rule
+    except Exception as e:  # noqa: BLE001 (ImportError, or a version that fails at import)
+        return None, f"not importable: {type(e).__name__}: {e}"[:300]
+    return fused_recurrent_gated_delta_rule, "ok"

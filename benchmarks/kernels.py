@@ -6,10 +6,13 @@ copy measured in the same run.
     python benchmarks/kernels.py --smoke --out /tmp/kbench                     # CPU, Triton interpreter
 
 Order: copy bandwidth; correctness at real sizes (Triton vs the torch path, and `none` vs fla); a
-variant sweep (block_v, num_warps, tiles per program, 1- vs 2-pass routing) whose best config per
-shape and kind (online-only / ssc / grm) runs the main grid; fla, the torch path, SDPA at 32K. Every
-pool holds random data; 64 cached checkpoints per row are drawn from a bf16 pool several times the
-L2 (rows may share blocks). Writes kernels.json and kernels.md to --out; prints a summary last.
+variant sweep (block_v, num_warps, tiles per program, 1- vs 2-pass routing) for at most
+--sweep-share of the budget, whose best config per shape and kind (online-only / ssc / grm) runs the
+rest; the 32K comparison with flash SDPA; the main grid (Triton, fla, the torch path) shape by shape.
+Past --budget-s no new cell starts (the skipped ones are listed). Every pool holds random data; 64
+cached checkpoints per row are drawn from a bf16 pool several times the L2 (rows may share blocks).
+Without fla (or einops) the fla column is n/a. One progress line per cell; writes kernels.json and
+kernels.md to --out; prints a summary last.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for kernels.json and kernels.md")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
-    ap.add_argument("--budget-s", type=float, default=300.0, help="stop timing new cells after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="start no new cell after this many seconds")
+    ap.add_argument("--sweep-share", type=float, default=0.3, help="fraction of the budget the variant sweep may use")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
@@ -48,16 +52,24 @@ def main() -> None:
 
     cfg = SMOKE if args.smoke else FULL
     dev = torch.device("cpu" if args.smoke else "cuda")
-    cells = Cells(dev, cfg, SEG, deadline=time.monotonic() + args.budget_s)
+    start = time.monotonic()
+    cells = Cells(dev, cfg, SEG, deadline=start + args.budget_s)
     out: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)",
                  "torch": torch.__version__, "segment_size": SEG, "smoke": args.smoke}
     out["copy_gbps"] = cells.copy_bandwidth()
     print(f"device copy: {out['copy_gbps']:.0f} GB/s", flush=True)
-    out["checks"] = [cells.check(name, s) for name, s in cfg["shapes"].items()]
-    for c in out["checks"]:
-        print("check", c, flush=True)
-    out["sweep"], best = cells.sweep()
+    print(f"fla: {cells.fla_status}", flush=True)
+    out["checks"] = []
+    for name, s in cfg["shapes"].items():
+        out["checks"].append(cells.check(name, s))
+        print(f"[{time.monotonic() - start:6.1f}s] check", out["checks"][-1], flush=True)
+    out["sweep"], best = cells.sweep(deadline=start + args.sweep_share * args.budget_s)
     out["best_config"] = {f"{s}/{kind}": str(c) for (s, kind), c in best.items()}
+    a = cfg["shapes"]["a"]
+    n32k = cfg["sdpa_len"] // SEG if not args.smoke else cfg["cached"]
+    sdpa = cells.sdpa(a, cfg["sdpa_batch"], cfg["sdpa_len"])
+    mc32k = cells.mc("a", a, cfg["sdpa_batch"], "ssc", 4 if not args.smoke else 2, n32k, best.get(("a", "routed")))
+    out["sdpa_32k"] = dict(sdpa=sdpa, mc=mc32k, speedup=(sdpa["ms"] / mc32k["ms"]) if sdpa and mc32k else None)
     rows = []
     for name, shape in cfg["shapes"].items():
         pick = {kind: best.get((name, kind), best.get(("a", kind))) for kind in ("online", "routed", "grm")}
@@ -73,16 +85,13 @@ def main() -> None:
             for B in cfg["torch_batches"]:
                 for k in (0, 4 if not args.smoke else 2):
                     rows.append(cells.torch_path(name, shape, B, k, cfg["cached"]))
-    a = cfg["shapes"]["a"]
-    n32k = cfg["sdpa_len"] // SEG if not args.smoke else cfg["cached"]
-    sdpa = cells.sdpa(a, cfg["sdpa_batch"], cfg["sdpa_len"])
-    mc32k = cells.mc("a", a, cfg["sdpa_batch"], "ssc", 4 if not args.smoke else 2, n32k, best.get(("a", "routed")))
-    out["sdpa_32k"] = dict(sdpa=sdpa, mc=mc32k, speedup=(sdpa["ms"] / mc32k["ms"]) if sdpa and mc32k else None)
     rows = [r for r in rows if r]
     for r in rows:
         r["frac_copy"] = r["gbps"] / out["copy_gbps"]
     out["rows"] = rows
     out["skipped"] = cells.skipped
+    out["fla"] = cells.fla_status
+    out["wall_s"] = time.monotonic() - start
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
     (path / "kernels.json").write_text(json.dumps(out, indent=1))
@@ -92,11 +101,15 @@ def main() -> None:
 
 def markdown(out: dict) -> str:
     lines = [f"# Decode kernels on {out['device']} (torch {out['torch']})", "",
-             f"Device copy: {out['copy_gbps']:.0f} GB/s. C = {out['segment_size']}.", "",
+             f"Device copy: {out['copy_gbps']:.0f} GB/s. C = {out['segment_size']}. fla 0.6: "
+             f"{'ok' if out['fla'] == 'ok' else 'n/a (' + out['fla'] + ')'}. Run: {out['wall_s']:.0f} s.", "",
              "| check | shape | aggregation | max rel err y | max rel err state |", "|---|---|---|---|---|"]
     for c in out["checks"]:
         for agg, e in c["errors"].items():
             lines.append(f"| {c['what']} | {c['shape']} | {agg} | {e['y']:.1e} | {e['state']:.1e} |")
+        e = c.get("vs_fla_none")
+        lines.append(f"| triton vs fla (fp32) | {c['shape']} | none | "
+                     + (f"{e['y']:.1e} | {e['state']:.1e} |" if e else "n/a | n/a |"))
     lines += ["", "| variant sweep | shape | B | k | config | ms | GB/s |", "|---|---|---|---|---|---|---|"]
     for r in out["sweep"]:
         lines.append(f"| | {r['shape']} | {r['B']} | {r['k']} | {r['config']} | {r['ms']:.4f} | {r['gbps']:.0f} |")
@@ -127,16 +140,17 @@ def summary(out: dict) -> str:
         s, B = r["shape"], r["B"]
         fla = by.get(("fla", s, B, "none", 0, 0))
         k4 = by.get(("triton", s, B, "ssc", 4, cached)) or by.get(("triton", s, B, "ssc", 2, cached))
-        f = fla["ms"] if fla else float("nan")
-        c0 = f"{r['ms']:.4f}   {r['frac_copy']:.2f}   {f / r['ms']:.2f}x"
-        c4 = f"{k4['ms']:.4f}   {k4['frac_copy']:.2f}   {k4['ms'] / f:.2f}x" if k4 else "-"
-        lines.append(f"{s:>5} {B:>4} | {c0:>24} | {c4:>24} | {f:.4f}")
+        c0 = f"{r['ms']:.4f}   {r['frac_copy']:.2f}   " + (f"{fla['ms'] / r['ms']:.2f}x" if fla else "n/a")
+        c4 = (f"{k4['ms']:.4f}   {k4['frac_copy']:.2f}   " + (f"{k4['ms'] / fla['ms']:.2f}x" if fla else "n/a")
+              if k4 else "-")
+        lines.append(f"{s:>5} {B:>4} | {c0:>24} | {c4:>24} | " + (f"{fla['ms']:.4f}" if fla else "n/a"))
     s = out["sdpa_32k"]
     if s["speedup"]:
         lines.append(f"MC step at 32K (B={s['sdpa']['B']}) vs SDPA decode: {s['speedup']:.1f}x faster "
                      f"({s['mc']['ms']:.4f} vs {s['sdpa']['ms']:.3f} ms)")
     if out["skipped"]:
         lines.append(f"skipped for time: {len(out['skipped'])} cells")
+    lines.append(f"fla: {out['fla']}; wall {out['wall_s']:.0f} s")
     return "\n".join(lines)
 
 
