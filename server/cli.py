@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="batch sizes to capture decode CUDA graphs for, e.g. 1,8,64 (default 1, 2, 4, 8, 16, "
                      "then multiples of 16 up to --max-num-seqs)")
     eng.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        help="shard the model by head over this many devices, one process each (default 1; memory budgets are "
+        "then per device; docs/PARALLELISM.md)",
+    )
+    eng.add_argument(
         "--threads",
         type=int,
         help="CPU threads of the engine (MCSERVE_THREADS; default: the CPU allowance (affinity, cgroup quota) less "
@@ -180,6 +186,7 @@ ENGINE_FLAGS = (
     "seed",
     "enforce_eager",
     "cuda_graph_sizes",
+    "tensor_parallel_size",
 )
 
 

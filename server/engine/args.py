@@ -65,6 +65,9 @@ class EngineArgs:
     enforce_eager: no CUDA graphs for the decode step; cuda_graph_sizes: the batch sizes to capture
         (None: 1, 2, 4, 8, 16, then multiples of 16 up to max_num_seqs). runner: "auto" (the CUDA
         runner on CUDA, the torch runner on CPU), "torch" or "cuda" (runner/factory.py).
+    tensor_parallel_size: processes (one per device) the model is sharded over by head
+        (docs/PARALLELISM.md); memory budgets are then per device. tensor_parallel_timeout_s: the
+        longest a collective may wait for a rank before the engine is declared dead.
     """
 
     device: str = "auto"
@@ -88,6 +91,8 @@ class EngineArgs:
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
     runner: str = "auto"
+    tensor_parallel_size: int = 1
+    tensor_parallel_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_waiting"):
@@ -108,6 +113,12 @@ class EngineArgs:
                                          or self.threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
         self.runner_options()  # ConfigError on a bad runner, size list
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ConfigError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        t = self.tensor_parallel_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ConfigError(f"tensor_parallel_timeout_s must be a positive number, got {t!r}")
         if self.served_model_name is not None and not str(self.served_model_name).strip():
             raise ConfigError(f"served_model_name must not be blank, got {self.served_model_name!r}")
 

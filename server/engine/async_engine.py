@@ -123,6 +123,7 @@ class AsyncEngine:
             self._inbox.put(("stop", None))
             self._thread.join(timeout_s)
         self._stopped = True
+        self.engine.close()
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         self.engine.validate(request)

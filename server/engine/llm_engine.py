@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,6 +51,9 @@ from mcserve.server.errors import ConfigError, ContextLengthError, EngineDeadErr
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mcserve.server.text.detokenizer import IncrementalDetokenizer
 from mcserve.server.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from mcserve.server.engine.tp.launcher import TPWorkers
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,11 @@ class _Request:
 class LLMEngine:
     def __init__(self, model: MCGatedDeltaNetForCausalLM, tokenizer: Tokenizer, config: EngineConfig, *,
                  ckpt_dtype: torch.dtype | None = None, model_name: str = "model", metrics: Any = None,
-                 seed: int | None = None, runner: RunnerOptions | None = None) -> None:
-        """`metrics`: an `EngineMetrics` (server/metrics.py) or None; `runner`: which runner and how."""
+                 seed: int | None = None, runner: RunnerOptions | None = None,
+                 tensor_parallel: TPWorkers | None = None) -> None:
+        """`metrics`: an `EngineMetrics` (server/metrics.py) or None; `runner`: which runner and how;
+        `tensor_parallel`: the workers of a tensor-parallel group whose rank 0 `model` is
+        (server/engine/tp/)."""
         assert model.spec.segment_size == config.segment_size, (model.spec, config.segment_size)
         self.model = model
         self.tokenizer = tokenizer
@@ -96,7 +102,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer.backend.to_str(), self.eos_token_ids)
         self.masks = TokenMasks(self.grammars)
         self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size,
-                                  masks=self.masks, options=runner)
+                                  masks=self.masks, options=runner, tensor_parallel=tensor_parallel)
         self.scheduler = self._new_scheduler()
         self.engine_counters: Counter[str] = Counter()
         self.publisher = MetricsPublisher(metrics, self.scheduler.counters, self.runner, model.spec.reads_cache)
@@ -117,24 +123,50 @@ class LLMEngine:
 
         args = EngineArgs(**kwargs)
         threads = resolve_threads(args.threads)
+        if args.tensor_parallel_size > 1 and args.threads is None and args.resolve_device().type == "cpu":
+            threads = max(1, threads // args.tensor_parallel_size)  # every rank computes at once: share the cores
         use_threads(threads)  # the loading thread too; the thread that drives the engine sets it again
         device = args.resolve_device()
         tokenizer = Tokenizer.from_dir(model_dir)
-        model = load_model(model_dir, dtype=args.dtype, device=device, **args.mc_overrides())
-        ckpt_dtype = args.resolve_ckpt_dtype(device, model.state_dtype)
-        pools = size_pools(args, model.cfg, device, model.dtype, ckpt_dtype, model.state_dtype)
-        config = engine_config(args, model.cfg, pools)
-        name = args.served_model_name or Path(model_dir).resolve().name
+        workers: TPWorkers | None = None
+        if args.tensor_parallel_size > 1:
+            from mcserve.server.engine.tp.launcher import launch
+
+            workers, model = launch(model_dir, args.tensor_parallel_size, device, args.dtype, args.mc_overrides(),
+                                    threads, args.tensor_parallel_timeout_s)
+        else:
+            model = load_model(model_dir, dtype=args.dtype, device=device, **args.mc_overrides())
         try:
-            engine = cls(model, tokenizer, config, ckpt_dtype=ckpt_dtype, model_name=name, metrics=metrics,
-                         seed=args.seed, runner=args.runner_options())
-        except torch.cuda.OutOfMemoryError as e:
-            raise ConfigError(f"cannot allocate {pools.describe()} on {device}: {e}; lower the memory budgets"
-                              " or --max-num-seqs") from None
+            # with tensor parallelism model.cfg is one rank's: the budgets are per device
+            ckpt_dtype = args.resolve_ckpt_dtype(device, model.state_dtype)
+            pools = size_pools(args, model.cfg, device, model.dtype, ckpt_dtype, model.state_dtype)
+            config = engine_config(args, model.cfg, pools)
+            name = args.served_model_name or Path(model_dir).resolve().name
+            if workers is not None:
+                from mcserve.server.engine.tp.step_message import Setup
+
+                workers.start_serving(Setup(pools.num_state_slots, pools.num_checkpoint_blocks, pools.num_host_blocks,
+                                            ckpt_dtype))
+            try:
+                engine = cls(model, tokenizer, config, ckpt_dtype=ckpt_dtype, model_name=name, metrics=metrics,
+                             seed=args.seed, runner=args.runner_options(),
+                             tensor_parallel=workers)
+            except torch.cuda.OutOfMemoryError as e:
+                raise ConfigError(f"cannot allocate {pools.describe()} on {device}: {e}; lower the memory budgets"
+                                  " or --max-num-seqs") from None
+        except BaseException:
+            if workers is not None:
+                workers.stop()
+            raise
         engine.num_threads = threads
-        log.info("engine for %s on %s (%s), %d CPU threads: %s", name, device, model.spec, threads,
-                 pools.describe())
+        log.info("engine for %s on %s%s (%s), %d CPU threads: %s", name, device,
+                 f" x{args.tensor_parallel_size} (tensor parallel)" if workers is not None else "", model.spec,
+                 threads, pools.describe())
         return engine
+
+    def close(self) -> None:
+        """Release the runner's outside resources (tensor-parallel workers); idempotent."""
+        self.runner.close()
 
     @property
     def metrics(self) -> Any:

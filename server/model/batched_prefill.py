@@ -121,6 +121,9 @@ def prefill_batch(
     kernels: PrefillKernels = TORCH_KERNELS,
     selections: torch.Tensor | None = None,  # [L] counter: (chunk, checkpoint) pairs read, per layer
     utility: torch.Tensor | None = None,  # [blocks] fp32: += router weight per block (the decode paths' rule)
+    # gets each layer's router weights [chunks, table width] (tensor parallelism: a rank's weights are
+    # partial sums over its heads, so it counts reads only once they are summed over the ranks)
+    layer_weights: list[torch.Tensor] | None = None,
 ) -> BatchedPrefillOutput:
     """Run every chunk in one pass. Chunks must use distinct slots (plan.py's rule).
 
@@ -150,6 +153,8 @@ def prefill_batch(
             total += w
             if selections is not None:
                 selections[li] += (w > 0).sum()
+            if layer_weights is not None:
+                layer_weights.append(w)
         if w1:
             states.conv[li, slots] = ext[lay.final].transpose(1, 2)
             if lay.bound_blocks.numel():

@@ -54,7 +54,7 @@ def load_config(model_dir: str | Path, **mc_overrides) -> ModelConfig:
     return cfg.with_mc(**mc_overrides) if mc_overrides else cfg
 
 
-def _weight_files(path: Path) -> tuple[list[Path], Callable[[str], str]]:
+def weight_files(path: Path) -> tuple[list[Path], Callable[[str], str]]:
     """The safetensors files to read, and for an error message, which file holds a tensor."""
     single = path / WEIGHTS_FILE
     if single.is_file():
@@ -77,7 +77,7 @@ def read_tensors(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], Callab
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files, where = _weight_files(Path(model_dir))
+    files, where = weight_files(Path(model_dir))
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -88,14 +88,13 @@ def read_tensors(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], Callab
     return tensors, where
 
 
-def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               **mc_overrides) -> MCGatedDeltaNetForCausalLM:
-    """Build the model from `model_dir` on `device` in `dtype`."""
-    cfg = load_config(model_dir, **mc_overrides)
-    torch_dtype = resolve_dtype(dtype, device)
-    tensors, where = read_tensors(model_dir)
+def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: Callable[[str], str]
+                  ) -> dict[str, torch.Size]:
+    """ModelLoadError unless the checkpoint's tensors (`shapes`: name -> shape) hold every weight of
+    `cfg`'s model with the shape `config.json` implies and nothing it does not describe (unused router
+    or tied-head weights are ignored). Returns the weights to load: name -> shape."""
     learned = cfg.mc.router == "learned"
-    if learned and "model.layers.0.attn.u_proj.weight" not in tensors:
+    if learned and "model.layers.0.attn.u_proj.weight" not in shapes:
         raise ModelLoadError(CONFIG_FILE, "memory_caching.router",
                              f"'learned' needs model.layers.{{i}}.attn.u_proj.weight in the weights, absent "
                              f"from {where('model.layers.0.attn.u_proj.weight')}; use router 'query' to serve "
@@ -104,12 +103,12 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device:
         model = MCGatedDeltaNetForCausalLM(cfg)
     expected = {n: p.shape for n, p in model.state_dict().items()}
     for name, shape in expected.items():
-        if name not in tensors:
+        if name not in shapes:
             raise ModelLoadError(where(name), name, f"tensor missing (expected shape {list(shape)})")
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise ModelLoadError(where(name), name, f"shape {list(tensors[name].shape)} does not match "
+        if tuple(shapes[name]) != tuple(shape):
+            raise ModelLoadError(where(name), name, f"shape {list(shapes[name])} does not match "
                                  f"config.json, which implies {list(shape)}")
-    extra = sorted(set(tensors) - set(expected))
+    extra = sorted(set(shapes) - set(expected))
     ignorable = {n for n in extra
                  if n.endswith("attn.u_proj.weight") or (cfg.tie_word_embeddings and n == "lm_head.weight")}
     if set(extra) - ignorable:
@@ -117,11 +116,27 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device:
         raise ModelLoadError(where(name), name, "unexpected tensor: config.json describes no such weight")
     if ignorable:
         log.info("ignoring %d tensors the config does not use (e.g. %s)", len(ignorable), sorted(ignorable)[0])
+    return expected
+
+
+def check_finite(model: torch.nn.Module, where: Callable[[str], str]) -> None:
+    for name, t in model.state_dict().items():
+        if not torch.isfinite(t).all():
+            raise ModelLoadError(where(name), name, "holds NaN or infinite values")
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               **mc_overrides) -> MCGatedDeltaNetForCausalLM:
+    """Build the model from `model_dir` on `device` in `dtype`."""
+    cfg = load_config(model_dir, **mc_overrides)
+    torch_dtype = resolve_dtype(dtype, device)
+    tensors, where = read_tensors(model_dir)
+    expected = check_weights(cfg, {n: tuple(t.shape) for n, t in tensors.items()}, where)
+    with torch.device("meta"):
+        model = MCGatedDeltaNetForCausalLM(cfg)
     state = {n: tensors[n].to(torch_dtype) for n in expected}
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device=device)
     model.eval()
-    for name, t in model.state_dict().items():
-        if not torch.isfinite(t).all():
-            raise ModelLoadError(where(name), name, "holds NaN or infinite values")
+    check_finite(model, where)
     return model

@@ -147,10 +147,11 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
 
     def prefill_batch(self, chunks: Sequence[PrefillInput], states: StateSlots, ckpts: CheckpointBlocks,
                       kernels: PrefillKernels = TORCH_KERNELS, selections: torch.Tensor | None = None,
-                      utility: torch.Tensor | None = None) -> BatchedPrefillOutput:
+                      utility: torch.Tensor | None = None, layer_weights: list[torch.Tensor] | None = None
+                      ) -> BatchedPrefillOutput:
         """Every chunk of a step in one packed pass (server/model/batched_prefill.py); each chunk's result
         equals `prefill` on it."""
-        return prefill_batch(self, chunks, states, ckpts, kernels, selections, utility)
+        return prefill_batch(self, chunks, states, ckpts, kernels, selections, utility, layer_weights)
 
     @torch.inference_mode()
     def decode(
@@ -166,6 +167,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         selections: torch.Tensor | None = None,  # [L] counter, as in `prefill`
         write_rows: torch.Tensor | None = None,  # rows whose write_blocks >= 0 (saves a device sync)
         top_k_max: int | None = None,  # max(top_k) (saves a device sync)
+        layer_weights: list[torch.Tensor] | None = None,  # gets each layer's weights [B, N], as in prefill_batch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for each row. Returns (logits [B, V], router weight per table entry [B, N])."""
         sd = self.state_dtype
@@ -185,6 +187,8 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
                 weights += w
                 if selections is not None:
                     selections[li] += (w > 0).sum()
+                if layer_weights is not None:
+                    layer_weights.append(w)
             if boundary_rows.numel() and attn.conv_width:
                 ckpts.conv[write_blocks[boundary_rows], li] = conv[boundary_rows]
             x = x + attn.output(h, y)

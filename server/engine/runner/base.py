@@ -80,6 +80,9 @@ class ModelRunner(ABC):
         """Router weight per GPU block held back since the last call, decayed to step `now`; then empty."""
         return {}
 
+    def close(self) -> None:  # noqa: B027 -- most runners hold nothing outside the process
+        """Release what outlives the object (the tensor-parallel workers); idempotent."""
+
 
 def request_top_k(spec: MCSpec, sampling: Mapping[int, SamplingRow], seq_id: int) -> int | None:
     """SSC's k for one sequence: the request's `mc_top_k` can only lower the model's. A chunk that

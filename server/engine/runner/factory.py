@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from mcserve.server.engine.runner.torch_runner import TorchModelRunner
 from mcserve.server.engine.structured.masks import TokenMasks
 from mcserve.server.errors import ConfigError
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+
+if TYPE_CHECKING:
+    from mcserve.server.engine.tp.launcher import TPWorkers
 
 RUNNERS = ("auto", "torch", "cuda")
 
@@ -42,8 +46,16 @@ class RunnerOptions:
 
 def make_runner(model: MCGatedDeltaNetForCausalLM, config: EngineConfig, *, ckpt_dtype: torch.dtype | None = None,
                 seed: int | None = None, vocab_size: int | None = None, masks: TokenMasks | None = None,
-                options: RunnerOptions | None = None) -> ModelRunner:
-    """The runner for `model`'s device with pools sized by `config`."""
+                options: RunnerOptions | None = None, tensor_parallel: TPWorkers | None = None) -> ModelRunner:
+    """The runner for `model`'s device with pools sized by `config`; with `tensor_parallel` (rank 0
+    of a group whose workers have allocated the same pools) the tensor-parallel runner, whatever
+    `options` say (it runs the torch runner's stages on every rank: no CUDA graphs yet)."""
+    if tensor_parallel is not None:
+        from mcserve.server.engine.tp.runner import TPModelRunner
+        from mcserve.server.model.sharding import ShardedMCGatedDeltaNet
+
+        assert isinstance(model, ShardedMCGatedDeltaNet), type(model)
+        return TPModelRunner(model, tensor_parallel, seed=seed, vocab_size=vocab_size, masks=masks)
     options = options or RunnerOptions()
     kind = options.kind
     if kind == "auto":

@@ -50,6 +50,8 @@ def test_serve_flags_become_settings_and_engine_kwargs(tmp_path: Path) -> None:
             "3",
             "--slow-step-s",
             "2.5",
+            "--tensor-parallel-size",
+            "2",
             "--api-key-file",
             str(key_file),
             "--allowed-origins",
@@ -74,6 +76,7 @@ def test_serve_flags_become_settings_and_engine_kwargs(tmp_path: Path) -> None:
         "served_model_name": tmp_path.name,
         "threads": 3,
         "slow_step_s": 2.5,
+        "tensor_parallel_size": 2,
     }
 
 

@@ -1,0 +1,116 @@
+"""`TPModelRunner`: the engine's runner on rank 0 of a tensor-parallel group.
+
+The scheduler runs once, here. Each step: the plan and SSC's per-sequence k go to every worker
+(`TPWorkers.send`), every rank runs the same forward on its shard (executor.py), the router weights
+and checkpoint-read counts are summed onto rank 0, and rank 0 alone computes logits (it holds the
+lm_head), prompt logprobs and samples, with the torch runner's semantics.
+
+Failure: every rank runs the same collectives, so a stage cannot fail for some sequences and go on
+without the others (the single-device runners' per-stage recovery would desynchronise the ranks).
+Any failure of the forward - a worker that exits, a collective that times out or errors - raises
+EngineDeadError: the engine reports dead (/health) and fails what is in flight; no step hangs longer
+than the collective timeout. Sampling is rank 0's alone, so a sampling failure fails only the rows
+it concerns (`RunnerOutput.failed`), as on one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from mcserve.server.engine.plan import PrefillChunk, StepOutput, StepPlan
+from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs
+from mcserve.server.engine.sampler import Sampler, SamplingRow
+from mcserve.server.engine.structured.masks import TokenMasks
+from mcserve.server.engine.tp.executor import ShardExecutor
+from mcserve.server.engine.tp.launcher import TPWorkers
+from mcserve.server.engine.tp.step_message import StepMessage
+from mcserve.server.errors import EngineDeadError
+from mcserve.server.model.sharding import ShardedMCGatedDeltaNet
+
+
+class TPModelRunner(ModelRunner):
+    def __init__(self, model: ShardedMCGatedDeltaNet, workers: TPWorkers, seed: int | None = None,
+                 vocab_size: int | None = None, masks: TokenMasks | None = None) -> None:
+        assert model.shard.rank == 0 and workers.setup is not None
+        self.model, self.workers, self.masks = model, workers, masks
+        self.spec = model.spec
+        self.device = model.device
+        self.executor = ShardExecutor(model, workers.group, workers.setup)
+        self.pools = self.executor.pools
+        self.selections = torch.zeros(model.cfg.num_hidden_layers, dtype=torch.long, device=self.device)
+        self.sampler = Sampler(vocab_size or model.cfg.vocab_size, self.device, seed=seed)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
+        msg = StepMessage(plan, tuple(request_top_k(self.spec, sampling, c.seq_id) for c in plan.prefill),
+                          tuple(request_top_k(self.spec, sampling, r.seq_id) for r in plan.decode))
+        scored = [_scores_prompt(sampling, c) for c in plan.prefill]
+        modes = ["all" if s else "last" if c.sample else "none" for c, s in zip(plan.prefill, scored, strict=True)]
+        try:
+            self.workers.send(msg)
+            out, weights, reads = self.executor.forward(msg, modes)
+            block_weights = weights.per_block()  # device -> host: every rank's part of the step is done
+        except Exception as e:
+            raise EngineDeadError(f"tensor-parallel step {plan.step} failed: {self.workers.describe_failure(e)}"
+                                  "; restart the server") from e
+        if reads is not None:
+            self.selections += reads
+        logits: list[torch.Tensor] = []
+        row_ids: list[int] = []
+        prompt_lps: dict[int, tuple[int, list[PromptLogprob]]] = {}
+        for c, lg, all_ in zip(plan.prefill, out.prefill, scored, strict=True):
+            if all_:
+                row = sampling[c.seq_id]
+                prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids,
+                                                             row.params.prompt_logprobs, self.sampler.vocab_size)
+                lg = lg[-1:]
+            if c.sample:
+                logits.append(lg)
+                row_ids.append(c.seq_id)
+        if out.decode is not None:
+            logits.append(out.decode)
+            row_ids += [r.seq_id for r in plan.decode]
+        failed: dict[int, Exception] = {}
+        token_ids, logprobs = {}, {}
+        try:
+            token_ids, logprobs = self._sample(logits, row_ids, sampling)
+        except Exception as e:  # reported: rank 0's own work, after every rank finished the step
+            failed.update((s, e) for s in row_ids)
+            for seq_id in row_ids:
+                prompt_lps.pop(seq_id, None)
+        return RunnerOutput(StepOutput(token_ids, block_weights), logprobs, prompt_lps, failed)
+
+    def take_selections(self) -> list[int]:
+        counts = self.selections.tolist()
+        self.selections.zero_()
+        return counts
+
+    def close(self) -> None:
+        self.workers.stop()
+
+    def _sample(self, logits: list[torch.Tensor], row_ids: list[int], sampling: Mapping[int, SamplingRow]
+                ) -> tuple[dict[int, int], Logprobs]:
+        if not row_ids:
+            return {}, {}
+        rows = [sampling[s] for s in row_ids]
+        allowed = self.masks.bitmask(row_ids) if self.masks is not None else None
+        sampled = self.sampler(torch.cat(logits), rows, allowed)
+        token_ids = dict(zip(row_ids, sampled.token_ids, strict=True))
+        logprobs: Logprobs = {}
+        if sampled.logprobs is not None:
+            assert sampled.top_logprobs is not None
+            for i, (seq_id, row) in enumerate(zip(row_ids, rows, strict=True)):
+                if row.params.logprobs is not None:
+                    logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
+        return token_ids, logprobs
+
+
+def _scores_prompt(sampling: Mapping[int, SamplingRow], chunk: PrefillChunk) -> bool:
+    """The chunk's logits are all needed (torch_runner.py's rule): its sequence asks for prompt
+    logprobs and some of its positions score a prompt token."""
+    row = sampling.get(chunk.seq_id)
+    return (row is not None and row.params.prompt_logprobs is not None
+            and chunk.start_pos + 1 < len(row.prompt_token_ids))
