@@ -19,9 +19,9 @@ from collections.abc import Mapping
 
 import torch
 
-from mcserve.server.engine.plan import PrefillChunk, StepOutput, StepPlan
+from mcserve.server.engine.plan import StepOutput, StepPlan
 from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
-from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
 from mcserve.server.engine.sampler import Sampler, SamplingRow
 from mcserve.server.engine.structured.masks import TokenMasks
 from mcserve.server.engine.tp.executor import ShardExecutor
@@ -47,7 +47,7 @@ class TPModelRunner(ModelRunner):
     def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
         msg = StepMessage(plan, tuple(request_top_k(self.spec, sampling, c.seq_id) for c in plan.prefill),
                           tuple(request_top_k(self.spec, sampling, r.seq_id) for r in plan.decode))
-        scored = [_scores_prompt(sampling, c) for c in plan.prefill]
+        scored = [scores_prompt(sampling, c) for c in plan.prefill]
         modes = ["all" if s else "last" if c.sample else "none" for c, s in zip(plan.prefill, scored, strict=True)]
         try:
             self.workers.send(msg)
@@ -107,10 +107,3 @@ class TPModelRunner(ModelRunner):
                     logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
         return token_ids, logprobs
 
-
-def _scores_prompt(sampling: Mapping[int, SamplingRow], chunk: PrefillChunk) -> bool:
-    """The chunk's logits are all needed (torch_runner.py's rule): its sequence asks for prompt
-    logprobs and some of its positions score a prompt token."""
-    row = sampling.get(chunk.seq_id)
-    return (row is not None and row.params.prompt_logprobs is not None
-            and chunk.start_pos + 1 < len(row.prompt_token_ids))
