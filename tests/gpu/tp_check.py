@@ -4,23 +4,24 @@ then decode throughput and per-GPU memory at TP=1, 2, 4 for B = 64 and 256.
 Needs a machine of 2+ GPUs (nvidia-h200-x2 / -x4). Writes a random 1.3b checkpoint (fp32, ~5.6 GB)
 to --model-dir unless one is there, then, per tensor-parallel size that fits the visible GPUs:
 
-- same tokens: fp32 weights and fp32 checkpoints, greedy, 8 prompts of 300 tokens (one cached
-  segment of 256 before decoding) x 64 tokens; sequences identical to TP=1 and the first position
-  where any differs. All-reduce sums in another order than one matmul, so an fp32 divergence late
-  in a random model's greedy run is rounding, not a bug; the script also reports the largest
-  difference of the chosen tokens' logprobs over the positions before the first divergence.
-- throughput: bf16 (the serving default), B prompts of 128 tokens x 128 output tokens, prefix caching
-  off; output tokens per second of the whole generate and ms per decode step, after a warm-up.
-- memory: each GPU's used memory (NVML, no CUDA context of ours on the other GPUs) at the end of
-  the timed run. The checkpoint pool is 16 GiB / N per GPU (--pool-gib) so that every size holds the same
-  blocks.
+- same tokens: fp32 weights and checkpoints, the torch runner's stages at every size, greedy, 8
+  prompts of 300 tokens (one cached segment of 256 before decoding) x 64 tokens; how many sequences
+  are identical to TP=1 and the first position where each differs. All-reduces sum in another order
+  than one matmul, so an fp32 divergence late in a random model's greedy run is rounding, not a bug;
+  the script also reports the largest difference of the chosen tokens' logprobs before it.
+- throughput: bf16 (the serving default), B prompts of 128 tokens x 128 output tokens, prefix
+  caching off, after a warm-up: output tokens per second and ms per step. TP=1 twice: with the
+  torch runner (the stages each rank runs) and with the default runner (on CUDA the CUDA runner,
+  which tensor parallelism does not use yet).
+- memory: each GPU's used memory (NVML: no CUDA context of ours on the other GPUs) at the end of
+  the timed run. The checkpoint pool is 16 GiB / N per GPU (--pool-gib), the same blocks at every N.
 
     bash tests/gpu/run_on_device.sh python3 tests/gpu/tp_check.py --out $OUT/tp_check.json
 
 A dry run of the script's own logic on CPU (gloo, the tiny preset, no memory readings):
 
-    python tests/gpu/tp_check.py --device cpu --preset tiny --model-dir /tmp/tp-tiny --sizes 1,2 --batches 4 \
-        --pool-gib 0.01
+    python tests/gpu/tp_check.py --device cpu --preset tiny --model-dir /tmp/tp-tiny --sizes 1,2 \
+        --batches 4 --pool-gib 0.01
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def same_tokens(model_dir: Path, sizes: list[int], device: str) -> dict:
     runs = {}
     for tp in sizes:
         llm = LLM(model_dir, device=device, dtype="float32", ckpt_dtype="float32", max_num_seqs=8,
-                  checkpoint_memory=4 * 2**30, tensor_parallel_size=tp)
+                  checkpoint_memory=4 * 2**30, tensor_parallel_size=tp, runner="torch")
         outs = llm.generate(check, greedy)
         runs[tp] = [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs]) for o in outs]
         release(llm)
@@ -102,11 +103,14 @@ def same_tokens(model_dir: Path, sizes: list[int], device: str) -> dict:
 def throughput(model_dir: Path, sizes: list[int], batches: list[int], device: str, pool_bytes: int) -> list[dict]:
     rows = []
     gen = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
-    for tp in sizes:
+    # TP=1 twice: the torch runner (the stages every tensor-parallel rank runs) and the default
+    # runner (on CUDA the CUDA runner: graphs, Triton decode), which TP does not use yet
+    runs = [(1, "torch"), *((1, "auto") for _ in [0] if device == "cuda"), *((tp, "torch") for tp in sizes[1:])]
+    for tp, runner in runs:
         for b in batches:
             llm = LLM(model_dir, device=device, tensor_parallel_size=tp, max_num_seqs=b,
                       max_num_batched_tokens=max(2048, 128 * b), enable_prefix_caching=False,
-                      checkpoint_memory=pool_bytes // tp)
+                      checkpoint_memory=pool_bytes // tp, runner=runner)
             llm.generate(prompts(b, 128, 1), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
             sync(device)
             steps0 = llm.engine.counters["steps"]
@@ -117,11 +121,13 @@ def throughput(model_dir: Path, sizes: list[int], batches: list[int], device: st
             steps = llm.engine.counters["steps"] - steps0
             used = gpu_memory_used() if device == "cuda" else []
             n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-            row = dict(tp=tp, batch=b, output_tokens=n_out, wall_s=wall, output_tok_s=n_out / wall, steps=steps,
+            row = dict(tp=tp, runner=type(llm.engine.runner).__name__, batch=b, output_tokens=n_out, wall_s=wall,
+                       output_tok_s=n_out / wall, steps=steps,
                        ms_per_step=1000 * wall / steps, gpu_memory_used_gib=[round(u / 2**30, 2) for u in used[:tp]],
                        pools=llm.engine.scheduler.config.num_checkpoint_blocks)
             rows.append(row)
-            print(f"TP={tp} B={b:4d}: {n_out / wall:9.0f} output tok/s, {row['ms_per_step']:6.1f} ms/step, "
+            print(f"TP={tp} {row['runner']:16s} B={b:4d}: {n_out / wall:9.0f} output tok/s, "
+                  f"{row['ms_per_step']:6.1f} ms/step, "
                   f"GPU memory used {row['gpu_memory_used_gib']} GiB, {row['pools']} checkpoint blocks", flush=True)
             release(llm)
     return rows
