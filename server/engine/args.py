@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from mcserve.kernels.mc_spec import AGGREGATIONS
-from mcserve.server.engine.checkpoint_cache import blocks_for_budget
+from mcserve.server.engine.cache.blocks import blocks_for_budget
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.runner.factory import RunnerOptions
 from mcserve.server.engine.state_pool import slots_for_budget

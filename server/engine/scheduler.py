@@ -17,7 +17,7 @@ decode rows always fits one whole segment, so prefill always progresses.
 
 Memory: a new checkpoint block comes from the cache (free, else evicting idle blocks). For the block
 it needs to progress at all (a decode's boundary, a prefill chunk's first segment) a running sequence
-may also take checkpoints that running sequences hold (offload/drop, see checkpoint_cache) and,
+may also take checkpoints that running sequences hold (offload/drop, see cache/cache.py) and,
 failing that, preempt the worst sequence not yet scheduled this step, possibly itself (recompute:
 its slot is parked as a snapshot or freed, its checkpoints released -- they stay cached -- and it
 goes back to the waiting queue). Further segments of a chunk use free or idle blocks only: the chunk
@@ -36,7 +36,7 @@ import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mcserve.server.engine.checkpoint_cache import CheckpointCache
+from mcserve.server.engine.cache.cache import CheckpointCache
 from mcserve.server.engine.client import EngineStats
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.plan import DecodeRow, PrefillChunk, SlotRestore, StepOutput, StepPlan

@@ -1,7 +1,7 @@
 """Device tensors that hold sequence memory: online-state slots and checkpoint blocks.
 
 These are plain storage; who owns which slot or block is the engine's bookkeeping
-(server/engine/state_pool.py, server/engine/checkpoint_cache.py).
+(server/engine/state_pool.py, server/engine/cache/).
 """
 
 from __future__ import annotations

@@ -2,11 +2,8 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
-from mcserve.server.engine.checkpoint_cache import CheckpointCache, blocks_for_budget
+from mcserve.server.engine.cache.cache import CheckpointCache
 from mcserve.server.engine.plan import BlockCopy
-from mcserve.server.errors import ConfigError
 
 
 def _key(prefix: bytes, i: int) -> bytes:
@@ -213,9 +210,3 @@ def test_attach_stops_where_onload_is_impossible() -> None:
     cache.release(7)
     cache.release(1)
     cache.check()
-
-
-def test_blocks_for_budget() -> None:
-    assert blocks_for_budget(10, 1000, 50) == 100
-    with pytest.raises(ConfigError, match="holds 9 blocks of 100 bytes, fewer than the 64 required"):
-        blocks_for_budget(100, 999, 64)
