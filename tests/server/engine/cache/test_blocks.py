@@ -33,7 +33,7 @@ def test_block_given_back_later_is_free_only_next_step() -> None:
 def test_check_sees_a_leak() -> None:
     pool = BlockPool(2)
     pool.take(Checkpoint(0, 0))
-    pool._free.clear()  # noqa: SLF001  (simulate a lost block)
+    pool._free.clear()  # simulate a lost block
     with pytest.raises(AssertionError, match="leaked"):
         pool.check("GPU")
 

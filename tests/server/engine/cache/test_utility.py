@@ -38,4 +38,4 @@ def test_idle_heap_skips_stale_entries() -> None:
     for _ in range(200):  # stale entries do not pile up past the bound
         cs[0].version += 1
         heap.push(cs[0])
-    assert len(heap._heap) <= 4 + 64  # noqa: SLF001
+    assert len(heap._heap) <= 4 + 64
