@@ -1,5 +1,5 @@
 """Router weight per checkpoint block read in a step: the feedback that SSC's utility policy
-(server/engine/checkpoint_cache.py) ranks blocks by."""
+(server/engine/cache/utility.py) ranks blocks by."""
 
 from __future__ import annotations
 
