@@ -66,7 +66,8 @@ def chunked_mc_gdn(
     top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Returns (y [T, HV, dv], state, key_sum, [(checkpoint, key) for each boundary crossed],
-    router weight each of the N given checkpoints received, summed over tokens and heads [N])."""
+    router weight [N + B] summed over tokens and heads: each of the N given checkpoints, then each of
+    the B made here (read by this call's later tokens); zeros when the aggregation reads no cache)."""
     T, H, dk = q.shape
     HV, dv = v.shape[1], v.shape[2]
     G = HV // H
@@ -81,16 +82,16 @@ def chunked_mc_gdn(
     kv = heads_first(k.repeat_interleave(G, dim=1))
     vv, gv, bv = heads_first(v), heads_first(g), heads_first(beta)
     n_given = n = ckpts.shape[0]
+    n_total = n_given + (start_pos + T) // C - start_pos // C
     if spec.reads_cache:
         assert n_given == start_pos // C, (ckpts.shape, start_pos, C)
-        n_total = (start_pos + T) // C
         cached = q.new_empty(n_total, HV, dv, dk, dtype=dt)  # given memories, then those made here
         keys = q.new_empty(n_total, H, dk, dtype=dt)
         valid = torch.ones(n_total, dtype=torch.bool, device=q.device)
         cached[:n_given], keys[:n_given] = ckpts, ckpt_keys
         if ckpt_valid is not None:
             valid[:n_given] = ckpt_valid
-    weights = torch.zeros(n_given, dtype=dt, device=q.device)
+    weights = torch.zeros(n_total, dtype=dt, device=q.device)
     new_ckpts: list[tuple[torch.Tensor, torch.Tensor]] = []
     ys = []
     t = 0
@@ -105,7 +106,7 @@ def chunked_mc_gdn(
         if spec.reads_cache and n > 0:
             o, w = _mix(o, qv[:, t:end].transpose(0, 1), u[t:end].to(dt), cum_keys, pos % C, cached[:n], keys[:n],
                         valid[:n], spec, top_k, G)
-            weights = weights + w[:n_given]
+            weights[:n] += w
         ys.append(o)
         if (start_pos + end) % C == 0:
             ckpt = state.to(ckpts.dtype)

@@ -130,6 +130,7 @@ class _SamplingRequest(_Request):
     include_stop_str_in_output: bool | None = None
     priority: int | None = None
     session_id: str | None = Field(default=None, max_length=256)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # vLLM's: no cache sharing across salts
     mc_top_k: int | None = None
     # vLLM's structured-output extras (server/api/structured.py maps them to one StructuredSpec)
     guided_json: dict[str, Any] | str | None = None

@@ -176,6 +176,7 @@ class ServingContext:
                     params=p,
                     priority=priority,
                     session_id=session_id,
+                    cache_salt=getattr(body, "cache_salt", None),
                     api_key=http.scope.get(API_KEY_SCOPE_KEY),
                     arrival_time=now,
                 )

@@ -226,4 +226,5 @@ def engine_config(args: EngineArgs, cfg: ModelConfig, pools: PoolSizes) -> Engin
         max_waiting=args.max_waiting, segment_size=seg, num_state_slots=pools.num_state_slots,
         num_checkpoint_blocks=pools.num_checkpoint_blocks, num_host_blocks=pools.num_host_blocks,
         utility_decay=args.utility_decay, enable_prefix_caching=args.enable_prefix_caching,
-        enable_snapshots=args.enable_snapshots, evict_running_checkpoints=cfg.mc.aggregation in HOLE_TOLERANT)
+        enable_snapshots=args.enable_snapshots, evict_running_checkpoints=cfg.mc.aggregation in HOLE_TOLERANT,
+        reads_checkpoints=cfg.mc.aggregation != "none")

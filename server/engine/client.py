@@ -21,7 +21,8 @@ class GenerateRequest:
     params: SamplingParams
     priority: int = 0  # lower runs first (vLLM's convention); FCFS among equals
     session_id: str | None = None  # explicit session: its cache is reachable only with the same key
-    api_key: str | None = None
+    api_key: str | None = None  # the tenant: cached prefixes are shared only among requests with the same key
+    cache_salt: str | None = None  # and the same salt (vLLM's field): a finer tenant inside one key
     arrival_time: float = 0.0
     extra: dict = field(default_factory=dict)
 

@@ -36,6 +36,8 @@ class EngineConfig:
     evict_running_checkpoints: under pressure, offload or drop checkpoints that running sequences
         hold. Only sound for `ssc`, whose readout selects among the checkpoints present; aggregations
         that read every checkpoint (residual, grm, soup) must turn it off.
+    reads_checkpoints: the model's outputs depend on the checkpoints it reads (every aggregation but
+        `none`), so a step that reads around a hole is inexact and its results are not published.
     """
 
     max_num_seqs: int = 64
@@ -50,6 +52,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_snapshots: bool = True
     evict_running_checkpoints: bool = True
+    reads_checkpoints: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting",
@@ -75,7 +78,7 @@ class EngineConfig:
         d = self.utility_decay
         _require(isinstance(d, (int, float)) and math.isfinite(d) and 0.0 < d <= 1.0,
                  f"utility_decay must be in (0, 1], got {d!r}")
-        for name in ("enable_prefix_caching", "enable_snapshots", "evict_running_checkpoints"):
+        for name in ("enable_prefix_caching", "enable_snapshots", "evict_running_checkpoints", "reads_checkpoints"):
             _require(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property

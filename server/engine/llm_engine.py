@@ -38,6 +38,7 @@ from mcserve.server.engine.failures import Unschedulable, describe, device_usabl
 from mcserve.server.engine.metrics_publisher import MetricsPublisher
 from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
 from mcserve.server.engine.plan import StepPlan
+from mcserve.server.engine.prefix_index import engine_root, namespace_root, state_top_k
 from mcserve.server.engine.runner.base import Logprobs, TransferError
 from mcserve.server.engine.runner.factory import RunnerOptions, make_runner
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
@@ -104,6 +105,9 @@ class LLMEngine:
         self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size,
                                   masks=self.masks, options=runner, tensor_parallel=tensor_parallel)
         self.scheduler = self._new_scheduler()
+        # h_0 of every prefix is rooted here: cached states are shared only within one model, MC setting
+        # and checkpoint dtype (prefix_index.py)
+        self._cache_root = engine_root(model.fingerprint(), model.spec, str(ckpt_dtype or model.state_dtype))
         self.engine_counters: Counter[str] = Counter()
         self.publisher = MetricsPublisher(metrics, self.scheduler.counters, self.runner, model.spec.reads_cache)
         self._requests: dict[str, _Request] = {}
@@ -226,9 +230,11 @@ class LLMEngine:
                                  " retry later")
         req = _Request(request, time.monotonic())
         arrival = request.arrival_time or time.time()
+        root = namespace_root(self._cache_root, state_top_k(self.model.spec, sp.mc_top_k), api_key=request.api_key,
+                              cache_salt=request.cache_salt, session_id=request.session_id)
         for i in range(sp.n):
             seq = Sequence(request.prompt_token_ids, request_id=rid, priority=request.priority, arrival_time=arrival,
-                           session_id=request.session_id, api_key=request.api_key, params=sp)
+                           cache_root=root, params=sp)
             detok = self.tokenizer.detokenizer(request.prompt_token_ids, sp.skip_special_tokens, stop=sp.stop,
                                                include_stop_str_in_output=sp.include_stop_str_in_output)
             seq.reuse_prefix = sp.prompt_logprobs is None

@@ -27,7 +27,14 @@ preemption: num_state_slots >= max_num_seqs and parked snapshots are evicted on 
 Prefix reuse on admission: the deepest cached boundary b*C <= num_tokens - 1 (one token must be
 computed to produce logits) is restored from checkpoint b-1; a parked snapshot at a later position of
 the same segment is taken over instead; a sequence with `reuse_prefix` false (prompt logprobs) takes
-neither. A sequence reaching max_model_len finishes with "length".
+neither. When the first chunk after the cached prefix cannot get a block, admission retries with one
+cached segment less, down to a cold start (the hits it holds are not idle, so nothing else could
+free a block for it). A sequence reaching max_model_len finishes with "length".
+
+Exactness: a row or chunk planned with a hole in its read list (a checkpoint of an earlier segment
+offloaded or dropped; only aggregations that read checkpoints care) computes a state a cold run
+would not. From its first position (`Sequence.inexact_from`) on, the sequence registers no
+checkpoint and parks no snapshot; what it computed before stays published.
 """
 
 from __future__ import annotations
@@ -207,26 +214,33 @@ class Scheduler:
         if cfg.enable_prefix_caching and seq.reuse_prefix:
             hashes = seq.prefix_hashes(C)
             hits = self.cache.match(hashes, (target - 1) // C)
-        n = self.cache.attach(seq.seq_id, hits)
-        start, snap = n * C, None
-        if cfg.snapshots and seq.reuse_prefix:
-            snap = self.pool.find(hashes[n], seq.token_ids, start, target - 1)
-            if snap is not None and snap.num_tokens > start:
-                start = snap.num_tokens
-            else:
-                snap = None
-        end = self._chunk_end(start, target, st.budget)
-        if end > start:
+        while True:
+            n = self.cache.attach(seq.seq_id, hits)
+            start, snap = n * C, None
+            if cfg.snapshots and seq.reuse_prefix:
+                snap = self.pool.find(hashes[n], seq.token_ids, start, target - 1)
+                if snap is not None and snap.num_tokens > start:
+                    start = snap.num_tokens
+                else:
+                    snap = None
+            end = self._chunk_end(start, target, st.budget)
+            if end == start:  # the budget left takes no chunk from here: wait for the next step
+                self.cache.release(seq.seq_id)  # what it attached stays cached
+                return False
             reached = self._grow(seq, end // C, 0, st)
             end = min(end, reached * C) if reached < end // C else end
-        if end <= start:
-            self.cache.release(seq.seq_id)  # what it attached stays cached
-            return False
+            if end > start:
+                break
+            self.cache.release(seq.seq_id)  # no block for the first chunk: its hits are idle again
+            if n == 0:
+                return False  # not even a cold start finds a block: running sequences hold them all
+            hits = hits[:n - 1]
         slot = self.pool.take(snap) if snap is not None else self.pool.alloc()
         assert slot is not None, "num_state_slots >= max_num_seqs guarantees a slot"
         if start == 0:
             st.resets.append(slot)
         elif snap is None:
+            self.cache.pin(seq.seq_id, n - 1)  # the restore source
             st.restores.append(SlotRestore(slot, self.cache.block_ids(seq.seq_id, n - 1, n)[0]))
         self.waiting.remove(seq)
         seq.status, seq.slot = RUNNING, slot
@@ -277,6 +291,7 @@ class Scheduler:
         self.cache.release(seq.seq_id)
         seq.status = SequenceStatus.PREEMPTED
         seq.num_computed_tokens = seq.num_prefill_tokens = 0
+        seq.inexact_from = None  # it recomputes from exact cached states
         seq.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=_key)
         self.counters["preempt"] += 1
@@ -286,7 +301,7 @@ class Scheduler:
         """Give back seq's slot, parked as a snapshot when it can be resumed from: its exact state at
         q = num_computed_tokens plus the cached checkpoints of every whole segment before q."""
         q, C = seq.num_computed_tokens, self.config.segment_size
-        if park and self.config.snapshots and q > 0:
+        if park and self.config.snapshots and q > 0 and seq.inexact_from is None:
             k, hashes = q // C, seq.prefix_hashes(C)
             if len(self.cache.match(hashes, k)) == k:
                 self.pool.park(seq.slot, hashes[k], seq.token_ids[k * C:q], q)
@@ -296,6 +311,9 @@ class Scheduler:
         seq.slot = None
 
     def _register(self, seq: Sequence, segment: int) -> None:
+        C = self.config.segment_size
+        if seq.inexact_from is not None and seq.inexact_from < (segment + 1) * C:
+            return  # computed around a hole
         if self.config.enable_prefix_caching:
             hashes = seq.prefix_hashes(self.config.segment_size)
             self.cache.register(seq.seq_id, segment, hashes[segment + 1], hashes[segment])
@@ -312,18 +330,27 @@ class Scheduler:
         for seq in st.decode:
             p, sid = seq.num_computed_tokens, seq.seq_id
             write = ids(sid, p // C, p // C + 1)[0] if p % C == C - 1 else -1
+            if seq.inexact_from is None and self.config.reads_checkpoints:
+                self._check_holes(seq, ids(sid, 0, p // C), p)
             decode.append(DecodeRow(sid, seq.slot, p, seq.token_ids[p], ids(sid, 0, p // C) if tables else (), write))
         prefill = []
         for seq, start, end in st.chunks:
-            writes = ids(seq.seq_id, start // C, end // C)
-            prefill.append(PrefillChunk(seq.seq_id, seq.slot, start, tuple(seq.token_ids[start:end]),
-                                        ids(seq.seq_id, 0, start // C), writes, end == seq.num_prefill_tokens))
+            writes, reads = ids(seq.seq_id, start // C, end // C), ids(seq.seq_id, 0, start // C)
+            self._check_holes(seq, reads, start)
+            prefill.append(PrefillChunk(seq.seq_id, seq.slot, start, tuple(seq.token_ids[start:end]), reads, writes,
+                                        end == seq.num_prefill_tokens))
             assert min(writes, default=0) >= 0, writes
         assert all(r.write_block >= 0 for r in decode if r.position % C == C - 1)
         offloads, onloads = self.cache.take_transfers()
         released, appends, updates = self.cache.take_table_diffs()
         return StepPlan(self._step, tuple(decode), tuple(prefill), tuple(st.resets), tuple(st.restores),
                         offloads, onloads, tuple(st.preempted), released, appends, updates)
+
+    def _check_holes(self, seq: Sequence, reads: tuple[int, ...], position: int) -> None:
+        """Mark `seq` inexact from `position` if it reads around a hole there."""
+        if seq.inexact_from is None and self.config.reads_checkpoints and -1 in reads:
+            seq.inexact_from = position
+            self.counters["inexact_sequences"] += 1
 
     def check(self) -> None:
         """Invariants between steps (tests): ownership is consistent and nothing leaked."""

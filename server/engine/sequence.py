@@ -6,6 +6,11 @@ its prefix on re-admission) -> RUNNING; any state -> FINISHED_ABORTED.
 Positions: `token_ids` = prompt + output; `num_computed_tokens` of them are absorbed in the state
 slot. While decoding, the last token is sampled but not yet computed (num_computed == num_tokens - 1);
 the next decode row feeds it at position num_computed.
+
+Exactness: `inexact_from` is the first position computed while the sequence read around a hole (a
+checkpoint of an earlier segment offloaded or dropped); from there on its state differs from a cold
+run's, so nothing it computes from that position on is published (see scheduler). A preemption
+recomputes from exact cached states and clears it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from mcserve.server.engine.prefix_index import extend_chain, namespace_root
+from mcserve.server.engine.prefix_index import extend_chain
 from mcserve.server.errors import InvalidRequestError
 
 
@@ -40,8 +45,10 @@ class Sequence:
     _next_id = itertools.count()
 
     def __init__(self, prompt_token_ids: Seq[int], *, seq_id: int | None = None, request_id: str = "",
-                 priority: int = 0, arrival_time: float = 0.0, session_id: str | None = None,
-                 api_key: str | None = None, params: Any = None) -> None:
+                 priority: int = 0, arrival_time: float = 0.0, cache_root: bytes = b"",
+                 params: Any = None) -> None:
+        """cache_root: h_0 of its prefix hashes (prefix_index.namespace_root: model, MC settings,
+        SSC's k, tenant); sequences share cached states only under the same root."""
         if len(prompt_token_ids) == 0:
             raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
         self.seq_id = next(Sequence._next_id) if seq_id is None else seq_id
@@ -49,8 +56,6 @@ class Sequence:
         self.params = params  # opaque to the scheduler (the engine's SamplingParams)
         self.priority = priority  # lower runs first; FCFS by arrival among equals
         self.arrival_time = arrival_time
-        self.session_id = session_id
-        self.namespace = namespace_root(session_id, api_key)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.status = SequenceStatus.WAITING
@@ -58,11 +63,12 @@ class Sequence:
         self.num_prefill_tokens = 0  # prefill target set at (re)admission: every token known then
         self.num_cached_tokens = 0  # prompt tokens reused from the cache at the first admission
         self.num_preemptions = 0
+        self.inexact_from: int | None = None
         self.slot: int | None = None
         # False: admitted from position 0, no cached prefix or snapshot (prompt logprobs need every
         # position's logits); the engine sets it
         self.reuse_prefix = True
-        self._hashes: list[bytes] = [self.namespace]
+        self._hashes: list[bytes] = [cache_root]
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, {self.status.name}, tokens={self.num_tokens}, "

@@ -136,6 +136,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device:
         model = MCGatedDeltaNetForCausalLM(cfg)
     state = {n: tensors[n].to(torch_dtype) for n in expected}
     model.load_state_dict(state, strict=True, assign=True)
+    model.fingerprint()  # now, while the weights are on the host
     model.to(device=device)
     model.eval()
     check_finite(model, where)

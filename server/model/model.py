@@ -11,6 +11,8 @@ All three share the projections, convolutions and MLPs below, so they differ onl
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +36,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         self.model = Backbone(cfg, learned_router=cfg.mc.router == "learned")
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.spec: MCSpec = cfg.mc.spec()
+        self._fingerprint: bytes | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -51,6 +54,18 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
     def set_mc(self, spec: MCSpec) -> None:
         """Serve with another aggregation (e.g. `--mc-aggregation grm` on an ssc checkpoint)."""
         self.spec = spec
+
+    def fingerprint(self) -> bytes:
+        """SHA-256 of what the outputs depend on besides the MC settings: the config and every weight
+        (name, dtype, shape, bytes). Computed once, on first call (the loader calls it while the
+        weights are still on the host); the weights must not change afterwards."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
+            for name, t in sorted(self.state_dict().items()):
+                h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._fingerprint = h.digest()
+        return self._fingerprint
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.model.norm(x)
@@ -103,7 +118,8 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         read_blocks: the sequence's blocks for segments < start_pos // C (-1 for a dropped one);
         write_blocks: one block per segment boundary completed inside this chunk, in order (-1: don't
         keep that checkpoint, e.g. when the pool is full; later tokens then see it as dropped).
-        Returns (logits [T or 1, V], router weight per read block [len(read_blocks)]).
+        Returns (logits [T or 1, V], router weight per block [len(read_blocks) + len(write_blocks)]:
+        the read blocks, then those written here, which later tokens of the chunk read).
         selections: optional [L] counter; adds per layer how many cached memories were read.
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
@@ -115,7 +131,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         rb = torch.as_tensor(list(read_blocks) if self.spec.reads_cache else [], dtype=torch.long, device=self.device)
         valid, rbc = rb >= 0, rb.clamp_min(0)
         sd = self.state_dtype
-        weights = torch.zeros(len(read_blocks), dtype=sd, device=self.device)
+        weights = torch.zeros(len(read_blocks) + len(write_blocks), dtype=sd, device=self.device)
         x = self.model.embeddings(ids)
         for li, block in enumerate(self.model.layers):
             attn = block.attn

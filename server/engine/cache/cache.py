@@ -109,8 +109,9 @@ class CheckpointCache:
 
     def attach(self, seq_id: int, hits: list[Checkpoint]) -> int:
         """Start `seq_id`'s table with cached `hits`, onloading offloaded ones (evicting idle blocks
-        only). Stops at the first that cannot be brought back; returns how many were attached. The
-        last one is pinned: the sequence restores from it this step."""
+        only). Stops at the first that cannot be brought back; returns how many were attached.
+        Nothing is pinned but what was onloaded: an admission that fails gives the hits back as
+        idle, evictable blocks (see `pin` for the restore source of one that succeeds)."""
         # Hold them all first: an onload below may evict idle blocks, and must not take a later hit.
         table = self.tables.start(seq_id, hits)
         for c in hits:
@@ -120,9 +121,11 @@ class CheckpointCache:
             if c.gpu is None and not self._onload(c):
                 self.release_from(seq_id, i)
                 break
-        if table:
-            self._pinned.add(table[-1])
         return len(table)
+
+    def pin(self, seq_id: int, segment: int) -> None:
+        """Keep table[segment] where it is until the next step (a slot is restored from it)."""
+        self._pinned.add(self.tables.get(seq_id)[segment])
 
     def allocate(self, seq_id: int, evict_running: bool) -> bool:
         """Append a fresh checkpoint (to be written this step) to `seq_id`'s table. False when no block
@@ -215,11 +218,13 @@ class CheckpointCache:
         return True
 
     def _evict_held(self) -> bool:
-        """Step 2: offload (or drop) the lowest-utility GPU checkpoint that sequences hold."""
+        """Step 2: offload (or drop) the GPU checkpoint that sequences hold with the lowest read rate,
+        sparing the newest checkpoint of each sequence while any other is available."""
         held = [c for c in self.gpu if c.refs and c not in self._pinned]
         if not held:
             return False
-        c = self.policy.lowest(held)
+        newest = self.tables.newest()
+        c = self.policy.lowest_rate([x for x in held if x not in newest] or held)
         host = self._take_host(c)
         if host is not None:
             self._transfers.offload(c, c.gpu, host)

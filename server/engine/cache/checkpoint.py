@@ -11,7 +11,7 @@ from __future__ import annotations
 
 
 class Checkpoint:
-    __slots__ = ("segment", "key", "parent", "children", "gpu", "host", "refs", "utility", "stamp",
+    __slots__ = ("segment", "key", "parent", "children", "gpu", "host", "refs", "utility", "stamp", "born",
                  "version")
 
     def __init__(self, segment: int, now: int) -> None:
@@ -24,6 +24,7 @@ class Checkpoint:
         self.refs = 0  # sequence tables holding it
         self.utility = 0.0  # as of step `stamp`
         self.stamp = now
+        self.born = now  # the step that writes it
         self.version = 0
 
     @property

@@ -54,6 +54,10 @@ class BlockTables:
         assert not self._tables[seq_id], "cut the table first"
         del self._tables[seq_id]
 
+    def newest(self) -> set[Checkpoint]:
+        """The last checkpoint of every table: the one its sequence's next tokens read first."""
+        return {t[-1] for t in self._tables.values() if t}
+
     def block_ids(self, seq_id: int, start: int, end: int) -> tuple[int, ...]:
         """GPU block ids of table[start:end]; -1 where the checkpoint is not on the GPU."""
         return tuple(-1 if c.gpu is None else c.gpu for c in self._tables[seq_id][start:end])

@@ -43,6 +43,19 @@ class UtilityPolicy:
     def lowest(self, candidates: list[Checkpoint]) -> Checkpoint:
         return min(candidates, key=self.rank)
 
+    def rate(self, c: Checkpoint) -> float:
+        """Utility per step of life, with the same decay: u / sum_{a < age} decay^a. A decayed sum
+        grows with age until the decay horizon, so comparing sums would always favour the older of
+        two checkpoints read equally often; the rate does not. Infinite before its first step."""
+        age = self.now - c.born
+        if age <= 0:
+            return math.inf
+        exposure = age if self.decay == 1.0 else (1.0 - self.decay**age) / (1.0 - self.decay)
+        return self.value(c) / exposure
+
+    def lowest_rate(self, candidates: list[Checkpoint]) -> Checkpoint:
+        return min(candidates, key=lambda c: (self.rate(c), self.rank(c)))
+
 
 class IdleHeap:
     """Idle-eviction candidates by rank. An entry is current while the checkpoint's `version` is the

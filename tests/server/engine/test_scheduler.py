@@ -5,6 +5,7 @@ import random
 import pytest
 
 from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.prefix_index import namespace_root
 from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.engine.scheduler import Scheduler
 from mcserve.server.engine.sequence import Sequence, SequenceStatus
@@ -20,8 +21,10 @@ def _cfg(**kw) -> EngineConfig:
     return EngineConfig(**{**base, **kw})
 
 
-def _seq(prompt: list[int], max_tokens: int = 6, **kw) -> Sequence:
-    return Sequence(prompt, params=SamplingParams(max_tokens=max_tokens), **kw)
+def _seq(prompt: list[int], max_tokens: int = 6, session_id: str | None = None, api_key: str | None = None,
+         **kw) -> Sequence:
+    root = namespace_root(b"engine", session_id=session_id, api_key=api_key)
+    return Sequence(prompt, params=SamplingParams(max_tokens=max_tokens), cache_root=root, **kw)
 
 
 def _prompt(rng: random.Random, n: int) -> list[int]:

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from mcserve.server.engine.config import EngineConfig
+from mcserve.server.engine.prefix_index import namespace_root
 from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.engine.sequence import Sequence
 from mcserve.server.errors import QueueFullError
@@ -48,7 +49,8 @@ def test_random_mix_leaves_nothing_behind(variant: str) -> None:
         else:
             prompt = [rng.randrange(1000) for _ in range(rng.randrange(1, 60))]
         seq = Sequence(prompt, params=SamplingParams(max_tokens=rng.randrange(1, 40)), priority=rng.randrange(2),
-                       arrival_time=float(len(keys)), session_id=session[0], api_key=session[1])
+                       arrival_time=float(len(keys)),
+                       cache_root=namespace_root(b"engine", session_id=session[0], api_key=session[1]))
         keys[seq.seq_id] = session
         return seq
 

@@ -19,12 +19,9 @@ def test_prefix_hashes_name_whole_segments_and_extend_with_tokens() -> None:
     assert a.prefix_hashes(3)[:3] == ha and a.prefix_hashes(3)[3] != b.prefix_hashes(3)[3]
 
 
-def test_namespaces_separate_sessions_and_keys() -> None:
-    shared = Sequence([1], session_id=None).namespace
-    s1k1 = Sequence([1], session_id="s1", api_key="k1").namespace
-    assert Sequence([2], session_id="s1", api_key="k1").namespace == s1k1
-    assert len({shared, s1k1, Sequence([1], session_id="s1", api_key="k2").namespace,
-                Sequence([1], session_id="s2", api_key="k1").namespace}) == 4
+def test_cache_root_starts_the_chain() -> None:
+    a, b = Sequence([1, 2, 3], cache_root=b"x"), Sequence([1, 2, 3], cache_root=b"y")
+    assert a.prefix_hashes(3)[0] == b"x" and a.prefix_hashes(3)[1] != b.prefix_hashes(3)[1]
 
 
 def test_state_and_tokens() -> None:

@@ -107,11 +107,36 @@ def test_pinned_blocks_survive_their_step() -> None:
     _fill(cache, 0, b"a", 1)
     cache.release(0)
     cache.begin_step(2)
-    assert cache.attach(1, cache.match(_chain(b"a", 1), 1)) == 1  # pinned: a restore source
-    cache.release(1)  # e.g. the admission failed after all
+    assert cache.attach(1, cache.match(_chain(b"a", 1), 1)) == 1
+    cache.pin(1, 0)  # a restore source
+    cache.release(1)  # e.g. the sequence was preempted later in the same step
     assert not cache.allocate(2, evict_running=True)
     cache.begin_step(3)
     assert cache.allocate(2, evict_running=False) and cache.counters["evict_idle"] == 1
+
+
+def test_failed_admission_leaves_its_hits_evictable() -> None:
+    cache = CheckpointCache(1)
+    cache.begin_step(1)
+    _fill(cache, 0, b"a", 1)
+    cache.release(0)
+    cache.begin_step(2)
+    assert cache.attach(1, cache.match(_chain(b"a", 1), 1)) == 1
+    assert not cache.allocate(1, evict_running=False)  # held by the admission itself
+    cache.release(1)  # the admission gives its hit back ...
+    assert cache.allocate(2, evict_running=False)  # ... and the block can serve a colder start at once
+    assert cache.counters["evict_idle"] == 1
+    cache.check()
+
+
+def test_newest_checkpoint_of_a_sequence_is_spared() -> None:
+    cache = CheckpointCache(3, decay=1.0)
+    cache.begin_step(1)
+    old, _, newest = _fill(cache, 0, b"a", 3)
+    cache.add_weights({old: 5.0, 1: 1.0})  # the newest has not been read yet
+    cache.begin_step(2)
+    assert cache.allocate(1, evict_running=True)
+    assert cache.block_ids(0, 0, 3) == (old, -1, newest)  # the least-read older one went
 
 
 def test_offload_and_onload_round_trip() -> None:

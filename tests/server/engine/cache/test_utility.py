@@ -39,3 +39,19 @@ def test_idle_heap_skips_stale_entries() -> None:
         cs[0].version += 1
         heap.push(cs[0])
     assert len(heap._heap) <= 4 + 64
+
+
+def test_rate_compares_checkpoints_of_different_ages_fairly() -> None:
+    policy = UtilityPolicy(0.9)
+    old, young = Checkpoint(0, 0), Checkpoint(1, 8)
+    for step in range(10):  # both read 1.0 per step while alive, the young one for 2 steps
+        policy.now = step
+        for c in (old, young):
+            if step >= c.born:
+                policy.credit(c, 1.0)
+    policy.now = 10
+    assert policy.value(young) < policy.value(old)  # the decayed sum favours the old one
+    assert abs(policy.rate(young) - policy.rate(old)) < 1e-9  # the rate does not
+    assert policy.rate(Checkpoint(2, 10)) == math.inf  # not a step old: no evidence yet
+    policy.credit(young, 0.5)
+    assert policy.lowest_rate([young, old]) is old
