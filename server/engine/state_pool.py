@@ -61,6 +61,10 @@ class StatePool:
     def num_parked(self) -> int:
         return len(self._parked)
 
+    def snapshots(self) -> list[Snapshot]:
+        """The parked snapshots, oldest first."""
+        return list(self._parked.values())
+
     @property
     def num_held(self) -> int:
         """Slots held by running sequences."""

@@ -13,13 +13,15 @@ Eviction when a GPU block is needed and none is free (each action counted in `co
 1. `evict_idle`: drop an idle checkpoint, lowest utility first, leaves of the tree first (so cached
    chains stay whole); when no idle leaf is on the GPU (its children were offloaded), the
    lowest-utility idle checkpoint with its subtree;
-2. (running sequences only, if allowed) the lowest-utility GPU checkpoint that sequences hold is
-   offloaded to a host block (`offload`; a free one, else by dropping the lowest-utility idle host
-   leaf, `evict_host`), or dropped when the host pool is full (`drop_running`). Its holders see a
-   hole, which SSC cannot select, until it is onloaded (`onload`) when a holder is scheduled and
-   an idle or free block is available;
+2. (running sequences only, if allowed) the GPU checkpoint that sequences hold with the lowest read
+   rate (utility per step of life), sparing each sequence's newest, is offloaded to a host block
+   (`offload`; a free one, else by dropping the lowest-utility idle host leaf, `evict_host`), or
+   dropped when the host pool is full (`drop_running`). Its holders see a hole, which SSC cannot
+   select, until it is onloaded (`onload`) when a holder is scheduled and an idle or free block is
+   available; what they compute meanwhile is not published (scheduler.py);
 3. fail: the scheduler preempts.
 Checkpoints pinned in the current step (to be written, restored from, or onloaded) are never victims.
+Why this order: docs/CACHING.md.
 """
 
 from __future__ import annotations
