@@ -95,7 +95,7 @@ def oracle(case: Case, chunk_size: int = 64) -> Expected:
                 torch.stack(mem) if mem else torch.zeros(0, *state.shape, dtype=state.dtype),
                 torch.stack(keys) if keys else torch.zeros(0, *key_sum.shape, dtype=state.dtype),
                 torch.tensor(valid, dtype=torch.bool), chunk_size=chunk_size, top_k=ch.top_k)
-            weights[i, :n] += w
+            weights[i, :n] += w[:n]  # w also covers the checkpoint made at the piece end (0: none read it here)
             ys.append(y)
             for c, key in new:
                 made[i].append((c, key))
