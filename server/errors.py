@@ -63,6 +63,19 @@ class EngineDeadError(MCServeError):
     error_type = "server_error"
 
 
+class SessionFileError(MCServeError):
+    """A saved session cannot be restored: its file is corrupt or truncated, or was saved by another
+    model or with other MC settings (409). Nothing of it is loaded."""
+
+    http_status = 409
+
+    def __init__(self, file: str, problem: str) -> None:
+        super().__init__(f"the saved session file {file} cannot be restored: {problem}; DELETE the session to "
+                         "discard it", param="session_id", code="session_file_invalid")
+        self.file = file
+        self.problem = problem
+
+
 class ModelLoadError(ValueError):
     """A checkpoint directory cannot be served. The message names the file and the field."""
 

@@ -15,6 +15,9 @@ Watchdog: the loop stamps the start of every step; a step longer than `slow_step
 (`health()`, metrics `on_slow_step`) when it ends, and `health().step_running_s` shows one that has
 not ended yet, read from any thread.
 
+Named sessions (`sessions`, a SessionService): their saves, restores and deletions reach the engine
+through `call(fn)`, which runs fn on the engine thread between steps; file I/O stays off it.
+
 A failure inside a step fails only the requests it concerns (LLMEngine.step), and the loop goes on;
 so does a request whose `add_request` raises something unexpected (it alone gets the exception). If
 an exception escapes the loop (EngineDeadError: the device is unusable), the engine is dead
@@ -30,7 +33,8 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ from mcserve.server.engine.client import EngineHealth, EngineStats, GenerateRequ
 from mcserve.server.engine.cpu_threads import use_threads
 from mcserve.server.engine.llm_engine import LLMEngine
 from mcserve.server.engine.outputs import Delta
+from mcserve.server.engine.sessions.service import DEFAULT_SAVE_INTERVAL_S, SessionService
 from mcserve.server.errors import EngineDeadError, InvalidRequestError, MCServeError
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,10 @@ DEFAULT_SLOW_STEP_S = 10.0
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, *, start: bool = True, slow_step_s: float = DEFAULT_SLOW_STEP_S) -> None:
+    def __init__(self, engine: LLMEngine, *, start: bool = True, slow_step_s: float = DEFAULT_SLOW_STEP_S,
+                 session_dir: str | Path | None = None,
+                 session_save_interval_s: float = DEFAULT_SAVE_INTERVAL_S) -> None:
+        """`session_dir`: where named sessions are saved (None: they live in memory only)."""
         self.engine = engine
         self.slow_step_s = slow_step_s
         self._step_started = 0.0  # time.monotonic() when the current step began; 0 between steps
@@ -74,18 +82,33 @@ class AsyncEngine:
         self._stopped = False
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="mcserve-engine", daemon=True)
+        self.sessions = SessionService(self.call, engine.sessions, session_dir, session_save_interval_s)
         if start:
             self.start()
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, metrics: Any = None, slow_step_s: float = DEFAULT_SLOW_STEP_S,
-                       **kwargs: Any) -> AsyncEngine:
+                       session_dir: str | Path | None = None,
+                       session_save_interval_s: float = DEFAULT_SAVE_INTERVAL_S, **kwargs: Any) -> AsyncEngine:
         """Load the model, size the pools (ConfigError if max_num_seqs cannot fit) and start the loop.
         `kwargs`: EngineArgs (server/engine/args.py)."""
-        return cls(LLMEngine.from_model_dir(model_dir, metrics=metrics, **kwargs), slow_step_s=slow_step_s)
+        return cls(LLMEngine.from_model_dir(model_dir, metrics=metrics, **kwargs), slow_step_s=slow_step_s,
+                   session_dir=session_dir, session_save_interval_s=session_save_interval_s)
 
     def start(self) -> None:
         self._thread.start()
+        self.sessions.start()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn()` on the engine thread between steps; its result (or exception) in the future.
+        EngineDeadError in the future once the loop has stopped."""
+        future: Future = Future()
+        with self._lock:
+            if self._dead is not None or self._stopped:
+                future.set_exception(self._dead_error())
+                return future
+            self._inbox.put(("call", (fn, future)))
+        return future
 
     @property
     def is_ready(self) -> bool:
@@ -118,8 +141,9 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Abort everything in flight and stop the loop (idempotent)."""
+        """Save the sessions that changed, abort everything in flight and stop the loop (idempotent)."""
         if self._thread.is_alive():
+            self.sessions.close()
             self._inbox.put(("stop", None))
             self._thread.join(timeout_s)
         self._stopped = True
@@ -127,6 +151,7 @@ class AsyncEngine:
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         self.engine.validate(request)
+        await self.sessions.restore_for(request)
         rid = request.request_id
         stream = _Stream(asyncio.get_running_loop(), request.params.n)
         with self._lock:
@@ -214,6 +239,12 @@ class AsyncEngine:
                 self._dispatch([Delta(rid, 0, (), "")])  # accepted: the HTTP layer may answer now
         elif kind == "abort":
             self._dispatch(self.engine.abort(payload))
+        elif kind == "call":
+            fn, future = payload
+            try:
+                future.set_result(fn())
+            except Exception as e:  # the caller's to handle
+                future.set_exception(e)
         else:
             assert kind == "stop", kind
             return False
@@ -267,11 +298,19 @@ class AsyncEngine:
         self._refuse_pending()
 
     def _refuse_pending(self) -> None:
-        """Every stream still registered was never added (or its request is gone): EngineDeadError."""
+        """Every stream still registered was never added (or its request is gone), and every call
+        still queued: EngineDeadError."""
         with self._lock:
             streams = list(self._streams.items())
             self._streams.clear()
         err = self._dead_error()
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "call":
+                payload[1].set_exception(err)
         for _, stream in streams:
             _post(stream.loop, [(stream.queue, err)])
 

@@ -45,6 +45,7 @@ from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.sampler import SamplingRow
 from mcserve.server.engine.scheduler import Scheduler
 from mcserve.server.engine.sequence import Sequence, SequenceStatus
+from mcserve.server.engine.sessions.book import SessionBook, engine_identity, owner_of
 from mcserve.server.engine.stop_rules import check_stop
 from mcserve.server.engine.structured.compiler import GrammarCompiler
 from mcserve.server.engine.structured.masks import GrammarError, TokenMasks
@@ -108,6 +109,8 @@ class LLMEngine:
         # h_0 of every prefix is rooted here: cached states are shared only within one model, MC setting
         # and checkpoint dtype (prefix_index.py)
         self._cache_root = engine_root(model.fingerprint(), model.spec, str(ckpt_dtype or model.state_dtype))
+        self.sessions = SessionBook(engine_identity(model, model_name, ckpt_dtype or model.state_dtype, self._cache_root),
+                                    config.segment_size, lambda: self.scheduler, lambda: self.runner.pools)
         self.engine_counters: Counter[str] = Counter()
         self.publisher = MetricsPublisher(metrics, self.scheduler.counters, self.runner, model.spec.reads_cache)
         self._requests: dict[str, _Request] = {}
@@ -386,6 +389,10 @@ class LLMEngine:
         """The choice's last delta; frees what its sequence holds (unless it already finished)."""
         if not c.seq.is_finished:
             self.scheduler.finish(c.seq.seq_id, reason)
+        sid, seq = req.request.session_id, c.seq
+        if sid is not None and c.index == 0 and reason in ("stop", "length"):  # the session's last turn
+            self.sessions.record((owner_of(req.request.api_key), sid), seq.prefix_hashes(self.config.segment_size)[0],
+                                 tuple(seq.token_ids[:seq.num_computed_tokens]))
         self.masks.remove(c.seq.seq_id)
         c.finished = True
         req.num_finished += 1

@@ -116,6 +116,12 @@ class StatePool:
         self.counters["snapshot_hit"] += 1
         return snap.slot
 
+    def discard(self, snap: Snapshot) -> None:
+        """Free a parked slot (its session was deleted)."""
+        assert self._parked.get(snap.slot) is snap
+        self._unpark(snap)
+        self._free.append(snap.slot)
+
     def _unpark(self, snap: Snapshot) -> None:
         del self._parked[snap.slot]
         siblings = self._by_anchor[snap.anchor]

@@ -157,6 +157,34 @@ class CheckpointCache:
         assert c.key is None and c.gpu is not None, c
         self.tree.insert(c, key, parent_key)
 
+    def adopt(self, segment: int, key: bytes, parent_key: bytes) -> int | None:
+        """Index a checkpoint restored from outside (a saved session) as idle, in a free or idle GPU
+        block, pinned until the next step (the next segment's adoption must not evict it). Returns the
+        block to write it to; None, and nothing changes, when no block can be had, the key is taken or
+        the parent is not indexed."""
+        if self.tree.get(key) is not None:
+            return None
+        c = Checkpoint(segment, self.now)
+        gpu = self._take_gpu(c, evict_running=False)
+        if gpu is None:
+            return None
+        c.gpu = gpu
+        if not self.tree.insert(c, key, parent_key):
+            self._free_gpu(c)
+            return None
+        self._pinned.add(c)
+        self._touch(c)
+        return gpu
+
+    def forget_prefix(self, hashes: list[bytes]) -> None:
+        """Unindex the chain `hashes` ([h_0..h_n]) starts and everything below it (a deleted session):
+        idle checkpoints are freed, held ones stay private to their holders."""
+        c = self.tree.get(hashes[1]) if len(hashes) > 1 else None
+        if c is not None:
+            self._unindex(c)
+            if c.refs == 0:
+                self._forget(c)
+
     def release(self, seq_id: int) -> None:
         """Drop every reference of `seq_id` (finish, abort, preemption)."""
         self.release_from(seq_id, 0)
