@@ -101,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="after SIGTERM, how long in-flight requests may finish before they are cut (default 30)",
     )
+    http.add_argument(
+        "--session-dir",
+        metavar="DIR",
+        help="save named sessions here and restore them after a restart (MCSERVE_SESSION_DIR; default: in memory only)",
+    )
+    http.add_argument(
+        "--session-save-interval",
+        type=float,
+        dest="session_save_interval_s",
+        metavar="SECONDS",
+        help="how often sessions that changed are saved (default 60; 0: on request and at shutdown only)",
+    )
     eng = serve.add_argument_group("engine (default: the engine's own)")
     eng.add_argument("--max-num-seqs", type=int, help="running sequences at most")
     eng.add_argument("--max-model-len", type=int, help="context length (prompt + output) in tokens")
@@ -198,6 +210,9 @@ def engine_kwargs(args: argparse.Namespace, settings: ApiSettings) -> dict[str, 
     if settings.threads is not None:
         kwargs["threads"] = settings.threads
     kwargs["slow_step_s"] = settings.slow_step_s
+    if settings.session_dir is not None:
+        kwargs["session_dir"] = settings.session_dir
+        kwargs["session_save_interval_s"] = settings.session_save_interval_s
     return kwargs
 
 
@@ -218,6 +233,8 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> ApiSettings
         tool_call_parser=args.tool_call_parser,
         default_max_tokens=args.default_max_tokens,
         drain_timeout=args.drain_timeout,
+        session_dir=args.session_dir,
+        session_save_interval_s=args.session_save_interval_s,
     )
 
 

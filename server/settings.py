@@ -35,6 +35,9 @@ DEFAULT_MAX_TOKENS = 1024
 # Seconds a SIGTERM'd server lets in-flight requests finish; must fit in the orchestrator's grace period
 # (deploy/k8s: terminationGracePeriodSeconds = preStop sleep + this + a margin).
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# Sessions that finished a turn are saved this often (and at shutdown): a kill -9 loses at most this
+# much of every conversation.
+DEFAULT_SESSION_SAVE_INTERVAL_S = 60.0
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -60,6 +63,9 @@ class ApiSettings:
     `default_max_tokens`: the output cap of a request that gives no max_tokens (MCSERVE_DEFAULT_MAX_TOKENS).
     `drain_timeout`: seconds in-flight requests may run after SIGTERM before they are cut with an error
     event (MCSERVE_DRAIN_TIMEOUT); new requests get 503 as soon as the drain starts.
+    `session_dir`: where named sessions are saved and restored from (MCSERVE_SESSION_DIR; None: sessions
+    live in memory only); `session_save_interval_s`: how often changed sessions are saved (0: only on
+    request and at shutdown).
     """
 
     host: str = "127.0.0.1"
@@ -78,6 +84,8 @@ class ApiSettings:
     tool_call_parser: str | None = None
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
+    session_dir: str | None = None
+    session_save_interval_s: float = DEFAULT_SESSION_SAVE_INTERVAL_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -114,6 +122,10 @@ class ApiSettings:
             raise ConfigError(f"default_max_tokens must be an integer >= 1, got {self.default_max_tokens!r}")
         if not isinstance(self.drain_timeout, (int, float)) or not 0 <= self.drain_timeout <= 86400:
             raise ConfigError(f"drain_timeout must be in [0, 86400] seconds, got {self.drain_timeout!r}")
+        if self.session_dir is not None and (not isinstance(self.session_dir, str) or not self.session_dir.strip()):
+            raise ConfigError(f"session_dir must be a directory path, got {self.session_dir!r}")
+        if not isinstance(self.session_save_interval_s, (int, float)) or self.session_save_interval_s < 0:
+            raise ConfigError(f"session_save_interval_s must be >= 0 seconds, got {self.session_save_interval_s!r}")
 
     @classmethod
     def from_env(
@@ -172,7 +184,7 @@ def _parse(field_name: str, var: str, raw: str) -> object:
     try:
         if field_name in ("port", "max_body_bytes", "max_header_bytes", "threads", "default_max_tokens"):
             return int(raw)
-        if field_name in ("sse_ping_s", "slow_step_s", "drain_timeout"):
+        if field_name in ("sse_ping_s", "slow_step_s", "drain_timeout", "session_save_interval_s"):
             return float(raw)
     except ValueError:
         raise ConfigError(f"{var} must be a number, got {raw!r}") from None

@@ -30,6 +30,7 @@ from mcserve.server.api.request_id import RequestIdMiddleware
 from mcserve.server.api.serving import ServingContext, parse_body
 from mcserve.server.api.serving_chat import create_chat_completion
 from mcserve.server.api.serving_completion import create_completion
+from mcserve.server.api.sessions import install_session_routes
 from mcserve.server.engine.client import EngineClient
 from mcserve.server.errors import ContextLengthError, InvalidRequestError, NotFoundError
 from mcserve.server.metrics import EngineMetrics
@@ -79,6 +80,8 @@ def build_app(
         if model_id not in (ctx.model_name, engine.model_name):
             raise NotFoundError(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
         return JSONResponse(model_card().model_dump(mode="json"))
+
+    install_session_routes(app, ctx)
 
     @app.get("/health")
     async def health() -> Response:
@@ -151,7 +154,7 @@ def build_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.allowed_origins),
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Session-Id"],
             expose_headers=["X-Request-Id", "Retry-After"],
             max_age=600,

@@ -43,6 +43,20 @@ class DeferredEngine:
         if self.inner is not None:
             await self.inner.abort(request_id)
 
+    async def save_session(self, api_key: str | None, session_id: str) -> dict:
+        return await self._ready().save_session(api_key, session_id)
+
+    async def delete_session(self, api_key: str | None, session_id: str) -> None:
+        await self._ready().delete_session(api_key, session_id)
+
+    async def list_sessions(self, api_key: str | None) -> list[dict]:
+        return await self._ready().list_sessions(api_key)
+
+    def _ready(self) -> EngineClient:
+        if self.inner is None:
+            raise EngineNotReadyError()
+        return self.inner
+
     def stats(self) -> EngineStats:
         if self.inner is None:
             return EngineStats(0, 0, 0, 0, 0, 0, 0, 0)

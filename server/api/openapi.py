@@ -28,6 +28,7 @@ from mcserve.server.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from mcserve.server.api.sessions import SessionDeleted, SessionList, SessionSaved
 
 
 class ErrorDetail(BaseModel):
@@ -47,15 +48,18 @@ class ErrorResponse(BaseModel):
 _ERRORS = {
     400: "invalid request: a field, the JSON, the context length, a schema that cannot be compiled",
     401: "missing or invalid API key (only when the server has keys)",
-    404: "unknown model",
+    404: "unknown model or session",
+    409: "a saved session named by the request cannot be restored (corrupt, truncated, another model or MC"
+         " settings)",
     413: "request body over the limit",
     415: "Content-Type is not application/json",
     431: "request headers over the limit",
     500: "internal error (a bug; logged)",
     503: "model loading, engine dead or draining, or waiting queue full (Retry-After)",
 }
-_BODY_ERRORS = (400, 401, 404, 413, 415, 431, 500, 503)
+_BODY_ERRORS = (400, 401, 404, 409, 413, 415, 431, 500, 503)
 _GET_ERRORS = (401, 431, 500)
+_SESSION_ERRORS = (400, 401, 404, 413, 431, 500, 503)
 
 # (path, method) -> (request body, JSON response, SSE chunk, error statuses)
 _ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, type[BaseModel] | None, type[BaseModel] | None,
@@ -67,6 +71,9 @@ _ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, type[BaseModel] | N
     ("/detokenize", "post"): (DetokenizeRequest, DetokenizeResponse, None, _BODY_ERRORS),
     ("/v1/models", "get"): (None, ModelList, None, _GET_ERRORS),
     ("/v1/models/{model_id}", "get"): (None, ModelCard, None, (*_GET_ERRORS, 404)),
+    ("/v1/sessions", "get"): (None, SessionList, None, (*_GET_ERRORS, 503)),
+    ("/v1/sessions/{session_id}/save", "post"): (None, SessionSaved, None, _SESSION_ERRORS),
+    ("/v1/sessions/{session_id}", "delete"): (None, SessionDeleted, None, _SESSION_ERRORS),
 }
 
 

@@ -140,6 +140,15 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    async def save_session(self, api_key: str | None, session_id: str) -> dict:
+        return await self.sessions.save(api_key, session_id)
+
+    async def delete_session(self, api_key: str | None, session_id: str) -> None:
+        await self.sessions.delete(api_key, session_id)
+
+    async def list_sessions(self, api_key: str | None) -> list[dict]:
+        return await self.sessions.list(api_key)
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Save the sessions that changed, abort everything in flight and stop the loop (idempotent)."""
         if self._thread.is_alive():

@@ -109,8 +109,8 @@ class LLMEngine:
         # h_0 of every prefix is rooted here: cached states are shared only within one model, MC setting
         # and checkpoint dtype (prefix_index.py)
         self._cache_root = engine_root(model.fingerprint(), model.spec, str(ckpt_dtype or model.state_dtype))
-        self.sessions = SessionBook(engine_identity(model, model_name, ckpt_dtype or model.state_dtype, self._cache_root),
-                                    config.segment_size, lambda: self.scheduler, lambda: self.runner.pools)
+        identity = engine_identity(model, model_name, ckpt_dtype or model.state_dtype, self._cache_root)
+        self.sessions = SessionBook(identity, config.segment_size, lambda: self.scheduler, lambda: self.runner.pools)
         self.engine_counters: Counter[str] = Counter()
         self.publisher = MetricsPublisher(metrics, self.scheduler.counters, self.runner, model.spec.reads_cache)
         self._requests: dict[str, _Request] = {}

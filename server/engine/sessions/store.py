@@ -43,8 +43,7 @@ class SessionStore:
         self._tmp = itertools.count()
 
     def path(self, owner: str, session_id: str) -> Path:
-        name = hashlib.sha256(f"{owner}\0{session_id}".encode()).hexdigest()[:40]
-        return self.directory / f"{name}{SUFFIX}"
+        return self.directory / file_name(owner, session_id)
 
     def write(self, image: SessionImage) -> int:
         """Save atomically; returns the file's size in bytes."""
@@ -103,6 +102,10 @@ class SessionStore:
                             "checkpoints": meta.get("checkpoints"), "snapshot": meta.get("snapshot"),
                             "saved_at": meta.get("saved_at")})
         return out
+
+
+def file_name(owner: str, session_id: str) -> str:
+    return hashlib.sha256(f"{owner}\0{session_id}".encode()).hexdigest()[:40] + SUFFIX
 
 
 def _fsync_dir(directory: Path) -> None:
