@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -19,3 +20,13 @@ settings.register_profile("ci", max_examples=50, derandomize=True, database=None
                           print_blob=True, suppress_health_check=_SLOW_OK)
 settings.register_profile("long", max_examples=400, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("MCSERVE_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of many tiny ops: torch's default pool of every core collapses under CPU contention
+    (issue 17), which made the cache property test 30x slower on the shared CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,6 +20,7 @@ from mcserve.server.settings import ApiSettings
 from mcserve.server.text.tokenizer import Tokenizer
 from tests.server.engine.helpers import make_engine
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 KEYS = ("key-a", "key-b")
 
 

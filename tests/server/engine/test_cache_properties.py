@@ -31,17 +31,8 @@ from tests.server.engine.helpers import make_engine
 C = 8
 MAX_LEN = 96
 MAX_TOKENS = 10
+pytestmark = pytest.mark.usefixtures("one_thread")
 NEAR_TIE = 2e-5  # logprob gap under which fp32 rounding of another chunking may pick the other token
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: torch's default pool of every core collapses under CPU contention (issue 17), which
-    made this test 30x slower on the shared CI box; one thread is also what the engine would use."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

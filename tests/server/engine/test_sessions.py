@@ -20,7 +20,7 @@ from mcserve.server.model.init_model import init_model
 from mcserve.server.model.loader import load_model
 from tests.server.engine.helpers import GREEDY, make_engine, random_prompts
 
-KEY = ("key-a", "chat-1")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _turn(engine, prompt, session_id="chat-1", api_key="key-a") -> tuple[list[int], int]:
