@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 
 from mcserve.server.api.middleware import API_KEY_SCOPE_KEY
 from mcserve.server.api.serving import MAX_SESSION_ID_LEN, ServingContext
-from mcserve.server.errors import InvalidRequestError
 
 
 class SessionInfo(BaseModel):
@@ -58,11 +57,8 @@ class SessionDeleted(BaseModel):
     deleted: Literal[True] = True
 
 
-def _session_id(value: str) -> str:
-    if not 1 <= len(value) <= MAX_SESSION_ID_LEN:
-        raise InvalidRequestError(f"a session id has 1 to {MAX_SESSION_ID_LEN} characters, got {len(value)}",
-                                  param="session_id", code="invalid_session_id")
-    return value
+# the id in the path, as the schema documents it (a violation is a 400, server/api/errors.py)
+SessionIdPath = Path(min_length=1, max_length=MAX_SESSION_ID_LEN, description="the session's id")
 
 
 def install_session_routes(app: FastAPI, ctx: ServingContext) -> None:
@@ -75,13 +71,13 @@ def install_session_routes(app: FastAPI, ctx: ServingContext) -> None:
         return JSONResponse(SessionList(data=[SessionInfo(**s) for s in found]).model_dump(mode="json"))
 
     @app.post("/v1/sessions/{session_id}/save")
-    async def save_session(session_id: str, request: Request) -> Response:
+    async def save_session(request: Request, session_id: str = SessionIdPath) -> Response:
         ctx.check_ready()
-        saved = await engine.save_session(request.scope.get(API_KEY_SCOPE_KEY), _session_id(session_id))
+        saved = await engine.save_session(request.scope.get(API_KEY_SCOPE_KEY), session_id)
         return JSONResponse(SessionSaved(**saved).model_dump(mode="json"))
 
     @app.delete("/v1/sessions/{session_id}")
-    async def delete_session(session_id: str, request: Request) -> Response:
+    async def delete_session(request: Request, session_id: str = SessionIdPath) -> Response:
         ctx.check_ready()
-        await engine.delete_session(request.scope.get(API_KEY_SCOPE_KEY), _session_id(session_id))
+        await engine.delete_session(request.scope.get(API_KEY_SCOPE_KEY), session_id)
         return JSONResponse(SessionDeleted(id=session_id).model_dump(mode="json"))
