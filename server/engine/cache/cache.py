@@ -22,11 +22,15 @@ Eviction when a GPU block is needed and none is free (each action counted in `co
 3. fail: the scheduler preempts.
 Checkpoints pinned in the current step (to be written, restored from, or onloaded) are never victims.
 Why this order: docs/CACHING.md.
+
+Table diffs (plan.py, tables.py): every change of a table since the last `take_table_diffs` is
+recorded, so a runner that keeps the tables between steps is sent only what changed.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable
 
 from mcserve.server.engine.cache.blocks import BlockPool
 from mcserve.server.engine.cache.checkpoint import Checkpoint
@@ -34,7 +38,7 @@ from mcserve.server.engine.cache.tables import BlockTables
 from mcserve.server.engine.cache.transfers import TransferQueue
 from mcserve.server.engine.cache.tree import PrefixTree
 from mcserve.server.engine.cache.utility import IdleHeap, UtilityPolicy
-from mcserve.server.engine.plan import BlockCopy
+from mcserve.server.engine.plan import BlockCopy, TableEntry
 
 
 class CheckpointCache:
@@ -53,6 +57,10 @@ class CheckpointCache:
         self._pinned: set[Checkpoint] = set()
         self._requeue: list[Checkpoint] = []  # idle candidates skipped while pinned
         self._held_gpu = 0  # GPU checkpoints with refs > 0, kept in step so stats() stay O(1)
+        self._maybe_holes: set[int] = set()  # seq ids whose tables may hold offloaded checkpoints
+        # called (at most once a step) before a victim is picked: the router weights the runner holds
+        self.weights_source: Callable[[], dict[int, float]] | None = None
+        self._weights_pulled = -1
 
     @property
     def now(self) -> int:
@@ -105,6 +113,18 @@ class CheckpointCache:
         """(offloads, onloads) decided since the last call, in the order they must run."""
         return self._transfers.take()
 
+    def take_table_diffs(self) -> tuple[tuple[int, ...], tuple[TableEntry, ...], tuple[TableEntry, ...]]:
+        """(released, table_appends, table_updates) since the last call, each entry with its block now."""
+        return self.tables.take_diffs()
+
+    def open_tables(self) -> list[int]:
+        """Seq ids whose tables a runner keeping them may still hold: live ones and releases not yet taken."""
+        return self.tables.open_tables()
+
+    def released_elsewhere(self, seq_ids: Iterable[int]) -> None:
+        """Report these tables as released in the next diffs (tables a runner keeps from a previous cache)."""
+        self.tables.released_elsewhere(seq_ids)
+
     def match(self, hashes: list[bytes], limit: int) -> list[Checkpoint]:
         """Cached checkpoints of the longest prefix: hashes = [h_0..h_n]; at most `limit` segments."""
         return self.tree.match(hashes, limit)
@@ -143,11 +163,19 @@ class CheckpointCache:
         return True
 
     def onload_holes(self, seq_id: int) -> None:
-        """Bring a scheduled sequence's offloaded checkpoints back, evicting idle blocks only."""
+        """Bring a scheduled sequence's offloaded checkpoints back, evicting idle blocks only. O(1)
+        unless the table may hold some (`_maybe_holes`)."""
+        if seq_id not in self._maybe_holes:
+            return
+        left = False
         for c in self.tables.get(seq_id):
-            if (c.gpu is None and c.host is not None and not self._transfers.offloaded_now(c)
-                    and not self._onload(c)):
-                return
+            if c.gpu is None and c.host is not None:
+                if self._transfers.offloaded_now(c):
+                    left = True
+                elif not self._onload(c):
+                    return
+        if not left:
+            self._maybe_holes.discard(seq_id)
 
     def register(self, seq_id: int, segment: int, key: bytes, parent_key: bytes) -> None:
         """Index the freshly written checkpoint of `segment` under its prefix hash. If another
@@ -189,6 +217,7 @@ class CheckpointCache:
         """Drop every reference of `seq_id` (finish, abort, preemption)."""
         self.release_from(seq_id, 0)
         self.tables.remove(seq_id)
+        self._maybe_holes.discard(seq_id)
 
     def release_from(self, seq_id: int, start: int) -> None:
         for c in self.tables.cut(seq_id, start):
@@ -218,6 +247,9 @@ class CheckpointCache:
             self._idle.push(c)
 
     def _take_gpu(self, c: Checkpoint, evict_running: bool) -> int | None:
+        if not self.gpu.num_free and self.weights_source is not None and self._weights_pulled != self.now:
+            self._weights_pulled = self.now  # fresh utilities before a victim is picked
+            self.add_weights(self.weights_source())
         if not self.gpu.num_free:
             if not self._evict_idle() and not (evict_running and self._evict_held()):
                 return None
@@ -287,6 +319,7 @@ class CheckpointCache:
         self._transfers.onload(c.host, gpu)
         self.host.give_back(c.host, later=True)  # the copy reads it this step
         c.host, c.gpu = None, gpu
+        self.tables.moved(c)
         self._held_gpu += c.refs > 0
         self._pinned.add(c)
         self.counters["onload"] += 1
@@ -305,6 +338,9 @@ class CheckpointCache:
 
     def _free_gpu(self, c: Checkpoint) -> None:
         self._held_gpu -= c.refs > 0
+        if c.holders:  # offloaded or dropped while held: a hole in its holders' tables
+            self.tables.moved(c)
+            self._maybe_holes.update(c.holders)
         self.gpu.give_back(c.gpu)
         c.gpu = None
         c.version += 1
@@ -326,7 +362,7 @@ class CheckpointCache:
         self.tables.check()
         refs = self.tables.held()
         for c in {*refs, *self.tree, *self.gpu, *self.host}:
-            assert c.refs == refs[c], (c, refs[c])
+            assert c.refs == refs[c] == len(c.holders), (c, refs[c])
             assert c.refs > 0 or c.key is not None, f"unheld unindexed checkpoint {c}"
             assert c.gpu is None or c.host is None, c
             assert c.gpu is None or self.gpu.owner(c.gpu) is c, c

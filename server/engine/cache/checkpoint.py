@@ -3,7 +3,7 @@
 It lives in a GPU block, or a host block (offloaded), or nowhere (dropped). Sequence tables hold
 Checkpoints, not block ids, so an offload or onload moves a checkpoint for every sequence that
 shares it. Each field is owned by one piece of the cache: `gpu`/`host` by the block pools, `key`/
-`parent`/`children` by the prefix tree, `refs` by the block tables, `utility`/`stamp` by the utility
+`parent`/`children` by the prefix tree, `refs`/`holders` by the block tables, `utility`/`stamp` by the utility
 policy; `version` is bumped on every change so that stale entries of the idle heap are skipped.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 
 class Checkpoint:
-    __slots__ = ("segment", "key", "parent", "children", "gpu", "host", "refs", "utility", "stamp", "born",
-                 "version")
+    __slots__ = ("segment", "key", "parent", "children", "gpu", "host", "refs", "holders", "utility", "stamp",
+                 "born", "version")
 
     def __init__(self, segment: int, now: int) -> None:
         self.segment = segment
@@ -22,6 +22,7 @@ class Checkpoint:
         self.gpu: int | None = None
         self.host: int | None = None
         self.refs = 0  # sequence tables holding it
+        self.holders: set[int] = set()  # their seq ids (a table holds a checkpoint once)
         self.utility = 0.0  # as of step `stamp`
         self.stamp = now
         self.born = now  # the step that writes it
