@@ -12,10 +12,12 @@ Each row is put straight into decoding at position 1,099 (`common.start_decoding
 blocks and its state slot hold random values) instead of running the prefill: a decode step reads
 and writes the same bytes whatever the values are, and the prefill of 512 x 1,100 tokens would not
 fit the minutes of a GPU run. Per (B, aggregation): 3 warm-up steps, then `--steps` timed
-`LLMEngine.step` calls (median), then 6 steps under torch.profiler (GPU busy = the union of the
-kernels' intervals over the wall time of those steps; the profiler slows the host a little, so this
-is a lower bound), then the decode graph replayed back to back (its pure GPU time; after this the
-engine is discarded, the replays advanced its positions).
+`LLMEngine.step` calls (median; "runner ms" is the part spent in `runner.execute`, the rest is the
+scheduler and the engine's per-token work: stop rules, detokenization, deltas), then 6 steps under
+torch.profiler (GPU busy = the union of the kernels' intervals over the wall time of those steps;
+the profiler slows the host a little, so this is a lower bound), then the decode graph replayed
+back to back (its pure GPU time; after this the engine is discarded: the replays advanced its
+positions).
 
 Roofline per step = (all weights once + per row the fp32 state read and written + k checkpoint
 blocks read) / the bandwidth of a device-to-device copy measured at the start. fla: its
@@ -36,17 +38,19 @@ from pathlib import Path
 
 import torch
 from common import fill_pools, machine, start_decoding
+from prefill import init_on_device
 
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.llm_engine import LLMEngine
 from mcserve.server.engine.runner.factory import RunnerOptions
 from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.model.default import default_model_dir
-from mcserve.server.model.init_model import PRESETS, build_config, init_weights
+from mcserve.server.model.init_model import PRESETS, build_config
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mcserve.server.text.tokenizer import Tokenizer
 
-AGGREGATIONS = {"none": dict(aggregation="none"), "ssc k=4": dict(aggregation="ssc", top_k=4, router="learned")}
+# ssc with the query router, as benchmarks/prefill.py (its parameters are fla's exactly)
+AGGREGATIONS = {"none": dict(aggregation="none"), "ssc k=4": dict(aggregation="ssc", top_k=4, router="query")}
 T0 = time.perf_counter()
 
 
@@ -72,13 +76,12 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
 
 
 def make_model(preset: str, segment: int, mc: dict, vocab: int, device: torch.device) -> MCGatedDeltaNetForCausalLM:
-    """Random weights (fla's init), bf16 on CUDA (fp32 on CPU)."""
+    """Random weights (fla's init, drawn on the device), bf16 on CUDA (fp32 on CPU)."""
     cfg = build_config(preset, vocab, dict(segment_size=segment, **mc))
     with torch.device(device):
         model = MCGatedDeltaNetForCausalLM(cfg)
-    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    init_weights(model, seed=0)
-    return model
+    init_on_device(model, 0)
+    return model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
 
 
 def roofline_bytes(model: MCGatedDeltaNetForCausalLM, batch: int, k: int) -> int:
@@ -146,17 +149,30 @@ def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_
     start_decoding(engine, prompts, params)
     for _ in range(warm):
         engine.step()
-    times = []
+    inner, in_runner = engine.runner.execute, [0.0]
+
+    def execute(plan, sampling):  # the runner's share of the step (its device work + its host work)
+        t = time.perf_counter()
+        try:
+            return inner(plan, sampling)
+        finally:
+            in_runner[0] += time.perf_counter() - t
+
+    engine.runner.execute = execute
+    times, runner_times = [], []
     for _ in range(steps):
+        in_runner[0] = 0.0
         t = time.perf_counter()
         deltas = engine.step()
         times.append(time.perf_counter() - t)
+        runner_times.append(in_runner[0])
         assert len(deltas) == batch, (len(deltas), batch)
     ms = statistics.median(times) * 1e3
     busy = gpu_busy(engine, profile_steps) if device.type == "cuda" and profile_steps else None
     graph_ms = replay_ms(engine, batch) if device.type == "cuda" else None
     graphs = engine.runner.graphs
-    out = {"ms_per_step": ms, "ms_min": min(times) * 1e3, "tok_s": batch / (ms * 1e-3), "gpu_busy": busy,
+    out = {"ms_per_step": ms, "ms_min": min(times) * 1e3, "runner_ms": statistics.median(runner_times) * 1e3,
+           "tok_s": batch / (ms * 1e-3), "gpu_busy": busy,
            "graph_replay_ms": graph_ms, "graphs": graphs.num_graphs, "replays": graphs.replays,
            "eager_steps": graphs.eager, "capture_s": engine.runner.capture_seconds, "engine_build_s": build_s,
            "capture_error": repr(graphs.capture_error) if getattr(graphs, "capture_error", None) else None}
@@ -173,7 +189,9 @@ def run_fla(preset: str, batch: int, prompt_len: int, new_tokens: int, device) -
 
     fields = dict(PRESETS[preset])
     cfg = GatedDeltaNetConfig(fuse_cross_entropy=False, **fields)
-    model = GatedDeltaNetForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+    with torch.device(device):  # built on the device: no multi-GB fp32 copy on the host
+        model = GatedDeltaNetForCausalLM(cfg)
+    model = model.to(torch.bfloat16).eval()
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), device=device)
     mask = torch.ones_like(ids)
 
@@ -198,13 +216,13 @@ def write(out: Path | None, summary: dict) -> None:
     (out / "decode_engine.json").write_text(json.dumps(summary, indent=1))
     lines = [f"{summary['machine']}; copy bandwidth {summary['copy_gb_s']:.0f} GB/s; {summary['setup']}", "",
              "| batch | aggregation | ms per step | decode tok/s | roofline ms | fraction of roofline | GPU busy "
-             "| graph replay ms | fla+HF generate ms | speed-up vs fla |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| runner ms | graph replay ms | fla+HF generate ms | speed-up vs fla |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         fla = summary["fla"].get(str(r["batch"]), {}).get("ms_per_step") if r["aggregation"] == "none" else None
         cells = [str(r["batch"]), r["aggregation"], f"{r['ms_per_step']:.2f}", f"{r['tok_s']:,.0f}",
                  f"{r['roofline_ms']:.2f}", f"{r['fraction']:.1%}",
-                 "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}",
+                 "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}", f"{r['runner_ms']:.2f}",
                  "-" if r["graph_replay_ms"] is None else f"{r['graph_replay_ms']:.2f}",
                  "-" if fla is None else f"{fla:.1f}", "-" if fla is None else f"{fla / r['ms_per_step']:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")

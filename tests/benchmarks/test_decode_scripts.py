@@ -5,6 +5,7 @@ the host-overhead benchmark at small sizes; both write what they measured."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 def _run(*args: str) -> str:
     out = subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=600,
-                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    assert out.returncode == 0, out.stderr[-3000:]
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
     return out.stdout
 
 
