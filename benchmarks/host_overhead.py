@@ -12,7 +12,8 @@ spread over the steps, as in a server (a row crosses a boundary every 16 steps a
 
 Per configuration, 48 steady steps after 4 warm-up steps (the first step sends every table); columns:
 `sched+runner` = `Scheduler.schedule` + `runner.execute` + `Scheduler.update` (the issue's target:
-<= 1 ms at B=256 with 64 checkpoints per row, flat in the checkpoints), and `engine step` = the whole
+<= 1 ms at B=256 with 64 checkpoints per row, flat in the checkpoints), `alone` = the same three calls
+in a bare loop afterwards (no engine work in between), and `engine step` = the whole
 `LLMEngine.step` (adds the stop rules, detokenization and the deltas, O(1) per row). Median and
 fastest step in ms: on a shared machine the median carries the other jobs' preemptions, the fastest
 step is what the code costs; the load average is printed with the table.
@@ -86,7 +87,7 @@ def timed(engine: LLMEngine) -> dict[str, float]:
 
 
 def run(tokenizer: Tokenizer, model, batch: int, ckpts: int) -> dict:
-    max_len = (ckpts + 2) * C + STEPS + WARMUP + 8
+    max_len = (ckpts + 2) * C + 2 * STEPS + WARMUP + 8
     cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch), max_model_len=max_len,
                        segment_size=C, num_state_slots=batch, num_checkpoint_blocks=batch * (ckpts + 6),
                        enable_prefix_caching=False)
@@ -94,7 +95,7 @@ def run(tokenizer: Tokenizer, model, batch: int, ckpts: int) -> dict:
     # text tokens, so that the detokenizer takes its usual path (a random id is often a partial character)
     words = tokenizer.encode(" one two three four five six seven eight nine ten")
     fake_device(engine, batch, words[0])
-    params = SamplingParams(temperature=0.0, max_tokens=STEPS + WARMUP + 4, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * STEPS + WARMUP + 4, ignore_eos=True)
     prompts = [[words[j % len(words)] for j in range(ckpts * C + i % C + 1)] for i in range(batch)]
     start_decoding(engine, prompts, params)
     for _ in range(WARMUP):
@@ -109,9 +110,17 @@ def run(tokenizer: Tokenizer, model, batch: int, ckpts: int) -> dict:
         host_ms.append(spent["sched+runner"] * 1e3)
         assert len(deltas) == batch, len(deltas)
     assert engine.runner.staging.num_sends <= WARMUP + STEPS
+    # the same three calls in a bare loop, without the engine's per-token work in between (whose
+    # allocations and cache traffic slow them down inside the engine's step)
+    sched, runner, alone = engine.scheduler, engine.runner, []
+    for _ in range(STEPS):
+        t = time.perf_counter()
+        plan = sched.schedule()
+        sched.update(plan, runner.execute(plan, engine._sampling_rows(plan)).step)
+        alone.append((time.perf_counter() - t) * 1e3)
     return {"batch": batch, "ckpts_per_row": ckpts, "sched_runner_ms": statistics.median(host_ms),
             "sched_runner_ms_min": min(host_ms), "engine_step_ms": statistics.median(engine_ms),
-            "engine_step_ms_min": min(engine_ms)}
+            "engine_step_ms_min": min(engine_ms), "alone_ms": statistics.median(alone), "alone_ms_min": min(alone)}
 
 
 def main() -> None:
@@ -124,14 +133,16 @@ def main() -> None:
     model = micro_model(tokenizer.vocab_size)
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start")
     print(f"segment {C}, {STEPS} steps after {WARMUP} warm-up steps, ms per decode step\n")
-    print("| batch | ckpts per row | sched+runner ms, median | fastest | engine step ms, median | fastest |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| batch | ckpts per row | sched+runner ms, median | fastest | alone, median | fastest "
+          "| engine step ms, median | fastest |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
         for n in (int(x) for x in args.ckpts.split(",")):
             r = run(tokenizer, model, b, n)
             rows.append(r)
             print(f"| {b} | {n} | {r['sched_runner_ms']:.2f} | {r['sched_runner_ms_min']:.2f} | "
+                  f"{r['alone_ms']:.2f} | {r['alone_ms_min']:.2f} | "
                   f"{r['engine_step_ms']:.2f} | {r['engine_step_ms_min']:.2f} |", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     if args.out:

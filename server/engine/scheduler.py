@@ -140,10 +140,14 @@ class Scheduler:
         self._step += 1
         self.cache.begin_step(self._step)
         st = _Step(budget=cfg.max_num_batched_tokens)
-        for seq in [s for s in self.running if not s.is_prefilling]:
+        decoding: list[Sequence] = []
+        prefilling: list[Sequence] = []
+        for s in self.running:  # one pass: this is per-row work of every step
+            (prefilling if s.num_computed_tokens < s.num_prefill_tokens else decoding).append(s)
+        for seq in decoding:
             if seq.status is RUNNING:
                 self._schedule_decode(seq, st)
-        for seq in [s for s in self.running if s.is_prefilling]:
+        for seq in prefilling:
             if seq.status is RUNNING and st.budget > 0:
                 self._schedule_prefill(seq, st)
         while self.waiting and len(self.running) < cfg.max_num_seqs and st.budget > 0:
@@ -155,18 +159,18 @@ class Scheduler:
         """Apply a step's results: advance positions, append sampled tokens, index the checkpoints
         written, feed SSC utilities. Returns the sequences that got a token (some may have just
         finished with "length" at max_model_len)."""
-        C = self.config.segment_size
+        C, seqs, tokens = self.config.segment_size, self._seqs, output.token_ids
         self.cache.add_weights(output.block_weights)
         updated = []
-        for row in plan.decode:
-            seq = self._live(row.seq_id, row.slot)
-            if seq is None:
+        for row in plan.decode:  # per-row work of every step: `_live` and `append_token` inlined
+            seq = seqs.get(row.seq_id)
+            if seq is None or seq.status is not RUNNING or seq.slot != row.slot:
                 continue
             assert seq.num_computed_tokens == row.position, (seq, row)
             seq.num_computed_tokens += 1
             if row.write_block >= 0:
                 self._register(seq, row.position // C)
-            seq.append_token(output.token_ids[seq.seq_id])
+            seq.token_ids.append(tokens[row.seq_id])
             updated.append(seq)
         for chunk in plan.prefill:
             seq = self._live(chunk.seq_id, chunk.slot)
@@ -179,14 +183,15 @@ class Scheduler:
             if chunk.sample:
                 seq.append_token(output.token_ids[seq.seq_id])
                 updated.append(seq)
+        max_len = self.config.max_model_len
         for seq in updated:
-            if seq.num_tokens >= self.config.max_model_len:
+            if len(seq.token_ids) >= max_len:
                 self.finish(seq.seq_id, "length")
         return updated
 
     def _schedule_decode(self, seq: Sequence, st: _Step) -> None:
         C, pos = self.config.segment_size, seq.num_computed_tokens
-        assert pos == seq.num_tokens - 1 and pos < self.config.max_model_len, seq
+        assert pos == len(seq.token_ids) - 1 and pos < self.config.max_model_len, seq
         if pos % C == C - 1 and self._grow(seq, pos // C + 1, pos // C + 1, st) is None:
             return
         self.cache.onload_holes(seq.seq_id)
