@@ -220,17 +220,17 @@ class Tokenizer:
         tools: list[dict[str, Any]] | None = None,
         **extra: Any,
     ) -> str:
-        """Renders `messages` (OpenAI chat format) to the prompt string.
+        """Renders `messages` (role and string content, as `server/text/chat.py`'s `template_messages`
+        makes them from OpenAI messages with content parts) to the prompt string.
 
-        `extra` becomes extra template variables. Content given as a list of text parts is joined
-        with "\\n"; any other part type raises ValueError.
+        `extra` becomes extra template variables. Content that is not a string or None raises ValueError.
         """
         template = self._templates["default"]
         if tools and "tool_use" in self._templates:
             template = self._templates["tool_use"]
         variables = {
             **extra,
-            "messages": normalize_messages(messages),
+            "messages": check_messages(messages),
             "tools": tools,
             "bos_token": self._bos_token or "",
             "eos_token": self._eos_token or "",
@@ -272,38 +272,20 @@ def _max_token_bytes(backend: tokenizers.Tokenizer) -> int | None:
     return max([longest, *added])
 
 
-def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of `messages` with content as a string (or None); the caller's dicts are not changed."""
+def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """`messages` as a list, each an object with a string role and string (or None) content."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of objects, got {type(messages).__name__}")
-    out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
-        role = message.get("role")
+        role, content = message.get("role"), message.get("content")
         if not isinstance(role, str):
             raise ValueError(f"messages[{i}].role must be a string, got {role!r}")
-        copy = dict(message)
-        copy["content"] = _content_text(message.get("content"), i)
-        out.append(copy)
-    return out
-
-
-def _content_text(content: Any, i: int) -> str | None:
-    if content is None or isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ValueError(f"messages[{i}].content must be a string or a list of parts, got {type(content).__name__}")
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-        if kind != "text":
-            raise ValueError(f"messages[{i}].content[{j}]: only 'text' parts are supported, got type {kind!r}")
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise ValueError(f"messages[{i}].content[{j}].text must be a string, got {text!r}")
-        texts.append(text)
-    return "\n".join(texts)
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or None, got {type(content).__name__} "
+                             "(server/text/chat.py's template_messages flattens OpenAI content parts)")
+    return list(messages)
 
 
 def _raise_exception(message: str) -> None:

@@ -114,18 +114,16 @@ def test_default_chat_template(tok: Tokenizer) -> None:
     )
 
 
-def test_text_parts_are_joined_and_input_is_not_mutated(tok: Tokenizer) -> None:
+def test_content_must_be_flattened_first(tok: Tokenizer) -> None:
+    # Content parts are flattened in one place, server/text/chat.py (tests/server/api/test_api_chat_prompt.py).
     content = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
-    message = {"role": "user", "content": content}
-    out = tok.apply_chat_template([message], add_generation_prompt=False)
-    assert out == "<|im_start|>user\nfirst\nsecond<|im_end|>\n"
-    assert message["content"] is content
-
-
-def test_non_text_part_is_rejected(tok: Tokenizer) -> None:
-    content = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]
-    with pytest.raises(ValueError, match=r"messages\[0\]\.content\[1\].*'image_url'"):
-        tok.apply_chat_template([{"role": "user", "content": content}])
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content must be a string or None, got list"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": content}])
+    with pytest.raises(ValueError, match=r"messages\[0\]\.role must be a string"):
+        tok.apply_chat_template([{"content": "x"}])
+    assert tok.apply_chat_template([{"role": "assistant", "content": None}], add_generation_prompt=False) == (
+        "<|im_start|>assistant\n<|im_end|>\n"
+    )
 
 
 def test_custom_template_from_config(tok_dir: Path, tmp_path: Path) -> None:
