@@ -35,6 +35,32 @@ class ContextLengthError(InvalidRequestError):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
+def check_context_length(
+    prompt_tokens: int,
+    max_model_len: int,
+    *,
+    param: str = "prompt",
+    max_tokens: int | None = None,
+    max_tokens_param: str = "max_tokens",
+    need_output: bool = True,
+) -> None:
+    """The one context-length rule: positions 0..max_model_len-1 hold the prompt and, when
+    `need_output`, at least one generated token (`max_tokens` of them when given). Raises
+    ContextLengthError naming the field to change."""
+    limit = max_model_len - 1 if need_output else max_model_len
+    if prompt_tokens > limit:
+        why = " (at least one token must be left for the output)" if need_output else ""
+        raise ContextLengthError(f"this model's maximum context length is {max_model_len} tokens, but the prompt "
+                                 f"has {prompt_tokens} tokens{why}; shorten the prompt", param=param)
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        raise ContextLengthError(
+            f"this model's maximum context length is {max_model_len} tokens, but {prompt_tokens + max_tokens} "
+            f"tokens were requested ({prompt_tokens} in the prompt + {max_tokens} in {max_tokens_param}); "
+            f"shorten the prompt or lower {max_tokens_param}",
+            param=max_tokens_param,
+        )
+
+
 class AuthenticationError(MCServeError):
     http_status = 401
     error_type = "authentication_error"

@@ -32,7 +32,7 @@ from mcserve.server.api.serving_chat import create_chat_completion
 from mcserve.server.api.serving_completion import create_completion
 from mcserve.server.api.sessions import install_session_routes
 from mcserve.server.engine.client import EngineClient
-from mcserve.server.errors import ContextLengthError, InvalidRequestError, NotFoundError
+from mcserve.server.errors import InvalidRequestError, NotFoundError, check_context_length
 from mcserve.server.metrics import EngineMetrics
 from mcserve.server.settings import ApiSettings
 from mcserve.server.text.chat import ChatTokenizer
@@ -120,11 +120,8 @@ def build_app(
                 body.prompt or "", add_special_tokens=body.add_special_tokens is not False, param="prompt"
             )
         limit = engine.max_model_len
-        if len(ids) > limit:
-            raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens, more than this model's maximum context length of {limit}",
-                param="messages" if body.messages is not None else "prompt",
-            )
+        check_context_length(len(ids), limit, param="messages" if body.messages is not None else "prompt",
+                             need_output=False)
         out = TokenizeResponse(tokens=list(ids), count=len(ids), max_model_len=limit)
         return JSONResponse(out.model_dump(mode="json"))
 

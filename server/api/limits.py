@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mcserve.server.api.protocol import MAX_PROMPTS
-from mcserve.server.errors import ContextLengthError, InvalidRequestError
+from mcserve.server.errors import ContextLengthError, InvalidRequestError, check_context_length
 
 MAX_MESSAGES = 2048
 MAX_N = 128  # choices per prompt (OpenAI's bound)
@@ -66,13 +66,9 @@ def check_raw_body(obj: object, max_model_len: int) -> None:
     if isinstance(prompt, list):
         nested = [prompt] if not prompt or not isinstance(prompt[0], list) else prompt
         for k, ids in enumerate(nested):
-            if isinstance(ids, list) and len(ids) >= max_model_len and not (ids and isinstance(ids[0], str)):
+            if isinstance(ids, list) and not (ids and isinstance(ids[0], str)):
                 param = "prompt" if nested is not prompt else f"prompt[{k}]"
-                raise ContextLengthError(
-                    f"this model's maximum context length is {max_model_len} tokens, but {param} has {len(ids)} "
-                    f"tokens (at least one token must be left for the output)",
-                    param=param,
-                )
+                check_context_length(len(ids), max_model_len, param=param)
 
 
 def check_sampling_limits(body: Any) -> None:

@@ -38,7 +38,7 @@ from mcserve.server.api.text_worker import TextWorker
 from mcserve.server.engine.client import EngineClient, GenerateRequest
 from mcserve.server.engine.outputs import Usage
 from mcserve.server.engine.sampling_params import SamplingParams
-from mcserve.server.errors import ContextLengthError, EngineDeadError, InvalidRequestError, NotFoundError
+from mcserve.server.errors import EngineDeadError, InvalidRequestError, NotFoundError, check_context_length
 from mcserve.server.metrics import EngineMetrics
 from mcserve.server.settings import ApiSettings
 from mcserve.server.text.chat import ChatTokenizer, render_chat
@@ -113,20 +113,9 @@ class ServingContext:
         limit, n = self.engine.max_model_len, len(ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty (0 tokens)", param=prompt_param)
-        if n >= limit:
-            raise ContextLengthError(
-                f"this model's maximum context length is {limit} tokens, but the prompt has {n} tokens "
-                f"(at least one token must be left for the output); shorten the prompt",
-                param=prompt_param,
-            )
+        check_context_length(n, limit, param=prompt_param, max_tokens=requested_max_tokens,
+                             max_tokens_param=max_tokens_param)
         room = limit - n
-        if requested_max_tokens is not None and requested_max_tokens > room:
-            raise ContextLengthError(
-                f"this model's maximum context length is {limit} tokens, but {n + requested_max_tokens} "
-                f"tokens were requested ({n} in the prompt + {requested_max_tokens} in {max_tokens_param}); "
-                f"shorten the prompt or lower {max_tokens_param}",
-                param=max_tokens_param,
-            )
         if requested_max_tokens is None:
             return PreparedPrompt(tuple(ids), min(room, self.settings.default_max_tokens))
         return PreparedPrompt(tuple(ids), requested_max_tokens)

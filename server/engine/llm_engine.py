@@ -49,7 +49,13 @@ from mcserve.server.engine.sessions.book import SessionBook, engine_identity, ow
 from mcserve.server.engine.stop_rules import check_stop
 from mcserve.server.engine.structured.compiler import GrammarCompiler
 from mcserve.server.engine.structured.masks import GrammarError, TokenMasks
-from mcserve.server.errors import ConfigError, ContextLengthError, EngineDeadError, InvalidRequestError, QueueFullError
+from mcserve.server.errors import (
+    ConfigError,
+    EngineDeadError,
+    InvalidRequestError,
+    QueueFullError,
+    check_context_length,
+)
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mcserve.server.text.detokenizer import IncrementalDetokenizer
 from mcserve.server.text.tokenizer import Tokenizer
@@ -205,10 +211,7 @@ class LLMEngine:
         ids, limit = request.prompt_token_ids, self.config.max_model_len
         if len(ids) == 0:
             raise InvalidRequestError("the prompt is empty (0 tokens)", param="prompt")
-        if len(ids) >= limit:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens but this model's maximum context length "
-                                     f"is {limit} tokens (at least one token must be left for the output)",
-                                     param="prompt")
+        check_context_length(len(ids), limit)
         bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad!r} is out of range for vocab size {self.vocab_size}",

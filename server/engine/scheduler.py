@@ -49,7 +49,7 @@ from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.plan import DecodeRow, PrefillChunk, SlotRestore, StepOutput, StepPlan
 from mcserve.server.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
 from mcserve.server.engine.state_pool import StatePool
-from mcserve.server.errors import ContextLengthError, QueueFullError
+from mcserve.server.errors import QueueFullError
 
 RUNNING = SequenceStatus.RUNNING
 
@@ -102,11 +102,9 @@ class Scheduler:
             checkpoint_blocks_total=cache.num_blocks)
 
     def add_request(self, seq: Sequence) -> None:
-        """Queue a new sequence. Raises ContextLengthError / QueueFullError."""
+        """Queue a new sequence whose prompt fits (`LLMEngine.validate` checked). Raises QueueFullError."""
         cfg = self.config
-        if seq.num_tokens >= cfg.max_model_len:
-            raise ContextLengthError(f"the prompt has {seq.num_tokens} tokens but max_model_len is "
-                                     f"{cfg.max_model_len} (room for at least one generated token is needed)")
+        assert seq.num_tokens < cfg.max_model_len, (seq.num_tokens, cfg.max_model_len)
         if len(self.waiting) >= cfg.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({cfg.max_waiting} requests); retry later")
         assert seq.status is SequenceStatus.WAITING and seq.seq_id not in self._seqs, seq
