@@ -18,12 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mcserve.kernels.mc_spec import AGGREGATIONS, STATE_INITS
 from mcserve.server.errors import ConfigError, ModelLoadError
+from mcserve.server.model.config import ROUTERS
+from mcserve.server.model.dtypes import DTYPE_NAMES
 from mcserve.server.settings import ApiSettings
 
-AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc")
 PRESETS = ("tiny", "small", "370m", "1.3b")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *DTYPE_NAMES)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -173,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--mc-aggregation", choices=AGGREGATIONS)
     init.add_argument("--top-k", type=int)
     init.add_argument("--segment-size", type=int)
-    init.add_argument("--state-init", choices=("continue", "reset"))
-    init.add_argument("--router", choices=("learned", "query"))
+    init.add_argument("--state-init", choices=STATE_INITS)
+    init.add_argument("--router", choices=ROUTERS)
     init.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     init.add_argument("--vocab-size", type=int)
     return parser

@@ -14,14 +14,13 @@ import torch
 
 from mcserve.server.errors import ModelLoadError
 from mcserve.server.model.config import CONFIG_FILE, ModelConfig
+from mcserve.server.model.dtypes import DTYPE_NAMES
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
@@ -30,9 +29,9 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.
         return name
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {['auto', *DTYPES]}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {['auto', *DTYPE_NAMES]}")
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 def _read_json(path: Path) -> dict:
