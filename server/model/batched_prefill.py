@@ -141,7 +141,7 @@ def prefill_batch(
     x = model.model.embeddings(ids)
     for li, block in enumerate(model.model.layers):
         attn = block.attn
-        w1 = attn.conv_width
+        w1 = attn.cfg.conv_width
         lay = batch.memo(("conv", w1), lambda w1=w1: _conv_layout(batch, w1))
         h = _norm(block.attn_norm, x, kernels)
         qkv, ext = _conv_packed(attn, h, states.conv[li, slots], lay, kernels)

@@ -26,11 +26,10 @@ class StateSlots:
     def allocate(cls, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str,
                  state_dtype: torch.dtype = torch.float32) -> StateSlots:
         L, H, HV = cfg.num_hidden_layers, cfg.num_heads, cfg.num_v_heads_
-        w = cfg.conv_size - 1 if cfg.use_short_conv else 0
         return cls(
             ssm=torch.zeros(L, num_slots, HV, cfg.head_v_dim, cfg.head_dim, dtype=state_dtype, device=device),
             key_sum=torch.zeros(L, num_slots, H, cfg.head_dim, dtype=state_dtype, device=device),
-            conv=torch.zeros(L, num_slots, cfg.conv_dim, w, dtype=dtype, device=device),
+            conv=torch.zeros(L, num_slots, cfg.conv_dim, cfg.conv_width, dtype=dtype, device=device),
         )
 
     @property
@@ -49,8 +48,7 @@ class StateSlots:
 
     @staticmethod
     def bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype) -> int:
-        w = cfg.conv_size - 1 if cfg.use_short_conv else 0
-        return cfg.state_bytes() + cfg.num_hidden_layers * cfg.conv_dim * w * dtype.itemsize
+        return cfg.state_bytes() + cfg.num_hidden_layers * cfg.conv_dim * cfg.conv_width * dtype.itemsize
 
 
 @dataclass
@@ -68,7 +66,6 @@ class CheckpointBlocks:
                  device: torch.device | str, key_dtype: torch.dtype = torch.float32,
                  pin: bool = False) -> CheckpointBlocks:
         L, H, HV = cfg.num_hidden_layers, cfg.num_heads, cfg.num_v_heads_
-        w = cfg.conv_size - 1 if cfg.use_short_conv else 0
 
         def empty(*shape: int, dt: torch.dtype) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dt, device=device, pin_memory=pin)
@@ -76,7 +73,7 @@ class CheckpointBlocks:
         return cls(
             ssm=empty(num_blocks, L, HV, cfg.head_v_dim, cfg.head_dim, dt=ckpt_dtype),
             key=empty(num_blocks, L, H, cfg.head_dim, dt=key_dtype),
-            conv=empty(num_blocks, L, cfg.conv_dim, w, dt=dtype),
+            conv=empty(num_blocks, L, cfg.conv_dim, cfg.conv_width, dt=dtype),
         )
 
     @property
@@ -85,5 +82,5 @@ class CheckpointBlocks:
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, ckpt_dtype: torch.dtype, dtype: torch.dtype) -> int:
-        w = cfg.conv_size - 1 if cfg.use_short_conv else 0
-        return cfg.checkpoint_bytes(ckpt_dtype.itemsize) + cfg.num_hidden_layers * cfg.conv_dim * w * dtype.itemsize
+        conv = cfg.num_hidden_layers * cfg.conv_dim * cfg.conv_width * dtype.itemsize
+        return cfg.checkpoint_bytes(ckpt_dtype.itemsize) + conv

@@ -138,8 +138,13 @@ class ModelConfig:
 
     @property
     def conv_dim(self) -> int:
-        """Channels of the q, k and v short convolutions together (the conv state's width)."""
+        """Channels of the q, k and v short convolutions together (the conv state's rows)."""
         return 2 * self.key_dim + self.value_dim
+
+    @property
+    def conv_width(self) -> int:
+        """Inputs the conv state keeps per channel (W-1); 0 without short convolutions."""
+        return self.conv_size - 1 if self.use_short_conv else 0
 
     @property
     def mlp_size(self) -> int:

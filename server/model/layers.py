@@ -90,11 +90,6 @@ class GatedDeltaNetAttention(nn.Module):
         self.o_proj = nn.Linear(vd, d, bias=False)
         self.u_proj = nn.Linear(d, kd, bias=False) if learned_router else None
 
-    @property
-    def conv_width(self) -> int:
-        """Inputs the conv state keeps (W-1); 0 without short convolutions."""
-        return self.cfg.conv_size - 1 if self.cfg.use_short_conv else 0
-
     def _qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
 

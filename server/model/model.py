@@ -89,7 +89,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         for block in self.model.layers:
             attn = block.attn
             h = block.attn_norm(x)
-            conv0 = torch.zeros(cfg.conv_dim, attn.conv_width, dtype=x.dtype, device=x.device)
+            conv0 = torch.zeros(cfg.conv_dim, cfg.conv_width, dtype=x.dtype, device=x.device)
             qkv, _ = attn.conv_seq(h, conv0)
             q, k, v, g, beta, u = attn.heads(h, qkv, sd)
             state = torch.zeros(cfg.num_v_heads_, cfg.head_v_dim, cfg.head_dim, dtype=sd, device=x.device)
@@ -147,7 +147,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
                     selections[li] += (w_read > 0).sum()
             states.ssm[li, slot] = s
             states.key_sum[li, slot] = ks
-            w = attn.conv_width
+            w = self.cfg.conv_width
             if w:
                 states.conv[li, slot] = padded[T:].transpose(0, 1)
             for e, b, (c, key) in zip(boundaries, write_blocks, new, strict=True):
@@ -205,7 +205,7 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
                     selections[li] += (w > 0).sum()
                 if layer_weights is not None:
                     layer_weights.append(w)
-            if boundary_rows.numel() and attn.conv_width:
+            if boundary_rows.numel() and self.cfg.conv_width:
                 ckpts.conv[write_blocks[boundary_rows], li] = conv[boundary_rows]
             x = x + attn.output(h, y)
             x = x + block.mlp(block.mlp_norm(x))
