@@ -1,11 +1,22 @@
-"""The Memory Caching options that change the math (DESIGN.md section 1)."""
+"""The Memory Caching options that change the math (`kernels/reference.py` defines it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc")
 STATE_INITS = ("continue", "reset")
+
+
+def mc_problem(name: str, value: object) -> str | None:
+    """What is wrong with `value` for the `MCSpec` field `name`, None if nothing. The one check of
+    these fields: config.json, engine flags and requests raise their own error kinds with it."""
+    if name == "aggregation" or name == "state_init":
+        allowed = AGGREGATIONS if name == "aggregation" else STATE_INITS
+        return None if isinstance(value, str) and value in allowed else f"must be one of {list(allowed)}, got {value!r}"
+    assert name in ("segment_size", "top_k"), name
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return None if ok else f"must be an integer >= 1, got {value!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,14 +36,10 @@ class MCSpec:
     state_init: str = "continue"
 
     def __post_init__(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if not isinstance(self.segment_size, int) or self.segment_size < 1:
-            raise ValueError(f"segment_size must be an integer >= 1, got {self.segment_size!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
-        if self.state_init not in STATE_INITS:
-            raise ValueError(f"state_init must be one of {STATE_INITS}, got {self.state_init!r}")
+        for f in fields(self):
+            problem = mc_problem(f.name, getattr(self, f.name))
+            if problem is not None:
+                raise ValueError(f"{f.name} {problem}")
 
     @property
     def reads_cache(self) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mcserve.kernels.mc_spec import AGGREGATIONS
+from mcserve.kernels.mc_spec import mc_problem
 from mcserve.server.engine.cache.blocks import blocks_for_budget
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.runner.factory import RunnerOptions
@@ -104,11 +104,10 @@ class EngineArgs:
             raise ConfigError(f"max_num_batched_tokens must be a positive integer, got {mbt!r}")
         for name in ("state_memory", "checkpoint_memory", "host_checkpoint_memory"):
             _check_memory(name, getattr(self, name))
-        if self.mc_aggregation is not None and self.mc_aggregation not in AGGREGATIONS:
-            raise ConfigError(f"mc_aggregation must be one of {list(AGGREGATIONS)}, got {self.mc_aggregation!r}")
-        if self.mc_top_k is not None and (isinstance(self.mc_top_k, bool) or not isinstance(self.mc_top_k, int)
-                                          or self.mc_top_k < 1):
-            raise ConfigError(f"mc_top_k must be a positive integer, got {self.mc_top_k!r}")
+        for name, value in self.mc_overrides().items():
+            problem = mc_problem(name, value)
+            if problem is not None:
+                raise ConfigError(f"mc_{name} {problem}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")

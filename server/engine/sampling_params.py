@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mcserve.kernels.mc_spec import mc_problem
 from mcserve.server.engine.structured.spec import StructuredSpec
 from mcserve.server.errors import InvalidRequestError
 
@@ -90,8 +91,8 @@ class SamplingParams:
         _check(all(isinstance(t, int) and t >= 0 and _finite(b) and -100.0 <= b <= 100.0
                    for t, b in self.logit_bias.items()), "logit_bias",
                "logit_bias maps token ids to values in [-100, 100]")
-        _check(self.mc_top_k is None or (isinstance(self.mc_top_k, int) and self.mc_top_k >= 1), "mc_top_k",
-               f"mc_top_k must be >= 1, got {self.mc_top_k!r}")
+        top_k_problem = None if self.mc_top_k is None else mc_problem("top_k", self.mc_top_k)
+        _check(top_k_problem is None, "mc_top_k", f"mc_top_k {top_k_problem}")
 
     @property
     def greedy(self) -> bool:

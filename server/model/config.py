@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from mcserve.kernels.mc_spec import AGGREGATIONS, STATE_INITS, MCSpec
+from mcserve.kernels.mc_spec import MCSpec, mc_problem
 from mcserve.server.errors import ModelLoadError
 
 ROUTERS = ("learned", "query")
@@ -41,14 +41,10 @@ class MemoryCachingConfig:
         def bad(fld: str, problem: str) -> ModelLoadError:
             return ModelLoadError(CONFIG_FILE, f"memory_caching.{fld}", problem)
 
-        if self.aggregation not in AGGREGATIONS:
-            raise bad("aggregation", f"must be one of {list(AGGREGATIONS)}, got {self.aggregation!r}")
-        if not isinstance(self.segment_size, int) or isinstance(self.segment_size, bool) or self.segment_size < 1:
-            raise bad("segment_size", f"must be an integer >= 1, got {self.segment_size!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
-            raise bad("top_k", f"must be an integer >= 1, got {self.top_k!r}")
-        if self.state_init not in STATE_INITS:
-            raise bad("state_init", f"must be one of {list(STATE_INITS)}, got {self.state_init!r}")
+        for name in ("aggregation", "segment_size", "top_k", "state_init"):
+            problem = mc_problem(name, getattr(self, name))
+            if problem is not None:
+                raise bad(name, problem)
         if self.router not in ROUTERS:
             raise bad("router", f"must be one of {list(ROUTERS)}, got {self.router!r}")
 
