@@ -97,6 +97,12 @@ def build_model(preset: str, segment: int, dev: torch.device, dtype: torch.dtype
     return model.to(dtype).eval()
 
 
+def use_spec(model: MCGatedDeltaNetForCausalLM, spec: MCSpec) -> None:
+    """Time the same weights under another aggregation. Only for bare model calls: an engine's runner
+    keeps the spec it was built with (serving sets it at load, `--mc-aggregation`)."""
+    model.spec = spec
+
+
 def mcserve_prefill(model, prompts: torch.Tensor, kernels):
     """A call that runs prefill_batch of every prompt as one chunk from position 0 (slots cleared)."""
     B, T = prompts.shape
@@ -258,7 +264,7 @@ def main() -> None:
         if fla_model is not None:
             row["fla tok/s"] = B * T / timed(fla_prefill(fla_model, prompts), dev, args.repeats)
         for name, spec in specs.items():
-            model.set_mc(spec)
+            use_spec(model, spec)
             row[f"{name} tok/s"] = B * T / timed(mcserve_prefill(model, prompts, kernels), dev, args.repeats)
             if "fla tok/s" in row:
                 row[f"{name} / fla"] = row[f"{name} tok/s"] / row["fla tok/s"]
@@ -271,7 +277,7 @@ def main() -> None:
     profiles = []
     if dev.type == "cuda":
         prompts = torch.randint(3, model.cfg.vocab_size, (64, T), generator=g)
-        model.set_mc(specs["none"])
+        use_spec(model, specs["none"])
         profiles.append(profile(mcserve_prefill(model, prompts, kernels), "mcserve none, B=64"))
         if fla_model is not None:
             profiles.append(profile(fla_prefill(fla_model, prompts), "fla, B=64"))
@@ -279,7 +285,7 @@ def main() -> None:
     long_rows = []
     prompt = torch.randint(3, model.cfg.vocab_size, (1, long_T), generator=g)
     for name, spec in specs.items():
-        model.set_mc(spec)
+        use_spec(model, spec)
         tps = long_T / timed(mcserve_prefill(model, prompt, kernels), dev, args.repeats)
         long_rows.append({"aggregation": name, "tokens": long_T, "tok/s": tps,
                           "fraction of matmul rate": tps * 2 * n_params / (tflops * 1e12)})
@@ -291,7 +297,7 @@ def main() -> None:
         del fla_model
         gc.collect()
 
-    model.set_mc(specs["ssc k=4"])
+    use_spec(model, specs["ssc k=4"])
     mixed = alongside_decode(model, kernels, 16 if not args.tiny else 2, 256 if not args.tiny else 32, args.repeats)
     print(f"prefill + decode rows: {mixed}", flush=True)
     ttft = chat_ttft(model, turns, args.chat_repeats)

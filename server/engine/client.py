@@ -7,7 +7,7 @@ can be tested without HTTP. `AsyncEngine` (server/engine/async_engine.py) implem
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from mcserve.server.engine.outputs import Delta
@@ -24,7 +24,6 @@ class GenerateRequest:
     api_key: str | None = None  # the tenant: cached prefixes are shared only among requests with the same key
     cache_salt: str | None = None  # and the same salt (vLLM's field): a finer tenant inside one key
     arrival_time: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

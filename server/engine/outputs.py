@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,5 +45,4 @@ class Delta:
     stop_reason: str | int | None = None
     usage: Usage | None = None
     error: str | None = None
-    extra: dict = field(default_factory=dict)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None

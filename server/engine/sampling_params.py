@@ -94,10 +94,6 @@ class SamplingParams:
         top_k_problem = None if self.mc_top_k is None else mc_problem("top_k", self.mc_top_k)
         _check(top_k_problem is None, "mc_top_k", f"mc_top_k {top_k_problem}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids named by the request must exist in the model's vocabulary."""
         for t in list(self.logit_bias) + list(self.stop_token_ids):

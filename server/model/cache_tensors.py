@@ -41,11 +41,6 @@ class StateSlots:
         self.key_sum[:, slot].zero_()
         self.conv[:, slot].zero_()
 
-    def copy(self, src: int, dst: int) -> None:
-        self.ssm[:, dst] = self.ssm[:, src]
-        self.key_sum[:, dst] = self.key_sum[:, src]
-        self.conv[:, dst] = self.conv[:, src]
-
     @staticmethod
     def bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype) -> int:
         return cfg.state_bytes() + cfg.num_hidden_layers * cfg.conv_dim * cfg.conv_width * dtype.itemsize

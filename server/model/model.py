@@ -51,10 +51,6 @@ class MCGatedDeltaNetForCausalLM(nn.Module):
         """Recurrent states are fp32 (fp64 when the whole model runs in fp64, for tests)."""
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
-    def set_mc(self, spec: MCSpec) -> None:
-        """Serve with another aggregation (e.g. `--mc-aggregation grm` on an ssc checkpoint)."""
-        self.spec = spec
-
     def fingerprint(self) -> bytes:
         """SHA-256 of what the outputs depend on besides the MC settings: the config and every weight
         (name, dtype, shape, bytes). Computed once, on first call (the loader calls it while the
