@@ -1,8 +1,8 @@
 """Token-by-token reference of one Gated DeltaNet + Memory Caching layer core.
 
-Written for clarity, not speed: the other paths (chunked prefill, batched decode, Triton) are
-tested against it, in float64. One sequence; inputs are what the layer computes after its
-projections, short convolutions and activations.
+Written for clarity, not speed, this is the definition of the math: the other paths (chunked
+prefill, batched decode, Triton) are tested against it, in float64. One sequence; inputs are what
+the layer computes after its projections, short convolutions and activations.
 """
 
 from __future__ import annotations

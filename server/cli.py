@@ -147,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="do not reuse checkpoints across requests",
     )
-    eng.add_argument("--seed", type=int, help="seed of requests that give none")
+    eng.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the engine's generator, which samples requests that give no seed (their tokens then also "
+        "depend on what else is batched); a request's own seed draws the same noise in any batch",
+    )
     eng.add_argument("--enforce-eager", action="store_const", const=True,
                      help="no CUDA graphs for the decode step (each step launched op by op)")
     eng.add_argument("--cuda-graph-sizes", type=parse_sizes,

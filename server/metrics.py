@@ -48,6 +48,7 @@ from prometheus_client import (
 
 from mcserve.server.engine.client import EngineStats
 from mcserve.server.engine.failures import FAILURE_REASONS
+from mcserve.server.engine.metrics_publisher import EVICTION_LABELS
 from mcserve.server.engine.outputs import Delta
 from mcserve.server.engine.sequence import FINISH_REASONS
 
@@ -57,9 +58,9 @@ PREFIX = "mcserve:"
 # them too). This is a process-wide prometheus-client switch.
 disable_created_metrics()
 
-# Every value these labels take, created at zero so that rates and panels exist before the first event
-# (tests/server/api/test_api_metrics.py checks them against the engine's own lists).
-EVICTION_REASONS = ("idle", "unreachable", "host", "running")
+# Every value these labels take, created at zero so that rates and panels exist before the first event;
+# the eviction reasons are the labels the engine's publisher maps the checkpoint cache's counters to.
+EVICTION_REASONS = tuple(EVICTION_LABELS.values())
 OFFLOAD_REASONS = ("pressure",)
 # HTTP statuses the server answers with, pre-created for the generation routes.
 HTTP_STATUSES = ("200", "400", "401", "404", "413", "499", "500", "503")
@@ -114,7 +115,13 @@ class EngineMetrics:
         self._preemptions = counter("num_preemptions", "Sequences preempted (recomputed later).")
         self._prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix index.")
         self._prefix_hits = counter("prefix_cache_hits", "Prompt tokens served from cached checkpoints.")
-        self._evictions = counter("checkpoint_evictions", "Checkpoint blocks dropped, by reason.", ("reason",))
+        self._evictions = counter(
+            "checkpoint_evictions",
+            "Checkpoint blocks dropped, by reason: idle (no holder, on the GPU), unreachable (no holder, its"
+            " parent left the prefix index), host (an idle host block, for an offload), running (held, host pool"
+            " full).",
+            ("reason",),
+        )
         self._offloads = counter(
             "checkpoint_offloads", "Checkpoint blocks moved to host memory, by reason.", ("reason",)
         )

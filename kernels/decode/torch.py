@@ -2,7 +2,8 @@
 
 Every sequence of the batch keeps its online state in a slot of a state pool and its cached
 memories in blocks of a checkpoint pool, read through its row of a block table. This is the
-shape of the engine's step; the Triton kernel (GPU) computes the same function.
+shape of the engine's step, and the decode path on every device: there is no Triton decode kernel
+yet (the Triton kernels are prefill's, kernels/prefill/).
 """
 
 from __future__ import annotations

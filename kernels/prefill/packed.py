@@ -136,7 +136,7 @@ def readout_rounds(
     weights: torch.Tensor | None = None,  # [n, table_width] += router weight of each table entry
     chunk_size: int = 64,
 ) -> torch.Tensor:
-    """MC output y [T, HV, dv] in u's dtype (the state dtype) for every token (DESIGN.md section 1)."""
+    """MC output y [T, HV, dv] in u's dtype (the state dtype) for every token (the math of kernels/reference.py)."""
     T, H, dk = q.shape
     HV, dv = o.shape[1], o.shape[2]
     G, W = HV // H, batch.table_width

@@ -1,4 +1,4 @@
-"""Model sizes for training and checkpoints written in the serving format of DESIGN.md.
+"""Model sizes for training and checkpoints written in the serving format (server/model/loader.py).
 
 A checkpoint directory holds config.json (with the memory_caching block), model.safetensors (fla
 names, u_proj for a learned router), tokenizer.json, tokenizer_config.json (ChatML template) and

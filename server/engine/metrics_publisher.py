@@ -14,9 +14,10 @@ from mcserve.server.engine.runner.base import ModelRunner
 
 # Steps between transfers of the per-layer checkpoint-read counts (each costs a device->host copy).
 SELECTIONS_EVERY = 16
-# scheduler counter -> the `reason` label of checkpoint_evictions_total
-EVICTION_REASONS = {"evict_idle": "idle", "evict_unreachable": "unreachable", "evict_host": "host",
-                    "drop_running": "running"}
+# checkpoint cache counter (checkpoint_cache.py's docstring) -> the `reason` label of
+# checkpoint_evictions_total: every way a cached checkpoint is dropped
+EVICTION_LABELS = {"evict_idle": "idle", "evict_unreachable": "unreachable", "evict_host": "host",
+                   "drop_running": "running"}
 
 
 class MetricsPublisher:
@@ -58,7 +59,7 @@ class MetricsPublisher:
             m.on_preemption(diff["preempt"])
         if diff.get("prefix_query_tokens"):
             m.on_prefix_cache_query(diff["prefix_query_tokens"], diff.get("prefix_hit_tokens", 0))
-        for key, label in EVICTION_REASONS.items():
+        for key, label in EVICTION_LABELS.items():
             if diff.get(key):
                 m.count_eviction(label, diff[key])
         if diff.get("offload"):

@@ -1,6 +1,9 @@
-"""Load a checkpoint directory (DESIGN.md "Checkpoint directory") into an MC-GDN model.
+"""Load a checkpoint directory into an MC-GDN model.
 
-Every problem raises `ModelLoadError` naming the file and the field or tensor.
+The directory (README.md, "A model directory holds"): `config.json` (config.py), `model.safetensors` or
+shards named by `model.safetensors.index.json`, with fla's tensor names (plus `u_proj` per layer for a
+learned router), and the tokenizer files that server/text/tokenizer.py reads. Every problem raises
+`ModelLoadError` naming the file and the field or tensor.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The special cases of the Memory Caching math (DESIGN.md section 1), on the reference."""
+"""The special cases of the Memory Caching math, on the reference (kernels/reference.py, which defines it)."""
 
 from __future__ import annotations
 
