@@ -82,9 +82,15 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def seeded_key(seed: int, choice_index: int) -> int:
+    """A seeded row's key: the request's seed and the choice's index (a 64-bit unsigned int). The device
+    sampler (runner/sampler_rows.py) keys its rows with it too and mixes the position in on the device."""
+    return _mix64(_mix64(seed & _U64) ^ choice_index)
+
+
 def row_seed(seed: int, choice_index: int, position: int) -> int:
     """Generator seed of a seeded row's draw at output `position` (a 64-bit unsigned int)."""
-    return _mix64(_mix64(_mix64(seed & _U64) ^ choice_index) ^ position)
+    return _mix64(seeded_key(seed, choice_index) ^ position)
 
 
 @dataclass(slots=True)

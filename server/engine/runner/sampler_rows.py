@@ -26,23 +26,7 @@ import torch
 
 from mcserve.server.engine.runner.counter_rng import split_key
 from mcserve.server.engine.runner.staging import Staging
-from mcserve.server.engine.sampler import GREEDY_TEMPERATURE, SamplingRow
-
-_U64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """splitmix64 finaliser: a bijection on 64-bit ints that scatters nearby inputs."""
-    x = (x + 0x9E3779B97F4A7C15) & _U64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
-    return x ^ (x >> 31)
-
-
-def seeded_key(seed: int, choice_index: int) -> int:
-    """A seeded row's RNG key: the request's seed and the choice's index (the output position is
-    mixed in per draw on the device), as the CPU sampler keys its generator."""
-    return _mix64(_mix64(seed & _U64) ^ choice_index)
+from mcserve.server.engine.sampler import GREEDY_TEMPERATURE, SamplingRow, seeded_key
 
 
 @dataclass(frozen=True, slots=True)
