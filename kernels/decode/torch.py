@@ -2,8 +2,7 @@
 
 Every sequence of the batch keeps its online state in a slot of a state pool and its cached
 memories in blocks of a checkpoint pool, read through its row of a block table. This is the
-shape of the engine's step, and the decode path on every device: there is no Triton decode kernel
-yet (the Triton kernels are prefill's, kernels/prefill/).
+shape of the engine's step; it is the oracle that any Triton decode kernel is tested against.
 """
 
 from __future__ import annotations
