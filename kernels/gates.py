@@ -1,4 +1,4 @@
-"""The per-head core inputs of a Gated DeltaNet layer from its projection outputs (DESIGN.md section 1):
+"""The per-head core inputs of a Gated DeltaNet layer from its projection outputs (the math of kernels/reference.py):
 L2-normalised q and k, the log-decay g and the step size beta, and the router query u.
 
 The one definition shared by the model (server/model/layers.py) and the torch decode path; the
