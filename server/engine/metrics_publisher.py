@@ -14,7 +14,7 @@ from mcserve.server.engine.runner.base import ModelRunner
 
 # Steps between transfers of the per-layer checkpoint-read counts (each costs a device->host copy).
 SELECTIONS_EVERY = 16
-# checkpoint cache counter (checkpoint_cache.py's docstring) -> the `reason` label of
+# checkpoint cache counter (cache/cache.py's docstring) -> the `reason` label of
 # checkpoint_evictions_total: every way a cached checkpoint is dropped
 EVICTION_LABELS = {"evict_idle": "idle", "evict_unreachable": "unreachable", "evict_host": "host",
                    "drop_running": "running"}
