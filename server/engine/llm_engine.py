@@ -48,7 +48,7 @@ from mcserve.server.engine.sequence import Sequence, SequenceStatus
 from mcserve.server.engine.sessions.book import SessionBook, engine_identity, owner_of
 from mcserve.server.engine.stop_rules import check_stop
 from mcserve.server.engine.structured.compiler import GrammarCompiler
-from mcserve.server.engine.structured.masks import GrammarError, TokenMasks
+from mcserve.server.engine.structured.masks import GrammarError, GrammarStatus, TokenMasks
 from mcserve.server.errors import (
     ConfigError,
     EngineDeadError,
@@ -351,21 +351,23 @@ class LLMEngine:
         self.engine_counters["decode_tokens"] += len(plan.decode)
 
     def _stop_checks(self, seqs: list[Sequence], logprobs: Logprobs) -> None:
-        """The delta of each sequence that got a token; one whose stop rules raise fails alone."""
+        """The delta of each sequence that got a token; one whose stop rules raise fails alone. The
+        grammars take the step's tokens first, in one parallel call."""
+        grammar = self.masks.accept([(seq.seq_id, seq.token_ids[-1]) for seq in seqs])
         for seq in seqs:
             try:
-                self._advance(seq, logprobs.get(seq.seq_id))
+                self._advance(seq, logprobs.get(seq.seq_id), grammar.get(seq.seq_id))
             except Exception as e:  # its detokenizer or stop strings: this sequence only
                 self._fail([seq.seq_id], e)
 
-    def _advance(self, seq: Sequence, lp: tuple[float, list[tuple[int, float]]] | None) -> None:
-        """The delta for the token `seq` just got, after the stop rules."""
+    def _advance(self, seq: Sequence, lp: tuple[float, list[tuple[int, float]]] | None,
+                 grammar: GrammarStatus | GrammarError | None) -> None:
+        """The delta for the token `seq` just got, after the stop rules; `grammar`: its grammar's
+        state after the token (None: no grammar)."""
         req, c = self._by_seq[seq.seq_id]
         tok = seq.token_ids[-1]
-        try:
-            grammar = self.masks.accept(seq.seq_id, tok)
-        except GrammarError as e:
-            self._finish(req, c, "error", tokens=(tok,), error=f"structured output: {e}")
+        if isinstance(grammar, GrammarError):
+            self._finish(req, c, "error", tokens=(tok,), error=f"structured output: {grammar}")
             return
         check = check_stop(tok, seq.num_output_tokens, req.request.params, self.eos_token_ids, c.detok,
                            seq.finish_reason, grammar_done=grammar == "done")

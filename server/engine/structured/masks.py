@@ -10,7 +10,8 @@ Per step (the engine drives it):
    are computed on a worker thread (llguidance's `LLExecutor` fills them in parallel, without the
    GIL), while the engine thread runs the model forward;
 2. `bitmask(seq_ids)` just before sampling waits for that work and gathers the batch's rows;
-3. `accept(seq_id, token)` after sampling advances the grammar by the token.
+3. `accept([(seq_id, token), ...])` after sampling advances the grammars by their tokens (one
+   parallel llguidance call for the batch).
 A sequence added between steps gets its first mask in the next `launch()`, so its first token (the
 one sampled at the end of its prefill) is masked too.
 
@@ -102,21 +103,27 @@ class TokenMasks:
             return None
         self._wait()
         assert not any(self._states[s].dirty for s in seq_ids if s in self._states), "mask not launched"
-        return self._pool[torch.tensor(rows, dtype=torch.long)]
+        return torch.from_numpy(self._pool.numpy()[rows])  # a copy: the pool is refilled next step
 
-    def accept(self, seq_id: int, token_id: int) -> GrammarStatus | None:
-        """Advance `seq_id`'s grammar by the token it sampled: "done" when the grammar is complete
-        (nothing but eos could follow), "open" otherwise, None without a grammar; GrammarError when
-        the grammar cannot take the token."""
-        st = self._states.get(seq_id)
-        if st is None:
-            return None
-        self._wait()  # the worker may be reading this matcher
-        m = st.matcher
-        if not m.consume_token(token_id):
-            raise GrammarError(m.get_error() or f"token {token_id} is not allowed by the grammar")
-        st.dirty = True
-        return "done" if m.is_stopped() else "open"
+    def accept(self, sampled: list[tuple[int, int]]) -> dict[int, GrammarStatus | GrammarError]:
+        """Advance the grammars of this step's (seq_id, token) pairs, in one parallel call: per
+        guided sequence "done" when its grammar is complete (nothing but eos could follow), "open"
+        otherwise, a GrammarError (returned, not raised) when the grammar cannot take the token.
+        Sequences without a grammar are left out."""
+        todo = [(seq_id, self._states[seq_id], tok) for seq_id, tok in sampled if seq_id in self._states]
+        if not todo:
+            return {}
+        self._wait()  # the worker may be reading these matchers
+        ok = self._executor.consume_token_par([(st.matcher, tok) for _, st, tok in todo])
+        out: dict[int, GrammarStatus | GrammarError] = {}
+        for (seq_id, st, tok), good in zip(todo, ok, strict=True):
+            st.dirty = True
+            m = st.matcher
+            if not good:
+                out[seq_id] = GrammarError(m.get_error() or f"token {tok} is not allowed by the grammar")
+            else:
+                out[seq_id] = "done" if m.is_stopped() else "open"
+        return out
 
     def close(self) -> None:
         self._wait()

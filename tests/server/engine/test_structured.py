@@ -14,7 +14,7 @@ import torch
 from mcserve.server.engine.sampler import Sampler, SamplingRow
 from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.engine.structured.compiler import GrammarCompiler
-from mcserve.server.engine.structured.masks import TokenMasks
+from mcserve.server.engine.structured.masks import GrammarError, TokenMasks
 from mcserve.server.engine.structured.spec import StructuredSpec
 from mcserve.server.errors import InvalidRequestError
 from mcserve.server.model.init_model import init_weights
@@ -122,10 +122,11 @@ def test_masked_sampling_of_random_logits_follows_each_grammar(tokenizer: Tokeni
         toks = sampler(logits, rows, masks.bitmask(live)).token_ids
         if not any(specs[i] for i in live):
             assert toks == plain(logits, rows).token_ids
+        statuses = masks.accept(list(zip(live, toks, strict=True)))
+        assert set(statuses) == {i for i in live if specs[i] is not None}
         for i, t in zip(live, toks, strict=True):
             out[i].append(t)
-            status = masks.accept(i, t)
-            if status == "done" or t in tokenizer.eos_token_ids:
+            if statuses.get(i) == "done" or t in tokenizer.eos_token_ids:
                 done.add(i)
     texts = {i: tokenizer.decode(ids) for i, ids in out.items()}
     for i in (0, 6):
@@ -172,3 +173,16 @@ def test_padded_lm_head_never_samples_past_the_tokenizer(model_dir: Path, tokeni
     params = SamplingParams(temperature=0.0, max_tokens=60, structured=_spec("regex", "[0-9]{4}"))
     out = generate(make_engine(model, tokenizer), [[5, 6, 7]], params)[0].outputs[0]
     assert re.fullmatch("[0-9]{4}", out.text) and out.finish_reason == "stop", out
+
+
+def test_a_token_the_grammar_refuses_is_reported_not_raised(tokenizer: Tokenizer, compiler) -> None:
+    masks = TokenMasks(compiler)
+    masks.add(7, _spec("regex", "[0-9]+"))
+    letter = tokenizer.encode("x", add_special_tokens=False)[0]
+    digit = tokenizer.encode("5", add_special_tokens=False)[0]
+    masks.launch()
+    assert masks.accept([(7, digit), (8, letter)]) == {7: "open"}  # 8 has no grammar
+    masks.launch()
+    (status,) = masks.accept([(7, letter)]).values()
+    assert isinstance(status, GrammarError) and str(status)
+    masks.close()
