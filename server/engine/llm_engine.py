@@ -47,8 +47,7 @@ from mcserve.server.engine.scheduler import Scheduler
 from mcserve.server.engine.sequence import Sequence, SequenceStatus
 from mcserve.server.engine.sessions.book import SessionBook, engine_identity, owner_of
 from mcserve.server.engine.stop_rules import check_stop
-from mcserve.server.engine.structured.compiler import GrammarCompiler
-from mcserve.server.engine.structured.masks import GrammarError, GrammarStatus, TokenMasks
+from mcserve.server.engine.structured.grammars import GrammarError, GrammarStatus, load_grammars, unavailable_error
 from mcserve.server.errors import (
     ConfigError,
     EngineDeadError,
@@ -107,8 +106,8 @@ class LLMEngine:
         self.num_threads: int | None = None  # intra-op threads the driving thread sets (None: leave torch's)
         self.vocab_size = min(model.cfg.vocab_size, tokenizer.vocab_size)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.cfg.eos_token_ids)
-        self.grammars = GrammarCompiler(tokenizer.backend.to_str(), self.eos_token_ids)
-        self.masks = TokenMasks(self.grammars)
+        grammars = load_grammars(tokenizer.backend.to_str(), self.eos_token_ids)
+        self.grammars, self.masks = grammars if grammars is not None else (None, None)  # None: no llguidance
         self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size,
                                   masks=self.masks, options=runner, tensor_parallel=tensor_parallel)
         self.scheduler = self._new_scheduler()
@@ -217,8 +216,11 @@ class LLMEngine:
             raise InvalidRequestError(f"token id {bad!r} is out of range for vocab size {self.vocab_size}",
                                       param="prompt")
         request.params.check_vocab(self.vocab_size)
-        if request.params.structured is not None:
-            self.grammars.check(request.params.structured)
+        spec = request.params.structured
+        if spec is not None:
+            if self.grammars is None:
+                raise unavailable_error(spec)
+            self.grammars.check(spec)
 
     def add_request(self, request: GenerateRequest) -> None:
         """Queue all `n` choices of `request`, or none: InvalidRequestError, ContextLengthError,
@@ -249,12 +251,14 @@ class LLMEngine:
         try:
             for c in req.choices:
                 if sp.structured is not None:
+                    assert self.masks is not None  # validate refused it otherwise
                     self.masks.add(c.seq.seq_id, sp.structured)
                 added.append(c)
                 self.scheduler.add_request(c.seq)
         except BaseException:  # all or none: take back the choices already queued, then re-raise
             for c in added:
-                self.masks.remove(c.seq.seq_id)
+                if self.masks is not None:
+                    self.masks.remove(c.seq.seq_id)
                 if self.scheduler.get(c.seq.seq_id) is not None:
                     self.scheduler.finish(c.seq.seq_id, "abort")
             raise
@@ -284,7 +288,8 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             self._check_progress(plan)
             self._on_scheduled(plan)
-            self.masks.launch()  # next masks of the guided sequences, computed while the model runs
+            if self.masks is not None:
+                self.masks.launch()  # next masks of the guided sequences, computed while the model runs
             out = self.runner.execute(plan, self._sampling_rows(plan))
             self._fail_rows(out.failed)
             self._record_prompt_logprobs(out.prompt_logprobs)
@@ -353,7 +358,7 @@ class LLMEngine:
     def _stop_checks(self, seqs: list[Sequence], logprobs: Logprobs) -> None:
         """The delta of each sequence that got a token; one whose stop rules raise fails alone. The
         grammars take the step's tokens first, in one parallel call."""
-        grammar = self.masks.accept([(seq.seq_id, seq.token_ids[-1]) for seq in seqs])
+        grammar = {} if self.masks is None else self.masks.accept([(seq.seq_id, seq.token_ids[-1]) for seq in seqs])
         for seq in seqs:
             try:
                 self._advance(seq, logprobs.get(seq.seq_id), grammar.get(seq.seq_id))
@@ -398,7 +403,8 @@ class LLMEngine:
         if sid is not None and c.index == 0 and reason in ("stop", "length"):  # the session's last turn
             self.sessions.record((owner_of(req.request.api_key), sid), seq.prefix_hashes(self.config.segment_size)[0],
                                  tuple(seq.token_ids[:seq.num_computed_tokens]))
-        self.masks.remove(c.seq.seq_id)
+        if self.masks is not None:
+            self.masks.remove(c.seq.seq_id)
         c.finished = True
         req.num_finished += 1
         del self._by_seq[c.seq.seq_id]

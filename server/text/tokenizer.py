@@ -60,7 +60,7 @@ class Tokenizer:
     ) -> None:
         self._backend = backend
         self.tool_call_parser = tool_call_parser
-        self._token_bytes = TokenBytes(backend.to_str())
+        self._token_bytes = TokenBytes(backend)
         vocab = backend.get_vocab(with_added_tokens=True)
         # One more than the largest id, so it sizes an embedding table even if ids have gaps.
         self._vocab_size = max(vocab.values(), default=-1) + 1

@@ -21,6 +21,7 @@ which is how its host logic is tested.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,10 +41,12 @@ from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_pr
 from mcserve.server.engine.runner.sampler_rows import SamplerRows
 from mcserve.server.engine.runner.staging import Staging
 from mcserve.server.engine.sampler import SamplingRow
-from mcserve.server.engine.structured.masks import TokenMasks
 from mcserve.server.model.batched_prefill import PrefillInput
 from mcserve.server.model.decode_step import TORCH_GLUE, DecodeStep, triton_glue
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+
+if TYPE_CHECKING:  # masks.py imports llguidance, which may be missing (structured/grammars.py)
+    from mcserve.server.engine.structured.masks import TokenMasks
 
 
 class CudaModelRunner(ModelRunner):

@@ -10,11 +10,11 @@ import torch
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.runner.base import ModelRunner
 from mcserve.server.engine.runner.torch_runner import TorchModelRunner
-from mcserve.server.engine.structured.masks import TokenMasks
 from mcserve.server.errors import ConfigError
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # masks.py imports llguidance, which may be missing (structured/grammars.py)
+    from mcserve.server.engine.structured.masks import TokenMasks
     from mcserve.server.engine.tp.launcher import TPWorkers
 
 RUNNERS = ("auto", "torch", "cuda")

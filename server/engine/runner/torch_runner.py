@@ -16,6 +16,7 @@ aggregations that read checkpoints.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,9 +28,11 @@ from mcserve.server.engine.runner.pools import DevicePools
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
 from mcserve.server.engine.runner.router_weights import BlockWeights
 from mcserve.server.engine.sampler import Sampler, SamplingRow
-from mcserve.server.engine.structured.masks import TokenMasks
 from mcserve.server.model.batched_prefill import PrefillInput
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
+
+if TYPE_CHECKING:  # masks.py imports llguidance, which may be missing (structured/grammars.py)
+    from mcserve.server.engine.structured.masks import TokenMasks
 
 
 class TorchModelRunner(ModelRunner):

@@ -25,16 +25,15 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
 import llguidance as llg
 import torch
 
 from mcserve.server.engine.structured.compiler import GrammarCompiler
+from mcserve.server.engine.structured.grammars import GrammarError, GrammarStatus
 from mcserve.server.engine.structured.spec import StructuredSpec
 
 _ALL = -1  # int32 with every bit set: no token masked
-GrammarStatus = Literal["open", "done"]
 
 
 @dataclass(slots=True)
@@ -42,10 +41,6 @@ class _State:
     matcher: llg.LLMatcher
     row: int = 0  # 0 = no row yet (row 0 of the pool is the shared all-ones row)
     dirty: bool = True  # the grammar moved since `row` was filled
-
-
-class GrammarError(Exception):
-    """The grammar cannot continue (a token it rejects, or a parser limit hit); the message says which."""
 
 
 class TokenMasks:

@@ -16,6 +16,7 @@ it concerns (`RunnerOutput.failed`), as on one device.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,12 +24,14 @@ from mcserve.server.engine.plan import StepOutput, StepPlan
 from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
 from mcserve.server.engine.sampler import Sampler, SamplingRow
-from mcserve.server.engine.structured.masks import TokenMasks
 from mcserve.server.engine.tp.executor import ShardExecutor
 from mcserve.server.engine.tp.launcher import TPWorkers
 from mcserve.server.engine.tp.step_message import StepMessage
 from mcserve.server.errors import EngineDeadError
 from mcserve.server.model.sharding import ShardedMCGatedDeltaNet
+
+if TYPE_CHECKING:  # masks.py imports llguidance, which may be missing (structured/grammars.py)
+    from mcserve.server.engine.structured.masks import TokenMasks
 
 
 class TPModelRunner(ModelRunner):

@@ -14,7 +14,8 @@ import torch
 from mcserve.server.engine.sampler import Sampler, SamplingRow
 from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.engine.structured.compiler import GrammarCompiler
-from mcserve.server.engine.structured.masks import GrammarError, TokenMasks
+from mcserve.server.engine.structured.grammars import GrammarError
+from mcserve.server.engine.structured.masks import TokenMasks
 from mcserve.server.engine.structured.spec import StructuredSpec
 from mcserve.server.errors import InvalidRequestError
 from mcserve.server.model.init_model import init_weights
