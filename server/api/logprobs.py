@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from mcserve.server.api.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from mcserve.server.api.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
+)
 from mcserve.server.engine.outputs import TokenLogprob
 from mcserve.server.text.token_bytes import display_token
 
@@ -61,4 +68,19 @@ def completion_logprobs(items: Iterable[TokenLogprob], token_bytes: TokenBytesFn
         top = {display_token(token_bytes(i)): lp for i, _, lp in t.top}
         out.top_logprobs.append({**top, display_token(b): t.logprob})
         out.text_offset.append(offsets.add(t.token_id, b))
+    return out
+
+
+def vllm_prompt_logprobs(scored: tuple[TokenLogprob | None, ...], k: int, token_bytes: TokenBytesFn) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: per prompt token its own entry and the `k` best alternatives, by id."""
+    out: PromptLogprobs = []
+    for t in scored:
+        if t is None:
+            out.append(None)
+            continue
+        entry = {str(i): PromptLogprob(logprob=lp, rank=r + 1, decoded_token=display_token(token_bytes(i)))
+                 for r, (i, _, lp) in enumerate(t.top[:k])}
+        entry[str(t.token_id)] = PromptLogprob(logprob=t.logprob, rank=t.rank,
+                                               decoded_token=display_token(token_bytes(t.token_id)))
+        out.append(entry)
     return out

@@ -15,6 +15,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from mcserve.server.api.drain import DRAIN_OPEN_PATHS
+from mcserve.server.api.middleware import OPEN_PATHS
 from mcserve.server.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -46,7 +48,8 @@ class ErrorResponse(BaseModel):
 
 # status -> when it happens (server/errors.py, server/api/errors.py, middleware)
 _ERRORS = {
-    400: "invalid request: a field, the JSON, the context length, a schema that cannot be compiled",
+    400: "invalid request: a field, the JSON, the context length, a schema that cannot be compiled, "
+         "an invalid Content-Length",
     401: "missing or invalid API key (only when the server has keys)",
     404: "unknown model or session",
     409: "a saved session named by the request cannot be restored (corrupt, truncated, another model or MC"
@@ -55,13 +58,16 @@ _ERRORS = {
     415: "Content-Type is not application/json",
     431: "request headers over the limit",
     500: "internal error (a bug; logged)",
-    503: "model loading, engine dead or draining, or waiting queue full (Retry-After)",
+    503: "model loading, engine dead, draining, or waiting queue full (Retry-After)",
 }
-_BODY_ERRORS = (400, 401, 404, 409, 413, 415, 431, 500, 503)
-_GET_ERRORS = (401, 431, 500)
-_SESSION_ERRORS = (400, 401, 404, 413, 431, 500, 503)
+# What the middleware answers before any handler runs, on every route: an invalid Content-Length (400),
+# the body and header limits, the 500 guard; and, off the open paths, the API key and draining.
+_EVERY = (400, 413, 431, 500)
+# What the handlers themselves add, per route.
+_BODY_ERRORS = (400, 404, 409, 415, 503)
+_SESSION_ERRORS = (400, 404, 503)
 
-# (path, method) -> (request body, JSON response, SSE chunk, error statuses)
+# (path, method) -> (request body, JSON response, SSE chunk, the handler's error statuses)
 _ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, type[BaseModel] | None, type[BaseModel] | None,
                                      tuple[int, ...]]] = {
     ("/v1/chat/completions", "post"): (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk,
@@ -69,12 +75,20 @@ _ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, type[BaseModel] | N
     ("/v1/completions", "post"): (CompletionRequest, CompletionResponse, CompletionResponse, _BODY_ERRORS),
     ("/tokenize", "post"): (TokenizeRequest, TokenizeResponse, None, _BODY_ERRORS),
     ("/detokenize", "post"): (DetokenizeRequest, DetokenizeResponse, None, _BODY_ERRORS),
-    ("/v1/models", "get"): (None, ModelList, None, _GET_ERRORS),
-    ("/v1/models/{model_id}", "get"): (None, ModelCard, None, (*_GET_ERRORS, 404)),
-    ("/v1/sessions", "get"): (None, SessionList, None, (*_GET_ERRORS, 503)),
+    ("/v1/models", "get"): (None, ModelList, None, ()),
+    ("/v1/models/{model_id}", "get"): (None, ModelCard, None, (404,)),
+    ("/v1/sessions", "get"): (None, SessionList, None, (503,)),
     ("/v1/sessions/{session_id}/save", "post"): (None, SessionSaved, None, _SESSION_ERRORS),
     ("/v1/sessions/{session_id}", "delete"): (None, SessionDeleted, None, _SESSION_ERRORS),
 }
+
+
+def error_statuses(path: str, method: str) -> list[int]:
+    """Every error status `method path` can answer, in order."""
+    handler = _ROUTES.get((path, method), (None, None, None, ()))[3]
+    auth = () if path in OPEN_PATHS else (401,)
+    drain = () if path in DRAIN_OPEN_PATHS else (503,)
+    return sorted({*_EVERY, *auth, *drain, *handler})
 
 
 _HEALTH = {
@@ -109,7 +123,7 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             op["responses"].pop("422", None)
-            request, response, chunk, errors = _ROUTES.get((path, method), (None, None, None, (500,)))
+            request, response, chunk, _ = _ROUTES.get((path, method), (None, None, None, ()))
             if request is not None:
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(request)}}}
             ok = op["responses"].setdefault("200", {"description": "Successful Response"})
@@ -120,7 +134,7 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
                                      f"each event is `data: <{chunk.__name__} JSON>`, the stream ends with "
                                      "`data: [DONE]`, an error after the start is an event with an ErrorResponse.")
                 ok["content"]["text/event-stream"] = {"schema": {"type": "string"}, "x-event-data": ref(chunk)}
-            for status in errors:
+            for status in error_statuses(path, method):
                 op["responses"][str(status)] = {"description": _ERRORS[status], "content": error}
             if path in _PLAIN:
                 ok["description"], media, schema = _PLAIN[path]

@@ -138,6 +138,7 @@ class _SamplingRequest(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputs | None = None
+    prompt_logprobs: int | None = None  # vLLM extra: each prompt token's logprob and top alternatives
 
     @property
     def include_usage(self) -> bool:
@@ -227,6 +228,7 @@ class ChatCompletionRequest(_SamplingRequest):
             logprobs=logprobs,
             renames={"logprobs": "top_logprobs", "max_tokens": self.max_tokens_field},
             structured=structured,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 
@@ -238,7 +240,6 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
     add_special_tokens: bool | None = True
-    prompt_logprobs: int | None = None  # vLLM extra: each prompt token's logprob and top alternatives
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
@@ -316,6 +317,17 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
+class PromptLogprob(_Response):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# vLLM's shape of prompt logprobs: per prompt token {token id: entry} (the token itself and the top
+# alternatives); None for the first token, which nothing precedes
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class _Sparse(_Response):
     """Serialised without its None fields (stream deltas carry only what changed)."""
 
@@ -371,6 +383,8 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    # vLLM extra, only when the request asks (one prompt for all choices)
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatDelta(_Sparse):
@@ -397,6 +411,8 @@ class ChatCompletionChunk(_Response):
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    # once, on the first chunk with a token, only when the request asks
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class CompletionLogprobs(_Response):
@@ -406,20 +422,13 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = []
 
 
-class PromptLogprob(_Response):
-    logprob: float
-    rank: int | None = None
-    decoded_token: str
-
-
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    # vLLM's shape: per prompt token {token id: entry} (the token itself and the top alternatives), None first
-    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra, when the request asks
 
 
 class CompletionResponse(_Response):

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mcserve.server.api.limits import check_messages, check_sampling_limits
-from mcserve.server.api.logprobs import TokenBytesFn, chat_logprobs
+from mcserve.server.api.logprobs import TokenBytesFn, chat_logprobs, vllm_prompt_logprobs
 from mcserve.server.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -20,6 +20,7 @@ from mcserve.server.api.protocol import (
     ChatDelta,
     ChatLogprobs,
     ChatTokenLogprob,
+    PromptLogprobs,
 )
 from mcserve.server.api.request_id import request_id as request_id_of
 from mcserve.server.api.serving import ServingContext, UsageCounter, parse_body, respond
@@ -33,13 +34,17 @@ from mcserve.server.errors import InvalidRequestError
 
 class ChatChunkWriter:
     """Stream chunks: a role chunk per choice, then one chunk per delta (the last of a choice carries
-    its finish_reason), then the usage chunk with `choices: []` when the client asked for it."""
+    its finish_reason), then the usage chunk with `choices: []` when the client asked for it. vLLM's
+    `prompt_logprobs`, when asked, ride on the first chunk with a token (the prompt is every choice's)."""
 
     def __init__(self, request_id: str, model: str, n: int, prompt_len: int, include_usage: bool,
-                 token_bytes: TokenBytesFn, tool_calls: bool = False) -> None:
-        """`tool_calls`: parse each choice's text for tool calls (tools given, tool_choice not "none")."""
+                 token_bytes: TokenBytesFn, tool_calls: bool = False, prompt_logprobs: int | None = None) -> None:
+        """`tool_calls`: parse each choice's text for tool calls (tools given, tool_choice not "none");
+        `prompt_logprobs`: alternatives per prompt token (None: not asked)."""
         self.request_id, self.model, self.n = request_id, model, n
         self.token_bytes = token_bytes
+        self.prompt_logprobs = prompt_logprobs
+        self._prompt_sent = False
         self.include_usage = include_usage
         self.created = int(time.time())
         self.usage = UsageCounter([prompt_len])
@@ -64,7 +69,8 @@ class ChatChunkWriter:
                 more, last = parser.finish()
                 text, calls = text + more, calls + last
                 finish = tool_finish_reason(finish, parser)
-        if not text and not calls and finish is None and not delta.logprobs:
+        scored = self._scored_prompt(delta)
+        if not text and not calls and finish is None and not delta.logprobs and scored is None:
             return []
         choice = ChatChunkChoice(
             index=delta.index,
@@ -73,7 +79,14 @@ class ChatChunkWriter:
             finish_reason=finish,
             stop_reason=delta.stop_reason,
         )
-        return [self._chunk([choice])]
+        return [self._chunk([choice], prompt_logprobs=scored)]
+
+    def _scored_prompt(self, delta: Delta) -> PromptLogprobs | None:
+        """The prompt's logprobs, from the first delta that brings them (each choice's first does)."""
+        if delta.prompt_logprobs is None or self.prompt_logprobs is None or self._prompt_sent:
+            return None
+        self._prompt_sent = True
+        return vllm_prompt_logprobs(delta.prompt_logprobs, self.prompt_logprobs, self.token_bytes)
 
     def closing(self) -> list[BaseModel]:
         return [self._chunk([], usage=self.usage.total())] if self.include_usage else []
@@ -102,6 +115,7 @@ async def _collect(
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[ChatTokenLogprob] | None] = [[] if body.logprobs else None for _ in range(n)]
     finish: list[Delta | None] = [None] * n
+    scored: PromptLogprobs | None = None
     usage = UsageCounter([prompt_len])
     reason = "abort"  # if cancelled: the client went away
     try:
@@ -116,6 +130,8 @@ async def _collect(
                 logprobs[delta.index].extend(lp.content)  # type: ignore[union-attr]
             if delta.finish_reason is not None:
                 finish[delta.index] = delta
+            if delta.prompt_logprobs is not None and body.prompt_logprobs is not None and scored is None:
+                scored = vllm_prompt_logprobs(delta.prompt_logprobs, body.prompt_logprobs, token_bytes)
     except Exception:
         reason = "error"
         raise
@@ -132,7 +148,8 @@ async def _collect(
             finish_reason=tool_finish_reason(reason, parser) if reason and parser else reason,
             stop_reason=finish[i].stop_reason if finish[i] else None,
         ))
-    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage.total())
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage.total(),
+                                  prompt_logprobs=scored)
 
 
 async def create_chat_completion(ctx: ServingContext, http: Request) -> Response:
@@ -159,7 +176,7 @@ async def create_chat_completion(ctx: ServingContext, http: Request) -> Response
     request_id = f"chatcmpl-{request_id_of(http.scope)}"
     run = ctx.engine_run(request_id, [prompt], [params], body, http)
     writer = ChatChunkWriter(request_id, ctx.model_name, params.n, len(ids), body.include_usage,
-                             ctx.tokenizer.token_bytes, tool_calls=parse_tools)
+                             ctx.tokenizer.token_bytes, tool_calls=parse_tools, prompt_logprobs=body.prompt_logprobs)
     return await respond(
         ctx,
         http,

@@ -14,13 +14,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mcserve.server.api.limits import check_sampling_limits
-from mcserve.server.api.logprobs import TextOffsets, TokenBytesFn, completion_logprobs
+from mcserve.server.api.logprobs import TextOffsets, TokenBytesFn, completion_logprobs, vllm_prompt_logprobs
 from mcserve.server.api.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    PromptLogprob,
 )
 from mcserve.server.api.request_id import request_id as request_id_of
 from mcserve.server.api.serving import PreparedPrompt, ServingContext, UsageCounter, parse_body, respond
@@ -78,20 +77,6 @@ class CompletionChunkWriter:
             getattr(out, name).extend(getattr(rest, name))
         return out
 
-    def _vllm_prompt_logprobs(self, scored: tuple[TokenLogprob | None, ...]) -> list[dict[str, PromptLogprob] | None]:
-        assert self.prompt_logprobs is not None
-        out: list[dict[str, PromptLogprob] | None] = []
-        for t in scored:
-            if t is None:
-                out.append(None)
-                continue
-            entry = {str(i): PromptLogprob(logprob=lp, rank=r + 1, decoded_token=display_token(self.token_bytes(i)))
-                     for r, (i, _, lp) in enumerate(t.top[: self.prompt_logprobs])}
-            entry[str(t.token_id)] = PromptLogprob(logprob=t.logprob, rank=t.rank,
-                                                   decoded_token=display_token(self.token_bytes(t.token_id)))
-            out.append(entry)
-        return out
-
     def on_delta(self, k: int, delta: Delta) -> list[BaseModel]:
         self.usage.add(k, len(delta.token_ids), delta.usage)
         index = k * self.n + delta.index
@@ -112,7 +97,9 @@ class CompletionChunkWriter:
             else:
                 for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                     getattr(logprobs, name).extend(getattr(out, name))
-        vllm = self._vllm_prompt_logprobs(scored) if scored is not None and self.prompt_logprobs is not None else None
+        vllm = None
+        if scored is not None and self.prompt_logprobs is not None:
+            vllm = vllm_prompt_logprobs(scored, self.prompt_logprobs, self.token_bytes)
         choice = CompletionChoice(
             index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
             prompt_logprobs=vllm,

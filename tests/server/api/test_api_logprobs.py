@@ -130,3 +130,42 @@ def test_echo_with_logprobs_scores_the_prompt(base: str, model_dir: Path) -> Non
         entry = plp[pos][str(tid)]
         assert entry["logprob"] == pytest.approx(lp.token_logprobs[pos]) and entry["rank"] >= 1
     assert json.dumps(plp)
+
+
+def test_chat_prompt_logprobs_streamed_and_not(base: str) -> None:
+    """vLLM's chat `prompt_logprobs`: top-level, one list for the templated prompt, the same numbers
+    streamed (once, on the first chunk with a token) as in one body and as /v1/completions gives
+    for the same ids."""
+    import httpx
+
+    messages = [{"role": "user", "content": "Grüße, 東京!"}]
+    ids = httpx.post(base + "/tokenize", json={"messages": messages}, timeout=30).json()["tokens"]
+    c = client(base)
+    kw = dict(model=MODEL, messages=messages, max_tokens=2, temperature=0, n=2, extra_body={"prompt_logprobs": 2})
+    plp = c.chat.completions.create(**kw).model_extra["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for pos in range(1, len(ids)):
+        entry = plp[pos]
+        assert str(ids[pos]) in entry and 2 <= len(entry) <= 3
+        assert all(e["logprob"] <= 0 and e["rank"] >= 1 for e in entry.values())
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    streamed = [ch.model_extra["prompt_logprobs"] for ch in chunks if ch.model_extra.get("prompt_logprobs")]
+    assert len(streamed) == 1 and _close(streamed[0], plp)
+    assert all("prompt_logprobs" not in ch.model_extra for ch in chunks if not ch.model_extra.get("prompt_logprobs"))
+    r = c.completions.create(model=MODEL, prompt=ids, max_tokens=1, extra_body={"prompt_logprobs": 2})
+    assert _close(r.choices[0].model_extra["prompt_logprobs"], plp)
+    plain = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert "prompt_logprobs" not in plain.model_extra
+
+
+def _close(a: list, b: list) -> bool:
+    """The same entries, logprobs equal to float tolerance (batches of different shape round differently)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if (x is None) != (y is None):
+            return False
+        if x is not None and (x.keys() != y.keys() or any(
+                x[t]["rank"] != y[t]["rank"] or abs(x[t]["logprob"] - y[t]["logprob"]) > 1e-4 for t in x)):
+            return False
+    return True

@@ -81,3 +81,41 @@ def test_real_bodies_validate_against_the_declared_schemas() -> None:
     assert r.status_code == 400
     _check(spec, "ErrorResponse", r.json())
     _check(spec, "ModelList", _get(app, "GET", "/v1/models").json())
+
+
+def test_every_operation_declares_what_the_middleware_answers() -> None:
+    """Provoked on each documented operation: a bad Content-Length (400), a body over the limit
+    (413), headers over the limit (431), no API key (401) and draining (503) where they apply; each
+    status that comes back is declared for that operation, with the error body it really has."""
+    app, _ = make_app()
+    spec = app.openapi()
+    ops = [(p, m) for p, o in spec["paths"].items() for m in o if not p.startswith("/_fake")]
+    provoke = {
+        "bad Content-Length": {"headers": {**AUTH, "Content-Length": "-5"}},
+        "body": {"headers": {**AUTH, "Content-Length": str(10**9)}},
+        "headers": {"headers": {**AUTH, "X-Big": "x" * 70_000}},
+        "no key": {"headers": {}},
+    }
+
+    async def run() -> list[tuple[str, str, str, httpx.Response]]:
+        out = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            for path, method in ops:
+                url = path.replace("{model_id}", "m")
+                for why, kw in provoke.items():
+                    out.append((path, method, why, await c.request(method.upper(), url, **kw)))
+            app.state.ctx.drain.begin()
+            for path, method in ops:
+                r = await c.request(method.upper(), path.replace("{model_id}", "m"), headers=AUTH)
+                out.append((path, method, "draining", r))
+        return out
+
+    seen: dict[str, set[int]] = {}
+    for path, method, why, r in asyncio.run(run()):
+        declared = spec["paths"][path][method]["responses"]
+        if r.status_code != 200:
+            assert str(r.status_code) in declared, (method, path, why, r.status_code)
+            seen.setdefault(why, set()).add(r.status_code)
+            if path != "/health":
+                _check(spec, "ErrorResponse", r.json())
+    assert seen == {"bad Content-Length": {400}, "body": {413}, "headers": {431}, "no key": {401}, "draining": {503}}
