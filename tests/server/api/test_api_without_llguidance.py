@@ -50,6 +50,21 @@ def _serve_without_llguidance() -> None:
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
         assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
     assert sys.modules["llguidance"] is None, "nothing imported the real package"
+    # Every module of the server and clients imports without it, but the two that use it.
+    import importlib
+    import pkgutil
+
+    import mcserve
+
+    failed = []
+    for info in pkgutil.walk_packages(mcserve.__path__, "mcserve."):
+        if info.name.split(".")[1] in ("server", "clients", "kernels"):
+            try:
+                importlib.import_module(info.name)
+            except ModuleNotFoundError as e:
+                failed.append((info.name, e.name))
+    assert sorted(failed) == [("mcserve.server.engine.structured.compiler", "llguidance"),
+                              ("mcserve.server.engine.structured.masks", "llguidance")], failed
 
 
 def test_the_server_serves_without_llguidance() -> None:
