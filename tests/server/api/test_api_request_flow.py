@@ -46,7 +46,7 @@ def test_stream_headers_come_when_the_request_is_queued(base: str) -> None:
 
     def blocker() -> None:
         with httpx.stream("POST", base + "/v1/completions", timeout=60, json={
-                "prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}) as r:
+                "prompt": "x", "max_tokens": 1000, "stream": True, "ignore_eos": True}) as r:
             for _line in r.iter_lines():
                 if done.is_set():
                     break
@@ -64,6 +64,11 @@ def test_stream_headers_come_when_the_request_is_queued(base: str) -> None:
             assert t.is_alive(), "the blocker still runs: no token can exist for this stream"
             assert json.loads(first[6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
             assert waited < 5
+        start = time.monotonic()
+        with httpx.stream("POST", base + "/v1/completions", timeout=60, json={
+                "prompt": "y", "max_tokens": 3, "stream": True}) as r:  # no opening chunk: the headers alone
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            assert t.is_alive() and time.monotonic() - start < 5
     finally:
         done.set()
         t.join(60)
