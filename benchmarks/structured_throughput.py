@@ -11,14 +11,23 @@ warm-up. Besides wall-clock throughput (which a shared machine's neighbours move
 percent), it reports the CPU time per step of the engine thread (the step loop, on this thread:
 what the grammar adds to the critical path) and of all threads (the mask worker included), and the
 engine thread's time blocked on the worker ("mask wait": what the overlap did not hide).
+
+Last, the grammar's own share of the engine thread, measured inside the guided runs themselves (so
+the machine's load scales both sides alike): the thread CPU time spent in `TokenMasks.launch`,
+`bitmask`, `accept` and the sampler's mask application, against the thread CPU time per step of the
+same runs. That ratio is the cost the grammar adds to the critical path.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from common import machine, model_dir
@@ -28,6 +37,31 @@ from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.engine.structured.spec import StructuredSpec
 
 SCHEMA = {"type": "array", "items": {"type": "string"}}
+
+
+class GrammarClock:
+    """Engine-thread CPU time inside the grammar's calls, by call, while `on`."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.seconds: Counter[str] = Counter()
+        self.on = False
+        masks, sampler = llm.engine.masks, llm.engine.runner.sampler
+        for name in ("launch", "bitmask", "accept"):
+            setattr(masks, name, self._timed(name, getattr(masks, name)))
+        sampler._mask = self._timed("apply", sampler._mask)
+
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return fn(*args, **kwargs)
+            start = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.thread_time() - start
+
+        return timed
 
 
 def run(llm: LLM, batch: int, prompt_len: int, output_len: int, params: SamplingParams, seed: int
@@ -68,9 +102,11 @@ def main() -> None:
     print("| batch | none tok/s | schema tok/s | wall cost | engine-thread CPU ms/step none / schema | CPU cost | "
           "all threads CPU ms/step none / schema | mask wait ms/step |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    shares = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         llm = LLM(path, device=args.device, max_num_seqs=batch, max_model_len=args.prompt_len + args.output_len + 1,
                   enable_prefix_caching=False)
+        clock = GrammarClock(llm)
         tok = llm.engine.tokenizer
         bias = {t: -100.0 for t in range(llm.engine.vocab_size) if "]" in tok.decode([t], skip_special_tokens=False)}
         free = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True, logit_bias=bias)
@@ -83,7 +119,12 @@ def main() -> None:
         runs: dict[str, list] = {"none": [], "schema": []}
         for r in range(args.repeats):
             for name, params in (("none", free), ("schema", guided)):
+                clock.on = name == "schema"
                 runs[name].append(run(llm, batch, args.prompt_len, args.output_len, params, seed=2 + r))
+        clock.on = False
+        steps = sum(r[2] for r in runs["schema"])
+        cpu = sum(r[4] for r in runs["schema"])
+        shares.append((batch, {k: 1000 * v / steps for k, v in clock.seconds.items()}, 1000 * cpu / steps))
         for name in runs:
             rows[name] = sorted(runs[name])[len(runs[name]) // 2]
         (t0, n0, _, _, _, _), (t1, n1, s1, w1, _, _) = rows["none"], rows["schema"]
@@ -95,6 +136,13 @@ def main() -> None:
         cost = (n0 / t0) / (n1 / t1) - 1
         print(f"| {batch} | {n0 / t0:,.0f} | {n1 / t1:,.0f} | {100 * cost:+.1f}% | {1000 * c0:.2f} / {1000 * c1:.2f} | "
               f"{100 * (c1 / c0 - 1):+.1f}% | {1000 * p0:.2f} / {1000 * p1:.2f} | {1000 * w1 / s1:.3f} |", flush=True)
+    print("\nThe grammar's share of the engine thread in the guided runs (CPU ms per step):\n")
+    print("| batch | launch | bitmask | accept | apply in sampler | grammar total | engine thread | share |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch, parts, per_step in shares:
+        total = sum(parts.values())
+        print(f"| {batch} | " + " | ".join(f"{parts.get(k, 0.0):.3f}" for k in ("launch", "bitmask", "accept", "apply"))
+              + f" | {total:.3f} | {per_step:.2f} | {100 * total / per_step:.1f}% |")
 
 
 if __name__ == "__main__":
