@@ -4,6 +4,7 @@ it knows nothing of JSON or tools, so every valid answer below is the grammar's 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -185,3 +186,34 @@ def test_tool_choice_none_renders_no_tools_and_parses_nothing(base: str, tmp_pat
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == len(
         httpx.post(base + "/tokenize", json={"messages": ASK}, timeout=30).json()["tokens"])
+
+
+def test_every_vllm_spelling_constrains_the_output(base: str) -> None:
+    """guided_json, guided_grammar and structured_outputs' json / choice / grammar, on both endpoints;
+    two constraints at once are a 400 naming the second."""
+    c = client(base)
+    point = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9},
+                                              "ok": {"type": "boolean"}},
+             "required": ["x", "ok"], "additionalProperties": False}
+    lark = 'start: "v" DIGIT DIGIT\nDIGIT: /[0-9]/'
+    for extra, check in (
+        ({"guided_json": point}, lambda t: jsonschema.validate(json.loads(t), point)),
+        ({"structured_outputs": {"json": point}}, lambda t: jsonschema.validate(json.loads(t), point)),
+        ({"guided_grammar": lark}, lambda t: _assert_match(r"v[0-9]{2}", t)),
+        ({"structured_outputs": {"grammar": lark}}, lambda t: _assert_match(r"v[0-9]{2}", t)),
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, lambda t: _assert_match("yes|no", t)),
+    ):
+        r = c.completions.create(model=MODEL, prompt="Go:", max_tokens=40, temperature=1.0, seed=5, extra_body=extra)
+        check(r.choices[0].text)
+        assert r.choices[0].finish_reason == "stop", (extra, r.choices[0])
+        r = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=1.0, seed=6,
+                                      extra_body=extra)
+        check(r.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, response_format={"type": "json_object"},
+                                  extra_body={"guided_regex": "[a-z]+"})
+    assert e.value.body["param"] == "response_format" and "at most one" in e.value.body["message"]
+
+
+def _assert_match(pattern: str, text: str) -> None:
+    assert re.fullmatch(pattern, text), (pattern, text)
