@@ -333,7 +333,8 @@ class Scheduler:
         for seq in st.decode:
             p, sid = seq.num_computed_tokens, seq.seq_id
             write = ids(sid, p // C, p // C + 1)[0] if p % C == C - 1 else -1
-            if seq.inexact_from is None and self.config.reads_checkpoints:
+            # O(1) unless the table has a hole: its reads are table[:p // C] (the rest is the pinned write)
+            if seq.inexact_from is None and self.config.reads_checkpoints and self.cache.has_hole(sid):
                 self._check_holes(seq, ids(sid, 0, p // C), p)
             decode.append(DecodeRow(sid, seq.slot, p, seq.token_ids[p], ids(sid, 0, p // C) if tables else (), write))
         prefill = []

@@ -99,6 +99,10 @@ class CheckpointCache:
         """GPU block ids of table[start:end]; -1 where the checkpoint is not on the GPU."""
         return self.tables.block_ids(seq_id, start, end)
 
+    def has_hole(self, seq_id: int) -> bool:
+        """Whether `seq_id`'s table has an entry not on the GPU (offloaded or dropped); O(1)."""
+        return self.tables.has_hole(seq_id)
+
     def begin_step(self, step: int) -> None:
         self.policy.now = step
         self.host.begin_step()
@@ -319,7 +323,7 @@ class CheckpointCache:
         self._transfers.onload(c.host, gpu)
         self.host.give_back(c.host, later=True)  # the copy reads it this step
         c.host, c.gpu = None, gpu
-        self.tables.moved(c)
+        self.tables.moved(c, hole=False)
         self._held_gpu += c.refs > 0
         self._pinned.add(c)
         self.counters["onload"] += 1
@@ -339,7 +343,7 @@ class CheckpointCache:
     def _free_gpu(self, c: Checkpoint) -> None:
         self._held_gpu -= c.refs > 0
         if c.holders:  # offloaded or dropped while held: a hole in its holders' tables
-            self.tables.moved(c)
+            self.tables.moved(c, hole=True)
             self._maybe_holes.update(c.holders)
         self.gpu.give_back(c.gpu)
         c.gpu = None

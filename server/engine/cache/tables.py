@@ -2,7 +2,8 @@
 reference counts they imply (`Checkpoint.refs` = the number of tables holding it, `holders` their seq
 ids), and the diffs since the last `take_diffs` (plan.py), O(1) per change, so that a runner that
 keeps the tables between steps is sent only what changed: released tables, appended entries, and
-entries of held checkpoints whose GPU block changed (`moved`: offload, drop, onload)."""
+entries of held checkpoints whose GPU block changed (`moved`: offload, drop, onload). It also counts
+each table's holes (entries not on the GPU) as they appear and go, so `has_hole` is O(1)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class BlockTables:
         self._released: list[int] = []
         self._appended: list[tuple[int, int]] = []  # (seq_id, segment) in order
         self._moved: dict[tuple[int, int], None] = {}  # (seq_id, segment), an ordered set
+        self._holes: dict[int, int] = {}  # seq_id -> entries with gpu None; only tables that have some
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -33,13 +35,18 @@ class BlockTables:
     def length(self, seq_id: int) -> int:
         return len(self._tables.get(seq_id, ()))
 
+    def has_hole(self, seq_id: int) -> bool:
+        """Whether some entry of the table is not on the GPU (offloaded or dropped). O(1)."""
+        return seq_id in self._holes
+
     def start(self, seq_id: int, hits: Iterable[Checkpoint]) -> list[Checkpoint]:
-        """A new table holding `hits` (a cached prefix)."""
+        """A new table holding `hits` (a cached prefix; offloaded ones are holes until onloaded)."""
         assert seq_id not in self._tables, seq_id
         table = self._tables[seq_id] = list(hits)
         for c in table:
             c.refs += 1
             c.holders.add(seq_id)
+        self._count_holes(seq_id, sum(c.gpu is None for c in table))
         self._appended.extend((seq_id, i) for i in range(len(table)))
         return table
 
@@ -49,6 +56,7 @@ class BlockTables:
         c.refs += 1
         c.holders.add(seq_id)
         table.append(c)
+        self._count_holes(seq_id, c.gpu is None)
         self._appended.append((seq_id, c.segment))
 
     def cut(self, seq_id: int, start: int) -> list[Checkpoint]:
@@ -60,10 +68,12 @@ class BlockTables:
             c.refs -= 1
             c.holders.discard(seq_id)
             assert c.refs >= 0, c
+        self._count_holes(seq_id, -sum(c.gpu is None for c in dropped))
         return dropped
 
     def remove(self, seq_id: int) -> None:
         assert not self._tables[seq_id], "cut the table first"
+        assert seq_id not in self._holes, seq_id
         del self._tables[seq_id]
         self._released.append(seq_id)
         # diffs of this table not yet taken are moot (a re-admission in the same step starts a new one)
@@ -74,9 +84,21 @@ class BlockTables:
         """The last checkpoint of every table: the one its sequence's next tokens read first."""
         return {t[-1] for t in self._tables.values() if t}
 
-    def moved(self, c: Checkpoint) -> None:
-        """`c`'s GPU block changed: its holders' entries go out as updates."""
+    def moved(self, c: Checkpoint, hole: bool) -> None:
+        """`c` left the GPU (hole: offload, drop) or came back to it (onload): its holders' entries go
+        out as updates, and each holder has one hole more or less."""
         self._moved.update(((h, c.segment), None) for h in c.holders)
+        for h in c.holders:
+            self._count_holes(h, 1 if hole else -1)
+
+    def _count_holes(self, seq_id: int, delta: int) -> None:
+        if delta:
+            n = self._holes.get(seq_id, 0) + delta
+            assert n >= 0, (seq_id, n)
+            if n:
+                self._holes[seq_id] = n
+            else:
+                del self._holes[seq_id]
 
     def take_diffs(self) -> tuple[tuple[int, ...], tuple[TableEntry, ...], tuple[TableEntry, ...]]:
         """(released, table_appends, table_updates) since the last call, each entry with its block now."""
@@ -111,3 +133,5 @@ class BlockTables:
         for seq_id, table in self._tables.items():
             assert [c.segment for c in table] == list(range(len(table))), seq_id
             assert all(seq_id in c.holders for c in table), seq_id
+            assert self._holes.get(seq_id, 0) == sum(c.gpu is None for c in table), seq_id
+        assert self._holes.keys() <= self._tables.keys(), "hole count of a removed table"
