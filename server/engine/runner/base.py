@@ -23,11 +23,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
 
 from mcserve.kernels.mc_spec import MCSpec
 from mcserve.server.engine.plan import StepOutput, StepPlan
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.sampler import SamplingRow
+
+if TYPE_CHECKING:
+    from mcserve.server.engine.sampler import Sampler
+    from mcserve.server.engine.structured.masks import TokenMasks
 
 # seq_id -> (the chosen token's logprob, [(token_id, logprob)] best first)
 Logprobs = dict[int, tuple[float, list[tuple[int, float]]]]
@@ -90,3 +97,23 @@ def request_top_k(spec: MCSpec, sampling: Mapping[int, SamplingRow], seq_id: int
     row = sampling.get(seq_id)
     k = None if row is None else row.params.mc_top_k
     return None if k is None else min(k, spec.top_k)
+
+
+def sample_rows(sampler: Sampler, masks: TokenMasks | None, logits: list[torch.Tensor], row_ids: list[int],
+                sampling: Mapping[int, SamplingRow]) -> tuple[dict[int, int], Logprobs]:
+    """The host sampler over the rows' logits (one per row, in `row_ids` order), with the grammar
+    masks when any: sampled ids, and logprobs for the rows that asked for them."""
+    if not row_ids:
+        return {}, {}
+    rows = [sampling[s] for s in row_ids]
+    allowed = masks.bitmask(row_ids) if masks is not None else None
+    sampled = sampler(torch.cat(logits), rows, allowed)
+    token_ids = dict(zip(row_ids, sampled.token_ids, strict=True))
+    logprobs: Logprobs = {}
+    if sampled.logprobs is not None:
+        assert sampled.top_logprobs is not None
+        for i, (seq_id, row) in enumerate(zip(row_ids, rows, strict=True)):
+            if row.params.logprobs is not None:
+                logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
+    return token_ids, logprobs
+

@@ -22,7 +22,7 @@ import torch
 
 from mcserve.kernels.prefill.batched import select_kernels
 from mcserve.server.engine.plan import PrefillChunk, StepOutput, StepPlan
-from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
+from mcserve.server.engine.runner.base import ModelRunner, RunnerOutput, request_top_k, sample_rows
 from mcserve.server.engine.runner.decode_batch import pack_decode
 from mcserve.server.engine.runner.pools import DevicePools
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
@@ -79,7 +79,7 @@ class TorchModelRunner(ModelRunner):
                 failed.update((r.seq_id, e) for r in plan.decode)
         token_ids, logprobs = {}, {}
         try:
-            token_ids, logprobs = self._sample(logits, row_ids, sampling)
+            token_ids, logprobs = sample_rows(self.sampler, self.masks, logits, row_ids, sampling)
         except Exception as e:  # reported: one sampler call for every row that samples
             failed.update((s, e) for s in row_ids)
         for seq_id in failed:
@@ -126,19 +126,4 @@ class TorchModelRunner(ModelRunner):
         self.selections.zero_()
         return counts
 
-    def _sample(self, logits: list[torch.Tensor], row_ids: list[int], sampling: Mapping[int, SamplingRow]
-                ) -> tuple[dict[int, int], Logprobs]:
-        if not row_ids:
-            return {}, {}
-        rows = [sampling[s] for s in row_ids]
-        allowed = self.masks.bitmask(row_ids) if self.masks is not None else None
-        sampled = self.sampler(torch.cat(logits), rows, allowed)
-        token_ids = dict(zip(row_ids, sampled.token_ids, strict=True))
-        logprobs: Logprobs = {}
-        if sampled.logprobs is not None:
-            assert sampled.top_logprobs is not None
-            for i, (seq_id, row) in enumerate(zip(row_ids, rows, strict=True)):
-                if row.params.logprobs is not None:
-                    logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
-        return token_ids, logprobs
 

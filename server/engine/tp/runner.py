@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mcserve.server.engine.plan import StepOutput, StepPlan
-from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
+from mcserve.server.engine.runner.base import ModelRunner, RunnerOutput, request_top_k, sample_rows
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
 from mcserve.server.engine.sampler import Sampler, SamplingRow
 from mcserve.server.engine.tp.executor import ShardExecutor
@@ -79,7 +79,7 @@ class TPModelRunner(ModelRunner):
         failed: dict[int, Exception] = {}
         token_ids, logprobs = {}, {}
         try:
-            token_ids, logprobs = self._sample(logits, row_ids, sampling)
+            token_ids, logprobs = sample_rows(self.sampler, self.masks, logits, row_ids, sampling)
         except Exception as e:  # reported: rank 0's own work, after every rank finished the step
             failed.update((s, e) for s in row_ids)
             for seq_id in row_ids:
@@ -94,19 +94,4 @@ class TPModelRunner(ModelRunner):
     def close(self) -> None:
         self.workers.stop()
 
-    def _sample(self, logits: list[torch.Tensor], row_ids: list[int], sampling: Mapping[int, SamplingRow]
-                ) -> tuple[dict[int, int], Logprobs]:
-        if not row_ids:
-            return {}, {}
-        rows = [sampling[s] for s in row_ids]
-        allowed = self.masks.bitmask(row_ids) if self.masks is not None else None
-        sampled = self.sampler(torch.cat(logits), rows, allowed)
-        token_ids = dict(zip(row_ids, sampled.token_ids, strict=True))
-        logprobs: Logprobs = {}
-        if sampled.logprobs is not None:
-            assert sampled.top_logprobs is not None
-            for i, (seq_id, row) in enumerate(zip(row_ids, rows, strict=True)):
-                if row.params.logprobs is not None:
-                    logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
-        return token_ids, logprobs
 
