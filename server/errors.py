@@ -115,3 +115,18 @@ class ModelLoadError(ValueError):
 
 class ConfigError(ValueError):
     """An engine/server setting is invalid or cannot be satisfied (e.g. memory budget)."""
+
+
+def count_in_budget(budget: str, budget_bytes: int, unit: str, unit_bytes: int, minimum: int, why: str = "",
+                    alternative: str = "") -> int:
+    """How many units of `unit_bytes` fit in `budget_bytes`; ConfigError naming the budget when fewer
+    than `minimum` (why: what asks for that minimum; alternative: another way out than a larger budget)."""
+    if unit_bytes <= 0:
+        raise ConfigError(f"bytes per {unit} must be positive, got {unit_bytes}")
+    n = budget_bytes // unit_bytes
+    if n < minimum:
+        raise ConfigError(
+            f"{budget} of {budget_bytes} bytes ({budget_bytes / 2**30:.2f} GiB) holds {n} {unit} of {unit_bytes}"
+            f" bytes, fewer than the {minimum} required{why}: raise it to at least {minimum * unit_bytes} bytes"
+            f"{alternative}")
+    return n

@@ -22,11 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from mcserve.kernels.mc_spec import mc_problem
-from mcserve.server.engine.cache.blocks import blocks_for_budget
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.runner.factory import RunnerOptions
-from mcserve.server.engine.state_pool import slots_for_budget
-from mcserve.server.errors import ConfigError
+from mcserve.server.errors import ConfigError, count_in_budget
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
 from mcserve.server.model.config import ModelConfig
 
@@ -199,14 +197,16 @@ def size_pools(args: EngineArgs, cfg: ModelConfig, device: torch.device, dtype: 
         slots = min(2 * n, (state_b - min_blocks * bpb) // bps)
         blocks = (state_b - slots * bps) // bpb
     else:
-        slots = slots_for_budget(bps, state_b, n) if state_b is not None else 2 * n
+        slots = (2 * n if state_b is None else
+                 count_in_budget("--state-memory", state_b, "state slots", bps, n, f" (max_num_seqs={n})",
+                                 " or lower --max-num-seqs"))
         if ckpt_b is None:
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
                 ckpt_b = int((free - slots * bps) * DEFAULT_GPU_CHECKPOINT_FRACTION_OF_FREE)
             else:
                 ckpt_b = DEFAULT_CPU_CHECKPOINT_MEMORY
-        blocks = blocks_for_budget(bpb, ckpt_b, min_blocks)
+        blocks = count_in_budget("checkpoint memory budget", ckpt_b, "blocks", bpb, min_blocks)
     host_b = _bytes(args.host_checkpoint_memory, total_memory(torch.device("cpu")))
     host = 0 if host_b is None else host_b // bpb
     return PoolSizes(slots, blocks, host, bps, bpb)

@@ -15,21 +15,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mcserve.server.errors import ConfigError
-
-
-def slots_for_budget(bytes_per_slot: int, budget_bytes: int, max_num_seqs: int) -> int:
-    """How many state slots `budget_bytes` holds; ConfigError when fewer than max_num_seqs."""
-    if bytes_per_slot <= 0:
-        raise ConfigError(f"bytes_per_slot must be positive, got {bytes_per_slot}")
-    slots = budget_bytes // bytes_per_slot
-    if slots < max_num_seqs:
-        raise ConfigError(
-            f"state memory budget of {budget_bytes} bytes ({budget_bytes / 2**30:.2f} GiB) holds {slots} "
-            f"state slots of {bytes_per_slot} bytes, fewer than max_num_seqs={max_num_seqs}: raise "
-            f"--state-memory to at least {max_num_seqs * bytes_per_slot} bytes or lower --max-num-seqs")
-    return slots
-
 
 @dataclass(slots=True)
 class Snapshot:

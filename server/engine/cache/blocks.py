@@ -6,20 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from mcserve.server.engine.cache.checkpoint import Checkpoint
-from mcserve.server.errors import ConfigError
-
-
-def blocks_for_budget(bytes_per_block: int, budget_bytes: int, min_blocks: int) -> int:
-    """How many checkpoint blocks `budget_bytes` holds; ConfigError when fewer than min_blocks."""
-    if bytes_per_block <= 0:
-        raise ConfigError(f"bytes_per_block must be positive, got {bytes_per_block}")
-    blocks = budget_bytes // bytes_per_block
-    if blocks < min_blocks:
-        raise ConfigError(
-            f"checkpoint memory budget of {budget_bytes} bytes ({budget_bytes / 2**30:.2f} GiB) holds {blocks}"
-            f" blocks of {bytes_per_block} bytes, fewer than the {min_blocks} required: raise the budget to"
-            f" at least {min_blocks * bytes_per_block} bytes")
-    return blocks
 
 
 class BlockPool:

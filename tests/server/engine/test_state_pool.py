@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from mcserve.server.engine.state_pool import StatePool, slots_for_budget
-from mcserve.server.errors import ConfigError
+from mcserve.server.engine.state_pool import StatePool
+from mcserve.server.errors import ConfigError, count_in_budget
 
 
 def test_alloc_free_until_exhausted() -> None:
@@ -47,9 +47,9 @@ def test_alloc_evicts_oldest_snapshot_and_park_replaces_duplicates() -> None:
     pool.check(set())
 
 
-def test_slots_for_budget() -> None:
-    assert slots_for_budget(1000, 64_500, max_num_seqs=64) == 64
+def test_count_in_budget_slots() -> None:
+    assert count_in_budget("--state-memory", 64_500, "state slots", 1000, 64, " (max_num_seqs=64)") == 64
     with pytest.raises(ConfigError) as e:
-        slots_for_budget(1_000_000, 50_000_000, max_num_seqs=64)
+        count_in_budget("--state-memory", 50_000_000, "state slots", 1_000_000, 64, " (max_num_seqs=64)")
     msg = str(e.value)
     assert "holds 50 state slots of 1000000 bytes" in msg and "max_num_seqs=64" in msg and "64000000" in msg

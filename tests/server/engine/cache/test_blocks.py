@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from mcserve.server.engine.cache.blocks import BlockPool, blocks_for_budget
+from mcserve.server.engine.cache.blocks import BlockPool
 from mcserve.server.engine.cache.checkpoint import Checkpoint
-from mcserve.server.errors import ConfigError
+from mcserve.server.errors import ConfigError, count_in_budget
 
 
 def test_pool_hands_out_low_ids_first_and_reuses_the_last_freed() -> None:
@@ -38,7 +38,7 @@ def test_check_sees_a_leak() -> None:
         pool.check("GPU")
 
 
-def test_blocks_for_budget() -> None:
-    assert blocks_for_budget(10, 1000, 50) == 100
+def test_count_in_budget_blocks() -> None:
+    assert count_in_budget("checkpoint memory budget", 1000, "blocks", 10, 50) == 100
     with pytest.raises(ConfigError, match="holds 9 blocks of 100 bytes, fewer than the 64 required"):
-        blocks_for_budget(100, 999, 64)
+        count_in_budget("checkpoint memory budget", 999, "blocks", 100, 64)
