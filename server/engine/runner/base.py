@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from mcserve.kernels.mc_spec import MCSpec
-from mcserve.server.engine.plan import StepOutput, StepPlan
-from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
+from mcserve.server.engine.plan import PrefillChunk, StepOutput, StepPlan
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
 from mcserve.server.engine.sampler import SamplingRow
+from mcserve.server.model.batched_prefill import PrefillInput
 
 if TYPE_CHECKING:
     from mcserve.server.engine.sampler import Sampler
@@ -117,3 +118,35 @@ def sample_rows(sampler: Sampler, masks: TokenMasks | None, logits: list[torch.T
                 logprobs[seq_id] = (sampled.logprobs[i], sampled.top_logprobs[i])
     return token_ids, logprobs
 
+
+
+def prefill_modes(sampling: Mapping[int, SamplingRow], chunks: list[PrefillChunk]) -> list[str]:
+    """Which logits each chunk's pass returns: "all" when it scores prompt tokens, "last" when it
+    only samples, "none" otherwise (`PrefillInput.logits`)."""
+    return ["all" if scores_prompt(sampling, c) else "last" if c.sample else "none" for c in chunks]
+
+
+def prefill_inputs(spec: MCSpec, sampling: Mapping[int, SamplingRow], chunks: list[PrefillChunk],
+                   modes: list[str]) -> list[PrefillInput]:
+    return [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
+                         request_top_k(spec, sampling, c.seq_id), mode)
+            for c, mode in zip(chunks, modes, strict=True)]
+
+
+def split_prefill_logits(chunks: list[PrefillChunk], logits: list[torch.Tensor | None], modes: list[str],
+                         sampling: Mapping[int, SamplingRow], vocab_size: int,
+                         prompt_lps: dict[int, tuple[int, list[PromptLogprob]]]) -> list[torch.Tensor]:
+    """The sampling rows of a prefill pass's per-chunk logits (each sampling chunk's last row, in
+    chunk order); the prompt logprobs of the chunks in mode "all" go into `prompt_lps`."""
+    out = []
+    for c, lg, mode in zip(chunks, logits, modes, strict=True):
+        if mode == "all":
+            assert lg is not None
+            row = sampling[c.seq_id]
+            prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids,
+                                                         row.params.prompt_logprobs, vocab_size)
+            lg = lg[-1:]
+        if c.sample:
+            assert lg is not None
+            out.append(lg)
+    return out

@@ -31,17 +31,24 @@ from mcserve.kernels.decode.residual import rebuild_ckpt_sum
 from mcserve.kernels.prefill.batched import select_kernels
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.plan import PrefillChunk, StepOutput, StepPlan
-from mcserve.server.engine.runner.base import Logprobs, ModelRunner, RunnerOutput, request_top_k
+from mcserve.server.engine.runner.base import (
+    Logprobs,
+    ModelRunner,
+    RunnerOutput,
+    prefill_inputs,
+    prefill_modes,
+    request_top_k,
+    split_prefill_logits,
+)
 from mcserve.server.engine.runner.block_utility import BlockUtility
 from mcserve.server.engine.runner.cuda_graphs import DecodeGraphs, batch_buckets, width_buckets
 from mcserve.server.engine.runner.device_batch import DeviceBatch
 from mcserve.server.engine.runner.device_sampler import DeviceSampler, to_host
 from mcserve.server.engine.runner.pools import DevicePools
-from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.runner.sampler_rows import SamplerRows
 from mcserve.server.engine.runner.staging import Staging
 from mcserve.server.engine.sampler import SamplingRow
-from mcserve.server.model.batched_prefill import PrefillInput
 from mcserve.server.model.decode_step import TORCH_GLUE, DecodeStep, triton_glue
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
@@ -155,25 +162,14 @@ class CudaModelRunner(ModelRunner):
             for c in prefill:
                 if c.seq_id in added:
                     rebuild_ckpt_sum(self.ckpt_sum[:, c.slot], ckpts.ssm, c.read_blocks)
-        scored = [scores_prompt(sampling, c) for c in prefill]
-        chunks = [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
-                               request_top_k(self.spec, sampling, c.seq_id),
-                               "all" if all_ else "last" if c.sample else "none")
-                  for c, all_ in zip(prefill, scored, strict=True)]
-        out = self.model.prefill_batch(chunks, states, ckpts, self.prefill_kernels, self.selections,
-                                       self.utility.acc)
+        modes = prefill_modes(sampling, prefill)
+        out = self.model.prefill_batch(prefill_inputs(self.spec, sampling, prefill, modes), states, ckpts,
+                                       self.prefill_kernels, self.selections, self.utility.acc)
         if self.ckpt_sum is not None:
             for c in prefill:
                 for b in c.write_blocks:
                     self.ckpt_sum[:, c.slot] += ckpts.ssm[b].to(self.ckpt_sum.dtype)
-        for c, lg, all_ in zip(prefill, out.logits, scored, strict=True):
-            if all_:
-                row = sampling[c.seq_id]
-                prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids,
-                                                             row.params.prompt_logprobs, self.sampler.vocab_size)
-                lg = lg[-1:]
-            if c.sample:
-                logits.append(lg)
+        logits += split_prefill_logits(prefill, out.logits, modes, sampling, self.sampler.vocab_size, prompt_lps)
 
     def _sample(self, logits: list[torch.Tensor], chunks, chunk_rows: list[int], rows_piece, B: int) -> RunnerOutput:
         if not logits:

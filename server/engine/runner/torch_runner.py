@@ -22,13 +22,20 @@ import torch
 
 from mcserve.kernels.prefill.batched import select_kernels
 from mcserve.server.engine.plan import PrefillChunk, StepOutput, StepPlan
-from mcserve.server.engine.runner.base import ModelRunner, RunnerOutput, request_top_k, sample_rows
+from mcserve.server.engine.runner.base import (
+    ModelRunner,
+    RunnerOutput,
+    prefill_inputs,
+    prefill_modes,
+    request_top_k,
+    sample_rows,
+    split_prefill_logits,
+)
 from mcserve.server.engine.runner.decode_batch import pack_decode
 from mcserve.server.engine.runner.pools import DevicePools
-from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.runner.router_weights import BlockWeights
 from mcserve.server.engine.sampler import Sampler, SamplingRow
-from mcserve.server.model.batched_prefill import PrefillInput
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
 if TYPE_CHECKING:  # masks.py imports llguidance, which may be missing (structured/grammars.py)
@@ -90,25 +97,12 @@ class TorchModelRunner(ModelRunner):
                  prompt_lps: dict[int, tuple[int, list[PromptLogprob]]]) -> list[torch.Tensor]:
         """Every chunk in one packed pass; the logits of those that sample, in order. Fills the prompt
         logprobs of the chunks that score them."""
-        scored = [scores_prompt(sampling, c) for c in chunks]
-        inputs = [PrefillInput(c.token_ids, c.slot, c.start_pos, c.read_blocks, c.write_blocks,
-                               request_top_k(self.spec, sampling, c.seq_id),
-                               "all" if all_ else "last" if c.sample else "none")
-                  for c, all_ in zip(chunks, scored, strict=True)]
-        out = self.model.prefill_batch(inputs, self.pools.states, self.pools.ckpts, self.prefill_kernels,
-                                       self.selections)
+        modes = prefill_modes(sampling, chunks)
+        out = self.model.prefill_batch(prefill_inputs(self.spec, sampling, chunks, modes), self.pools.states,
+                                       self.pools.ckpts, self.prefill_kernels, self.selections)
         if self.spec.reads_cache:
             weights.add(out.block_ids, out.block_weights)
-        logits = []
-        for c, lg, all_ in zip(chunks, out.logits, scored, strict=True):
-            if all_:
-                row = sampling[c.seq_id]
-                prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids,
-                                                             row.params.prompt_logprobs, self.sampler.vocab_size)
-                lg = lg[-1:]
-            if c.sample:
-                logits.append(lg)
-        return logits
+        return split_prefill_logits(chunks, out.logits, modes, sampling, self.sampler.vocab_size, prompt_lps)
 
     def _decode(self, plan: StepPlan, sampling: Mapping[int, SamplingRow], weights: BlockWeights) -> torch.Tensor:
         """One token for every decode row; logits [B, V]."""

@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from mcserve.server.engine.plan import StepOutput, StepPlan
-from mcserve.server.engine.runner.base import ModelRunner, RunnerOutput, request_top_k, sample_rows
-from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob, chunk_prompt_logprobs, scores_prompt
+from mcserve.server.engine.runner.base import (
+    ModelRunner,
+    RunnerOutput,
+    prefill_modes,
+    request_top_k,
+    sample_rows,
+    split_prefill_logits,
+)
+from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.sampler import Sampler, SamplingRow
 from mcserve.server.engine.tp.executor import ShardExecutor
 from mcserve.server.engine.tp.launcher import TPWorkers
@@ -50,8 +57,7 @@ class TPModelRunner(ModelRunner):
     def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
         msg = StepMessage(plan, tuple(request_top_k(self.spec, sampling, c.seq_id) for c in plan.prefill),
                           tuple(request_top_k(self.spec, sampling, r.seq_id) for r in plan.decode))
-        scored = [scores_prompt(sampling, c) for c in plan.prefill]
-        modes = ["all" if s else "last" if c.sample else "none" for c, s in zip(plan.prefill, scored, strict=True)]
+        modes = prefill_modes(sampling, plan.prefill)
         try:
             self.workers.send(msg)
             out, weights, reads = self.executor.forward(msg, modes)
@@ -61,18 +67,9 @@ class TPModelRunner(ModelRunner):
                                   "; restart the server") from e
         if reads is not None:
             self.selections += reads
-        logits: list[torch.Tensor] = []
-        row_ids: list[int] = []
         prompt_lps: dict[int, tuple[int, list[PromptLogprob]]] = {}
-        for c, lg, all_ in zip(plan.prefill, out.prefill, scored, strict=True):
-            if all_:
-                row = sampling[c.seq_id]
-                prompt_lps[c.seq_id] = chunk_prompt_logprobs(lg, c.start_pos, row.prompt_token_ids,
-                                                             row.params.prompt_logprobs, self.sampler.vocab_size)
-                lg = lg[-1:]
-            if c.sample:
-                logits.append(lg)
-                row_ids.append(c.seq_id)
+        logits = split_prefill_logits(plan.prefill, out.prefill, modes, sampling, self.sampler.vocab_size, prompt_lps)
+        row_ids = [c.seq_id for c in plan.prefill if c.sample]
         if out.decode is not None:
             logits.append(out.decode)
             row_ids += [r.seq_id for r in plan.decode]
