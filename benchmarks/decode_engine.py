@@ -16,28 +16,39 @@ fit the minutes of a GPU run. Per (B, aggregation): 3 warm-up steps, then `--ste
 scheduler and the engine's per-token work: stop rules, detokenization, deltas), then 6 steps under
 torch.profiler (GPU busy = the union of the kernels' intervals over the wall time of those steps;
 the profiler slows the host a little, so this is a lower bound), then the decode graph replayed
-back to back (its pure GPU time; after this the engine is discarded: the replays advanced its
-positions).
+back to back (its pure GPU time) and 10 replays under the profiler; after this the engine is
+closed and freed (the replays advanced its positions), and the GPU memory it held must be back
+before the next row (`left_gib`; a runner that outlives its engine is reported with what holds it).
+Both profiles' top-kernel tables (key_averages by self CUDA time, 25 rows) go to
+decode_engine_kernels.txt, one section per row.
 
 Roofline per step = (all weights once + per row the fp32 state read and written + k checkpoint
 blocks read) / the bandwidth of a device-to-device copy measured at the start. fla: its
-`GatedDeltaNetForCausalLM` with the same shapes (random, bf16), HF `generate` greedy, ms per step =
-(time of 1 + S new tokens - time of 1 new token) / S; skipped with the reason when fla or
-transformers does not import. Results are written after every row (markdown + JSON), so a run cut
-short keeps what it measured. Expected on an H200: ~3-5 minutes for everything.
+`GatedDeltaNetForCausalLM` with the same shapes (random, bf16), HF `generate` greedy
+(benchmarks/fla_generate.py, in a child process cut after --fla-seconds: fla compiles and autotunes
+its kernels on first use), ms per step = (time of 1 + S new tokens - time of 1 new token) / S with
+S = --fla-tokens; skipped with the reason when fla or transformers is missing. Results are written
+after every row (markdown + JSON + kernel tables), so a run cut short keeps what it measured; a row
+that fails (out of memory) is recorded and the others still run. Expected on an H200: ~2-3 minutes
+for our 10 rows, plus at most --fla-seconds (120) for fla's.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import statistics
+import subprocess
+import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from common import fill_pools, machine, start_decoding
+from gpu_profile import profile_calls
 from prefill import init_on_device
 
 from mcserve.server.engine.config import EngineConfig
@@ -45,7 +56,7 @@ from mcserve.server.engine.llm_engine import LLMEngine
 from mcserve.server.engine.runner.factory import RunnerOptions
 from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.model.default import default_model_dir
-from mcserve.server.model.init_model import PRESETS, build_config
+from mcserve.server.model.init_model import build_config
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mcserve.server.text.tokenizer import Tokenizer
 
@@ -90,34 +101,8 @@ def roofline_bytes(model: MCGatedDeltaNetForCausalLM, batch: int, k: int) -> int
     return weights + batch * (2 * cfg.state_bytes() + k * cfg.checkpoint_bytes(2))
 
 
-def gpu_busy(engine: LLMEngine, steps: int) -> float | None:
-    """Union of the CUDA kernels' intervals / wall time over `steps` engine steps (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
-            wall = time.perf_counter() - t
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    except Exception as e:  # the profiler is an extra: its failure must not lose the run
-        say(f"profiler failed: {e!r}")
-        return None
-    busy, end = 0.0, float("-inf")
-    for s, e in spans:  # microseconds
-        if e > end:
-            busy += e - max(s, end)
-            end = e
-    return busy * 1e-6 / wall if spans else None
-
-
-def replay_ms(engine: LLMEngine, batch: int, reps: int = 10) -> float | None:
+def replay_ms(runner, batch: int, reps: int = 10) -> float:
     """GPU time of the decode step's graph replayed back to back (no host work in between)."""
-    runner = engine.runner
-    if not runner.graphs.num_graphs:
-        return None
     width = runner.batch.table_width
     runner.graphs.run(batch, width)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -129,27 +114,10 @@ def replay_ms(engine: LLMEngine, batch: int, reps: int = 10) -> float | None:
     return start.elapsed_time(end) / reps
 
 
-def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_steps: int, device) -> dict:
-    C = model.spec.segment_size
-    n_ckpt = (prompt_len - 1) // C
-    warm = 3
-    max_len = prompt_len + warm + steps + profile_steps + 16
-    cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch), max_model_len=max_len,
-                       segment_size=C, num_state_slots=batch, num_checkpoint_blocks=batch * n_ckpt + 16,
-                       enable_prefix_caching=False)
-    t = time.perf_counter()
-    engine = LLMEngine(model, tokenizer, cfg, ckpt_dtype=torch.bfloat16 if device.type == "cuda" else None, seed=0,
-                       runner=RunnerOptions("auto" if device.type == "cuda" else "cuda", cuda_graph_sizes=(batch,)))
-    build_s = time.perf_counter() - t
-    fill_pools(engine.runner)
-    g = torch.Generator().manual_seed(batch)
-    vocab = engine.vocab_size
-    prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
-    params = SamplingParams(temperature=0.0, max_tokens=max_len, ignore_eos=True)
-    start_decoding(engine, prompts, params)
-    for _ in range(warm):
-        engine.step()
-    inner, in_runner = engine.runner.execute, [0.0]
+def measure(engine: LLMEngine, batch: int, steps: int, profile_steps: int, label: str, tables: list[str]) -> dict:
+    """The timed steps, the profiled steps and the replays of one engine (which nothing outside keeps)."""
+    runner = engine.runner
+    inner, in_runner = runner.execute, [0.0]
 
     def execute(plan, sampling):  # the runner's share of the step (its device work + its host work)
         t = time.perf_counter()
@@ -158,86 +126,143 @@ def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_
         finally:
             in_runner[0] += time.perf_counter() - t
 
-    engine.runner.execute = execute
+    runner.execute = execute
     times, runner_times = [], []
-    for _ in range(steps):
-        in_runner[0] = 0.0
-        t = time.perf_counter()
-        deltas = engine.step()
-        times.append(time.perf_counter() - t)
-        runner_times.append(in_runner[0])
-        assert len(deltas) == batch, (len(deltas), batch)
+    try:
+        for _ in range(steps):
+            in_runner[0] = 0.0
+            t = time.perf_counter()
+            n = len(engine.step())
+            times.append(time.perf_counter() - t)
+            runner_times.append(in_runner[0])
+            assert n == batch, (n, batch)
+    finally:
+        del runner.execute  # the instance attribute: the closure held the runner (a cycle)
     ms = statistics.median(times) * 1e3
-    busy = gpu_busy(engine, profile_steps) if device.type == "cuda" and profile_steps else None
-    graph_ms = replay_ms(engine, batch) if device.type == "cuda" else None
-    graphs = engine.runner.graphs
     out = {"ms_per_step": ms, "ms_min": min(times) * 1e3, "runner_ms": statistics.median(runner_times) * 1e3,
-           "tok_s": batch / (ms * 1e-3), "gpu_busy": busy,
-           "graph_replay_ms": graph_ms, "graphs": graphs.num_graphs, "replays": graphs.replays,
-           "eager_steps": graphs.eager, "capture_s": engine.runner.capture_seconds, "engine_build_s": build_s,
-           "capture_error": repr(graphs.capture_error) if getattr(graphs, "capture_error", None) else None}
-    del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+           "tok_s": batch / (ms * 1e-3), "gpu_busy": None, "gpu_ops_per_step": None, "graph_replay_ms": None,
+           "gpu_ops_per_replay": None}
+    if profile_steps:
+        try:  # the profiler is an extra: its failure must not lose the row
+            p = profile_calls(engine.step, profile_steps, f"{label}: engine steps")
+            out.update(gpu_busy=p.busy, gpu_ops_per_step=p.gpu_ops_per_call)
+            tables.append(p.table)
+        except Exception as e:
+            say(f"profiler failed: {e!r}")
+    graphs = runner.graphs
+    if graphs.num_graphs:  # the replays advance the positions: after this the engine only gets freed
+        out["graph_replay_ms"] = replay_ms(runner, batch)
+        width = runner.batch.table_width
+        p = profile_calls(lambda: graphs.run(batch, width), 10, f"{label}: decode graph replays")
+        out["gpu_ops_per_replay"] = p.gpu_ops_per_call
+        tables.append(p.table)
+    out.update(graphs=graphs.num_graphs, replays=graphs.replays, eager_steps=graphs.eager,
+               capture_s=runner.capture_seconds, capture_error=graphs.capture_error)
     return out
 
 
-def run_fla(preset: str, batch: int, prompt_len: int, new_tokens: int, device) -> dict:
-    """fla's GatedDeltaNetForCausalLM under HF generate: ms per decode step."""
-    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
-
-    fields = dict(PRESETS[preset])
-    cfg = GatedDeltaNetConfig(fuse_cross_entropy=False, **fields)
-    with torch.device(device):  # built on the device: no multi-GB fp32 copy on the host
-        model = GatedDeltaNetForCausalLM(cfg)
-    model = model.to(torch.bfloat16).eval()
-    ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), device=device)
-    mask = torch.ones_like(ids)
-
-    def gen(n: int) -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           use_cache=True, pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    gen(2)  # warm-up (kernel compilation)
-    one, more = gen(1), gen(1 + new_tokens)
-    return {"ms_per_step": (more - one) / new_tokens * 1e3, "prefill_s": one}
+def gib(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def write(out: Path | None, summary: dict) -> None:
+def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_steps: int, device,
+             label: str, tables: list[str]) -> dict:
+    C = model.spec.segment_size
+    n_ckpt = (prompt_len - 1) // C
+    warm = 3
+    max_len = prompt_len + warm + steps + 2 * profile_steps + 16
+    cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch), max_model_len=max_len,
+                       segment_size=C, num_state_slots=batch, num_checkpoint_blocks=batch * n_ckpt + 16,
+                       enable_prefix_caching=False)
+    before = gib(device)
+    t = time.perf_counter()
+    engine = LLMEngine(model, tokenizer, cfg, ckpt_dtype=torch.bfloat16 if device.type == "cuda" else None, seed=0,
+                       runner=RunnerOptions("auto" if device.type == "cuda" else "cuda", cuda_graph_sizes=(batch,)))
+    build_s = time.perf_counter() - t
+    runner_ref = weakref.ref(engine.runner)
+    try:
+        fill_pools(engine.runner)
+        g = torch.Generator().manual_seed(batch)
+        vocab = engine.vocab_size
+        prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+        start_decoding(engine, prompts, SamplingParams(temperature=0.0, max_tokens=max_len, ignore_eos=True))
+        for _ in range(warm):
+            engine.step()
+        held = gib(device)
+        out = measure(engine, batch, steps, profile_steps, label, tables)
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out.update(engine_build_s=build_s, engine_gib=held - before, left_gib=gib(device) - before)
+    if runner_ref() is not None:  # what keeps the next row from getting the memory back
+        holders = [type(r).__name__ for r in gc.get_referrers(runner_ref())]
+        say(f"B={batch}: the runner outlived its engine, held by {holders}")
+        out["runner_held_by"] = holders
+    return out
+
+
+def run_fla(preset: str, prompt_len: int, batches: list[int], new_tokens: int, seconds: float) -> dict:
+    """fla_generate.py in a child process, killed after `seconds`: {batch: row} of what finished."""
+    script = Path(__file__).with_name("fla_generate.py")
+    cmd = [sys.executable, str(script), "--preset", preset, "--prompt-len", str(prompt_len), "--batches",
+           ",".join(map(str, batches)), "--new-tokens", str(new_tokens)]
+    try:
+        text, cut = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=seconds).stdout, False
+    except subprocess.TimeoutExpired as e:
+        text, cut = e.stdout or "", True
+        text = text.decode() if isinstance(text, bytes) else text
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            rows[str(r["batch"])] = r
+    for b in batches:
+        if str(b) not in rows:
+            rows[str(b)] = {"error": f"not reached in the {seconds:.0f} s limit" if cut else "no result"}
+    return rows
+
+
+def write(out: Path | None, summary: dict, tables: list[str]) -> None:
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_engine.json").write_text(json.dumps(summary, indent=1))
+    (out / "decode_engine_kernels.txt").write_text("\n\n".join(tables) + "\n")
     lines = [f"{summary['machine']}; copy bandwidth {summary['copy_gb_s']:.0f} GB/s; {summary['setup']}", "",
              "| batch | aggregation | ms per step | decode tok/s | roofline ms | fraction of roofline | GPU busy "
-             "| runner ms | graph replay ms | fla+HF generate ms | speed-up vs fla |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| runner ms | graph replay ms | GPU ops per replay | fla+HF generate ms | speed-up vs fla |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['aggregation']} | failed: {r['error']} |")
+            continue
         fla = summary["fla"].get(str(r["batch"]), {}).get("ms_per_step") if r["aggregation"] == "none" else None
         cells = [str(r["batch"]), r["aggregation"], f"{r['ms_per_step']:.2f}", f"{r['tok_s']:,.0f}",
                  f"{r['roofline_ms']:.2f}", f"{r['fraction']:.1%}",
                  "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}", f"{r['runner_ms']:.2f}",
                  "-" if r["graph_replay_ms"] is None else f"{r['graph_replay_ms']:.2f}",
+                 "-" if r["gpu_ops_per_replay"] is None else f"{r['gpu_ops_per_replay']:.0f}",
                  "-" if fla is None else f"{fla:.1f}", "-" if fla is None else f"{fla / r['ms_per_step']:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
+    fla_notes = [f"fla B={b}: {r['error']}" for b, r in summary["fla"].items() if "error" in r]
     if summary.get("fla_skipped"):
-        lines += ["", f"fla + HF generate: skipped ({summary['fla_skipped']})"]
+        fla_notes.append(f"fla + HF generate: skipped ({summary['fla_skipped']})")
+    lines += [""] + fla_notes if fla_notes else []
     (out / "decode_engine.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="a directory: decode_engine.md and decode_engine.json")
+    ap.add_argument("--out", help="a directory: decode_engine.md, decode_engine.json, decode_engine_kernels.txt")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", help="default 1,16,64,256,512 (--quick: 1,16,64)")
     ap.add_argument("--aggregations", default="none,ssc k=4")
     ap.add_argument("--fla-batches", help="default 1,16,64 (--quick: 1); '' to skip fla + HF generate")
+    ap.add_argument("--fla-seconds", type=float, default=120.0, help="time limit of all fla rows together")
+    ap.add_argument("--fla-tokens", type=int, default=8, help="timed new tokens per fla row")
     ap.add_argument("--steps", type=int, help="timed engine steps per row (default 24, --quick: 12)")
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--prompt-len", type=int, default=1100)
@@ -252,54 +277,52 @@ def main() -> None:
         args.preset, args.prompt_len, args.fla_batches = "tiny", 70, ""
     segment = 256 if args.preset == "1.3b" else 16
     out = Path(args.out) if args.out else None
-    torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer = Tokenizer.from_dir(default_model_dir())
     bw = copy_bandwidth(device)
     say(f"{machine()}; device copy {bw:.0f} GB/s")
     summary = {"machine": machine(), "copy_gb_s": bw, "rows": [], "fla": {}, "fla_skipped": None,
                "setup": f"{args.preset} preset, {args.prompt_len}-token prompts, segment {segment}, greedy, "
                         f"prefix caching off, median of {args.steps} steps, rows put straight into decoding"}
+    tables: list[str] = []
     batches = [int(b) for b in args.batches.split(",")]
     vocab = 32000 if args.preset in ("1.3b", "370m") else tokenizer.vocab_size
     for agg in args.aggregations.split(","):
         mc = AGGREGATIONS[agg]
         model = make_model(args.preset, segment, mc, vocab, device)
         k = min(mc.get("top_k", 0), (args.prompt_len - 1) // segment)
-        say(f"model {agg}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
+        say(f"model {agg}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
+            f"{gib(device):.1f} GiB allocated")
         for b in batches:
-            r = run_ours(model, tokenizer, b, args.prompt_len, args.steps, 6, device)
+            try:
+                r = run_ours(model, tokenizer, b, args.prompt_len, args.steps, 6, device, f"B={b} {agg}", tables)
+            except Exception as e:  # one row failing (memory) must not lose the others
+                say(f"B={b} {agg}: failed {e!r}")
+                summary["rows"].append({"batch": b, "aggregation": agg, "error": repr(e)})
+                write(out, summary, tables)
+                continue
             roof = roofline_bytes(model, b, k) / (bw * 1e9) * 1e3
             r.update(batch=b, aggregation=agg, roofline_ms=roof, fraction=roof / r["ms_per_step"])
             summary["rows"].append(r)
             say(f"B={b:4d} {agg:8s} {r['ms_per_step']:8.2f} ms/step {r['tok_s']:9,.0f} tok/s roofline "
                 f"{roof:.2f} ms ({r['fraction']:.1%}) busy {r['gpu_busy']} replay {r['graph_replay_ms']} "
-                f"graphs {r['graphs']} eager {r['eager_steps']} capture {r['capture_s']:.1f} s")
-            write(out, summary)
+                f"({r['gpu_ops_per_replay']} GPU ops) graphs {r['graphs']} eager {r['eager_steps']} capture "
+                f"{r['capture_s']:.1f} s; engine {r['engine_gib']:.1f} GiB, {r['left_gib']:.2f} GiB left after it")
+            write(out, summary, tables)
         del model
         gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     fla_batches = [int(b) for b in args.fla_batches.split(",") if b]
-    if fla_batches:
-        try:
-            import fla.models  # noqa: F401
-            import transformers  # noqa: F401
-        except Exception as e:
-            summary["fla_skipped"] = f"import failed: {e!r}"
-            fla_batches = []
-    for b in fla_batches:
-        try:
-            r = run_fla(args.preset, b, args.prompt_len, 16, device)
-            gc.collect()
-            torch.cuda.empty_cache()
-        except Exception as e:  # fla's side is a comparison: a failure is reported, not fatal
-            summary["fla"][str(b)] = {"error": repr(e)}
-            say(f"fla B={b}: failed {e!r}")
-            torch.cuda.empty_cache()
-            continue
-        summary["fla"][str(b)] = r
-        say(f"fla+HF generate B={b:4d} {r['ms_per_step']:8.2f} ms/step (prefill {r['prefill_s']:.1f} s)")
-        write(out, summary)
+    missing = [m for m in ("fla", "transformers") if importlib.util.find_spec(m) is None]
+    if fla_batches and missing:
+        summary["fla_skipped"] = f"{' and '.join(missing)} not installed"
+    elif fla_batches:
+        say(f"fla + HF generate B={fla_batches} in a child process, at most {args.fla_seconds:.0f} s")
+        summary["fla"] = run_fla(args.preset, args.prompt_len, fla_batches, args.fla_tokens, args.fla_seconds)
+        for b, r in summary["fla"].items():
+            say(f"fla+HF generate B={b:>4s} {r}")
     summary["seconds"] = time.perf_counter() - T0
-    write(out, summary)
+    write(out, summary, tables)
     if out is not None:
         print((out / "decode_engine.md").read_text())
     say("done")

@@ -27,7 +27,13 @@ def test_decode_engine_dry_run(tmp_path: Path) -> None:
     assert [(r["batch"], r["aggregation"]) for r in rows] == [(1, "none"), (3, "none"), (1, "ssc k=4"),
                                                               (3, "ssc k=4")]
     assert all(r["ms_per_step"] > 0 and r["eager_steps"] > 0 for r in rows)
+    # each row's engine is gone before the next is built (what ran B=512 out of memory after B=256)
+    assert not [r["runner_held_by"] for r in rows if "runner_held_by" in r]
     assert "| 3 | ssc k=4 |" in (tmp_path / "decode_engine.md").read_text()
+    kernels = (tmp_path / "decode_engine_kernels.txt").read_text()
+    assert [line.split(":")[0] for line in kernels.splitlines() if line.startswith("== ")] == \
+        ["== B=1 none", "== B=3 none", "== B=1 ssc k=4", "== B=3 ssc k=4"]
+    assert "aten::mm" in kernels  # the profiler's table, by self CPU time on CPU
 
 
 def test_host_overhead_small(tmp_path: Path) -> None:
