@@ -43,3 +43,19 @@ def test_host_overhead_small(tmp_path: Path) -> None:
     assert [(r["batch"], r["ckpts_per_row"]) for r in rows] == [(4, 2), (4, 5)]
     assert all(0 < r["sched_runner_ms"] <= r["engine_step_ms"] * 1.5 for r in rows), rows
     assert "| 4 | 5 |" in text
+
+
+def test_decode_equivalence_dry_run(tmp_path: Path) -> None:
+    """tests/gpu/decode_equivalence.py on CPU (the CUDA runner's code with the torch decode path): its
+    rows, the pinned fp32 flags and the extra rows of the shipped model are all there."""
+    out = tmp_path / "eq.json"
+    _run(str(BENCH.parent / "tests" / "gpu" / "decode_equivalence.py"), "--device", "cpu", "--quick", "--out", str(out))
+    summary = json.loads(out.read_text())
+    assert summary["passed"] and summary["logprobs_within_limit"] and not summary["skipped"]
+    strict = summary["flags_strict"]
+    assert strict["cuda.matmul.allow_tf32"] is False and strict["cudnn.allow_tf32"] is False
+    assert sorted(summary["results"]) == sorted(
+        ["default / cuda-graphs", "default / cuda-eager", "default / torch again vs torch",
+         "default / torch tf32 vs torch strict", "default / cuda-graphs tf32 vs torch tf32",
+         "small-ssc / cuda-graphs", "small-ssc / cuda-eager"])
+    assert all(r["identical"] == "2/2" for r in summary["results"].values())
