@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from mctrain import mqar, mqar_eval  # noqa: E402
 from mctrain.checkpoint import DECAY_INITS, count_parameters, init_model, save_checkpoint, train_config  # noqa: E402
 from mctrain.evaluation import autocast_for  # noqa: E402
 from mctrain.mc_forward import hidden_states, logits  # noqa: E402
 from mctrain.schedule import CosineSchedule  # noqa: E402
+from mctrain.train_step import TrainStep, add_step_args, make_optimizer, mqar_loss, use_graph  # noqa: E402
 
 from mcserve.server.model.loader import load_model  # noqa: E402
 
@@ -79,6 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")
     tr.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    add_step_args(tr)
     ev = sub.add_parser("eval", help="evaluate trained models through the serving path")
     add_task_args(ev)
     ev.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
@@ -103,8 +104,6 @@ def pick_device(name: str) -> torch.device:
 
 
 def train(args: argparse.Namespace) -> dict:
-    from train import optimizer
-
     if args.threads:
         torch.set_num_threads(args.threads)
     task = task_of(args)
@@ -115,7 +114,8 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg = train_config(args.size, task.vocab_size, 0, args.aggregation, args.segment_size, args.top_k)
     model = init_model(cfg, args.seed, args.decay_init).to(device).train()
-    opt = optimizer(model, args, device)
+    graph = use_graph(args.cuda_graph, device)
+    opt = make_optimizer(model, args.lr, args.weight_decay, device, capturable=graph)
     sched = CosineSchedule(args.lr, args.warmup, args.steps, args.min_lr_ratio)
     cur = mqar.PairCurriculum(args.min_pairs, min(args.start_pairs, args.max_pairs), min(args.max_pairs,
                               task.max_pairs), round(args.steps * args.ramp_frac))
@@ -125,49 +125,52 @@ def train(args: argparse.Namespace) -> dict:
     settings = dict(vars(args), params=count_parameters(model), device=str(device), vocab_size=task.vocab_size,
                     head_dim=cfg.head_dim, config=cfg.to_dict())
     log = (out / "log.jsonl").open("w")
+
+    def report(row: dict) -> None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print(f"{args.aggregation}: {row}", flush=True)
+
+    check = args.graph_check if args.graph_check is not None else (8 if graph else 0)
+    step_fn = TrainStep(model, opt, mqar_loss("torch", amp), args.grad_clip, 2, device, graph, check, report)
     log.write(json.dumps(dict(event="start", **settings)) + "\n")
     print(f"{args.aggregation}: {settings['params'] / 1e3:.0f}k parameters, decay init {args.decay_init}, "
-          f"{args.steps} steps of {args.batch_size} x {args.seq_len} on {device}", flush=True)
+          f"{args.steps} steps of {args.batch_size} x {args.seq_len} on {device}, "
+          f"cuda graph {'on' if graph else 'off'}", flush=True)
     t0 = t_log = time.time()
-    sums, n_sums, stopped_early = np.zeros(2), 0, False
-    step = 0
+    stopped_early = False
+    step = n_log = 0
     while step < args.steps:
         counts = [cur.sample(rng, step) for _ in range(args.batch_size)]
-        ids, tgt = (torch.from_numpy(a).to(device) for a in mqar.batch(task, rng, counts))
-        mask = tgt >= 0
-        with autocast_for(device, amp):
-            lg = logits(model, hidden_states(model, ids, "torch")[mask])  # [Q, V]: only the query keys are scored
-        loss = F.cross_entropy(lg.float(), tgt[mask])
-        for group in opt.param_groups:
-            group["lr"] = sched.lr(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            acc = float((lg.argmax(-1) == tgt[mask]).float().mean())
-        sums += np.array([float(loss.detach()), acc])
-        n_sums += 1
+        ids, tgt = (torch.from_numpy(a) for a in mqar.batch(task, rng, counts))
+        step_fn(dict(inputs=ids, targets=tgt), sched.lr(step))
         step += 1
+        n_log += 1
         if step % args.log_every == 0 or step == args.steps:
+            (loss, acc), gnorm = step_fn.read()  # the one host sync of these steps
             now = time.time()
-            row = dict(event="train", step=step, loss=sums[0] / n_sums, acc=sums[1] / n_sums, pair_cap=cur.cap(step),
-                       lr=sched.lr(step - 1), elapsed=now - t0, step_s=(now - t_log) / n_sums)
+            row = dict(event="train", step=step, loss=loss, acc=acc, pair_cap=cur.cap(step), lr=sched.lr(step - 1),
+                       grad_norm=gnorm, elapsed=now - t0, step_s=(now - t_log) / n_log, mode=step_fn.mode,
+                       tok_per_s=n_log * args.batch_size * args.seq_len / max(now - t_log, 1e-9))
             log.write(json.dumps(row) + "\n")
             log.flush()
-            print(f"step {step}/{args.steps} loss {row['loss']:.3f} acc {row['acc']:.3f} cap {row['pair_cap']} "
-                  f"{row['step_s']:.2f}s/step {row['elapsed']:.0f}s", flush=True)
-            sums[:], n_sums, t_log = 0, 0, now
+            print(f"step {step}/{args.steps} loss {loss:.3f} acc {acc:.3f} cap {row['pair_cap']} "
+                  f"{1 / row['step_s']:.2f} steps/s {row['tok_per_s'] / 1e3:.0f}k tok/s ({step_fn.mode}) "
+                  f"{row['elapsed']:.0f}s", flush=True)
+            n_log, t_log = 0, now
         if step % args.eval_every == 0 or step == args.steps:
+            t_eval = time.time()
             row = dict(event="eval", step=step, **probe_acc(model, probe, amp), elapsed=time.time() - t0)
             log.write(json.dumps(row) + "\n")
             print(f"[eval step {step}] " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("acc")),
                   flush=True)
+            t_log += time.time() - t_eval  # the probe's time is not training throughput
         if args.max_seconds is not None and time.time() - t0 > args.max_seconds:
             stopped_early = True
             print(f"stopping early at step {step}: past {args.max_seconds:.0f}s", flush=True)
             break
-    summary = dict(settings, steps_done=step, stopped_early=stopped_early, train_seconds=time.time() - t0)
+    summary = dict(settings, steps_done=step, stopped_early=stopped_early, train_seconds=time.time() - t0,
+                   step_mode=step_fn.mode)
     save_checkpoint(model, out / "model", None, "fp32", summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log.write(json.dumps(dict(event="done", steps_done=step, train_seconds=summary["train_seconds"])) + "\n")

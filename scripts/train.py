@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from mctrain.batches import BatchSampler  # noqa: E402
 from mctrain.chat_data import CHAT_META, ChatData  # noqa: E402
 from mctrain.checkpoint import (  # noqa: E402
@@ -38,11 +37,12 @@ from mctrain.checkpoint import (  # noqa: E402
     train_config,
 )
 from mctrain.corpus import EOT, KV_TOKEN, QUERY_TOKEN, read_corpus  # noqa: E402
-from mctrain.evaluation import autocast_for, heldout_nll, masked_nll, quick_recall_acc, token_bytes  # noqa: E402
-from mctrain.mc_forward import check_backend, default_backend, hidden_states, logits  # noqa: E402
+from mctrain.evaluation import heldout_nll, masked_nll, quick_recall_acc, token_bytes  # noqa: E402
+from mctrain.mc_forward import check_backend, default_backend  # noqa: E402
 from mctrain.recall import RecallTask  # noqa: E402
 from mctrain.schedule import CosineSchedule, plan_total_steps  # noqa: E402
 from mctrain.token_data import META_FILE, TokenData, build_token_data  # noqa: E402
+from mctrain.train_step import TrainStep, add_step_args, lm_loss, make_optimizer, use_graph  # noqa: E402
 
 from mcserve.kernels.mc_spec import AGGREGATIONS, STATE_INITS, MCSpec  # noqa: E402
 
@@ -51,7 +51,9 @@ try:
 except ImportError:  # the GPU image has no tqdm: fall back to a line every --log-every steps
     tqdm = None
 
-PROBE_START, PROBE_END = 10, 40  # steps timed to plan a --time-budget run (after kernel autotuning)
+# steps timed to plan a --time-budget run: after autotuning, and after the CUDA graph is in place
+# (train_step.WARMUP + the default --graph-check of 8 steps)
+PROBE_START, PROBE_END = 20, 50
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,6 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"])
     ap.add_argument("--save-dtype", default="bf16", choices=["bf16", "fp32"])
+    add_step_args(ap)
     args = ap.parse_args(argv)
     if not args.prepare_only and (args.out is None or (args.steps is None and args.time_budget is None)):
         ap.error("training needs --out and one of --steps / --time-budget")
@@ -116,14 +119,6 @@ class Logger:
     def write(self, **row) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-
-
-def optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices (linear and embedding weights) only."""
-    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
-    rest = [p for n, p in model.named_parameters() if p.ndim != 2]
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=rest, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
 def pick_backend(choice: str, device: torch.device, args: argparse.Namespace) -> str:
@@ -170,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = init_model(cfg, args.seed, args.decay_init)
     model.to(device).train()
     n_params = count_parameters(model)
-    opt = optimizer(model, args, device)
+    graph = use_graph(args.cuda_graph, device)
+    opt = make_optimizer(model, args.lr, args.weight_decay, device, capturable=graph)
     chat = ChatData.load(args.data_dir) if args.chat_frac > 0 or (Path(args.data_dir) / CHAT_META).is_file() else None
     sampler = BatchSampler(data, task, args.batch_size, args.seq_len, args.recall_frac, args.recall_max_pairs,
                            args.seed, chat, args.chat_frac)
@@ -184,11 +180,20 @@ def main(argv: list[str] | None = None) -> dict:
                              args.seq_len - 24 - task.length_needed(n, n), 16)
                    for n in fits for s in rng.integers(0, len(held) - args.seq_len, 8)]
     log = Logger(out / "log.jsonl")
+
+    def report(row: dict) -> None:
+        log.write(**row)
+        print(f"\n{row}", flush=True)
+
+    check = args.graph_check if args.graph_check is not None else (8 if graph else 0)
+    step_fn = TrainStep(model, opt, lm_loss(backend, amp, args.recall_weight, sampler.chat_rows), args.grad_clip, 4,
+                        device, graph, check, report)
     settings = dict(vars(args), params=n_params, device=str(device), backend=backend,
                     gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     tokens_per_step=args.batch_size * args.seq_len)
     log.write(event="start", **settings)
-    print(f"{args.aggregation}: {n_params / 1e6:.2f}M parameters on {settings['gpu'] or device} ({backend} core)")
+    print(f"{args.aggregation}: {n_params / 1e6:.2f}M parameters on {settings['gpu'] or device} ({backend} core, "
+          f"cuda graph {'on' if graph else 'off'})")
 
     total = args.steps if args.steps is not None else 10**9  # a --time-budget run plans it at PROBE_END
     sched = CosineSchedule(args.lr, args.warmup, total, args.min_lr_ratio)
@@ -220,29 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
     if max_seconds is None and args.time_budget is not None:
         max_seconds = args.time_budget * 1.1 + 10
     step, stopped_early, step_time = 0, False, None
-    loss_sums = torch.zeros(4, device=device)  # lm loss, recall loss, recall accuracy, chat loss, since last log
     n_sums = 0
     t_probe = t_log = time.time()
     while step < total:
-        batch = sampler.next().to(device)
-        with autocast_for(device, amp):
-            lg = logits(model, hidden_states(model, batch.inputs, backend))
-        nll = F.cross_entropy(lg.float().transpose(1, 2), batch.targets, reduction="none")  # [B, T]
-        lm_loss = (nll * batch.lm_mask).sum() / batch.lm_mask.sum().clamp_min(1)
-        rc_loss = (nll * batch.recall_mask).sum() / batch.recall_mask.sum().clamp_min(1)
-        loss = lm_loss + args.recall_weight * rc_loss
-        for group in opt.param_groups:
-            group["lr"] = sched.lr(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            hit = (lg.argmax(-1) == batch.targets).float()
-            rc_acc = (hit * batch.recall_mask).sum() / batch.recall_mask.sum().clamp_min(1)
-            rows = batch.chat_rows
-            chat_loss = ((nll[rows] * batch.lm_mask[rows]).sum() / batch.lm_mask[rows].sum().clamp_min(1)).detach()
-            loss_sums += torch.stack([lm_loss.detach(), rc_loss.detach(), rc_acc, chat_loss])
+        batch = sampler.next()
+        step_fn(dict(inputs=batch.inputs, targets=batch.targets, lm_mask=batch.lm_mask,
+                     recall_mask=batch.recall_mask), sched.lr(step))
         n_sums += 1
         step += 1
 
@@ -262,21 +250,20 @@ def main(argv: list[str] | None = None) -> dict:
                 if bar is not None:
                     bar.total = total
         if step % args.log_every == 0 or step == total:
-            lm, rc, ra, cl = (loss_sums / n_sums).tolist()
+            (lm, rc, ra, cl), gnorm = step_fn.read()  # the one host sync of these steps
             now = time.time()
             row = dict(event="train", step=step, lr=sched.lr(step - 1), lm_loss=lm, recall_loss=rc, recall_acc=ra,
-                       chat_loss=cl,
-                       grad_norm=float(gnorm), tokens=step * args.batch_size * args.seq_len, elapsed=now - t_start,
+                       chat_loss=cl, grad_norm=gnorm, tokens=step * args.batch_size * args.seq_len,
+                       elapsed=now - t_start, steps_per_s=n_sums / max(now - t_log, 1e-9), mode=step_fn.mode,
                        tok_per_s=n_sums * args.batch_size * args.seq_len / max(now - t_log, 1e-9))
             log.write(**row)
-            loss_sums.zero_()
             n_sums, t_log = 0, now
             if bar is not None:
                 bar.set_postfix(lm=f"{lm:.3f}", recall=f"{ra:.2f}", lr=f"{row['lr']:.1e}", refresh=False)
             else:
                 print(f"step {step}/{total if total < 10**9 else '?'} lm {lm:.3f} chat {cl:.3f} recall {rc:.3f} "
-                      f"acc {ra:.2f} "
-                      f"lr {row['lr']:.2e} {row['tok_per_s'] / 1e3:.0f}k tok/s {row['elapsed']:.0f}s", flush=True)
+                      f"acc {ra:.2f} lr {row['lr']:.2e} {row['steps_per_s']:.2f} steps/s "
+                      f"{row['tok_per_s'] / 1e3:.0f}k tok/s ({step_fn.mode}) {row['elapsed']:.0f}s", flush=True)
             if not math.isfinite(lm):
                 raise SystemExit(f"loss is {lm} at step {step}; stopping")
         if bar is not None:
