@@ -14,9 +14,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _rmsnorm_kernel(x, w, gate, y, R, D, s_x, s_g, s_y, eps,
+def _rmsnorm_kernel(x, w, gate, y, R, D, s_x, s_g, s_y, eps, GH,
                     BR: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr):
-    """BR rows per program. GATE: 0 none, 1 silu(gate), 2 sigmoid(gate)."""
+    """BR rows per program. GATE: 0 none, 1 silu(gate), 2 sigmoid(gate). Row r's gate is at
+    (r // GH) * s_g + (r % GH) * D: GH rows of D per gate row (heads of one token, rows strided)."""
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     d = tl.arange(0, BD)
     m = (r < R)[:, None] & (d < D)[None, :]
@@ -24,7 +25,8 @@ def _rmsnorm_kernel(x, w, gate, y, R, D, s_x, s_g, s_y, eps,
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
     out = xf * inv[:, None] * tl.load(w + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
     if GATE != 0:
-        gf = tl.load(gate + r[:, None] * s_g + d[None, :], mask=m, other=0.0).to(tl.float32)
+        gr = (r // GH) * s_g + (r % GH) * D
+        gf = tl.load(gate + gr[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
         sig = 1.0 / (1.0 + tl.exp(-gf))
         if GATE == 1:
             out = out * (gf * sig)
@@ -55,20 +57,27 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def gated_rmsnorm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str
                   ) -> torch.Tensor:
-    """`GatedRMSNorm(x, gate)`: RMSNorm(x) * act(gate), act = silu ("swish") or sigmoid."""
+    """`GatedRMSNorm(x, gate)`: RMSNorm(x) * act(gate), act = silu ("swish") or sigmoid. gate [..., G, D] may
+    be a strided view (columns of a fused projection) whose last two dims are contiguous."""
     assert gate.shape == x.shape, (gate.shape, x.shape)
     return _norm(x, weight, eps, gate, 2 if activation == "sigmoid" else 1)
 
 
 def _norm(x, weight, eps, gate, mode):
     x2 = _rows(x)
-    g2 = _rows(gate) if gate is not None else x2
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     R, D = x2.shape
+    g2, s_g, gh = x2, x2.stride(0), 1
+    if gate is not None and gate.dim() >= 3 and gate.stride(-1) == 1 and gate.stride(-2) == D:
+        g2 = gate.reshape(-1, gate.shape[-2], D)  # a view: only the dims before the heads merge
+        s_g, gh = g2.stride(0), gate.shape[-2]
+    elif gate is not None:
+        g2 = _rows(gate)
+        s_g = g2.stride(0)
     bd = triton.next_power_of_2(D)
     br = max(1, 4096 // bd)
     if R:
-        _rmsnorm_kernel[(triton.cdiv(R, br),)](x2, weight, g2, y, R, D, x2.stride(0), g2.stride(0), y.stride(0), eps,
+        _rmsnorm_kernel[(triton.cdiv(R, br),)](x2, weight, g2, y, R, D, x2.stride(0), s_g, y.stride(0), eps, gh,
                                                BR=br, BD=bd, GATE=mode)
     return y.view(x.shape)
 

@@ -29,7 +29,12 @@ class PrefillKernels:
     readout(o, q, u, k, key_sum0, batch, spec, ckpt_pool, ckpt_key_pool, weights) -> y [T, HV, dv];
     conv(ext, tok_rows, weight, bias) -> y [T, D] (the model's short conv over the packed chunks).
     Contracts: packed.py's `core_rounds`, `readout_rounds`, `short_conv_rows`, which every
-    implementation equals."""
+    implementation equals.
+
+    The fused glue (all None on the torch path; then the model's torch modules run): `conv_heads`
+    (triton_conv.py: the conv from the raw projections and the slots' conv states, SiLU and the q, k
+    norms in one pass), the norms of kernels/triton_norms.py, and kernels/triton_step.py's residual
+    add + RMSNorm and SwiGLU of a fused gate-and-up row."""
 
     name: str
     core: Callable[..., torch.Tensor]
@@ -39,6 +44,11 @@ class PrefillKernels:
     rmsnorm: Callable[..., torch.Tensor] | None = None
     gated_rmsnorm: Callable[..., torch.Tensor] | None = None
     swiglu: Callable[..., torch.Tensor] | None = None
+    conv_heads: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    add_rmsnorm: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    swiglu_fused: Callable[..., torch.Tensor] | None = None
+    # piece_sums(k [T, H, dk], batch) -> [pieces, H, dk] fp32 (triton_keys.py); None: index_add in torch
+    piece_sums: Callable[..., torch.Tensor] | None = None
 
 
 TORCH_KERNELS = PrefillKernels("torch", core_rounds, readout_rounds, short_conv_rows)
@@ -58,16 +68,18 @@ def select_kernels(device: torch.device | str, spec: MCSpec, dtype: torch.dtype)
         log.warning("prefill: %s; the online core runs in torch (slow on a GPU)", e)
         core, core_name = core_rounds, "torch"
     try:
-        from mcserve.kernels import triton_norms
+        from mcserve.kernels import triton_norms, triton_step
         from mcserve.kernels.prefill.triton import readout_triton
-        from mcserve.kernels.prefill.triton_conv import short_conv_triton
+        from mcserve.kernels.prefill.triton_conv import conv_heads_triton
+        from mcserve.kernels.prefill.triton_keys import piece_sums_triton
     except ImportError as e:
         log.warning("prefill: Triton is not importable (%s); the MC readout, conv and norms run in torch", e)
         log.info("prefill path: %s core, torch readout", core_name)
         return PrefillKernels(f"{core_name}+torch", core, readout_rounds, short_conv_rows)
     log.info("prefill path: %s core, triton readout, conv and norms", core_name)
-    return PrefillKernels(f"{core_name}+triton", core, readout_triton, short_conv_triton, triton_norms.rmsnorm,
-                          triton_norms.gated_rmsnorm, triton_norms.swiglu)
+    return PrefillKernels(f"{core_name}+triton", core, readout_triton, short_conv_rows, triton_norms.rmsnorm,
+                          triton_norms.gated_rmsnorm, triton_norms.swiglu, conv_heads_triton,
+                          triton_step.add_rmsnorm, triton_step.swiglu_fused, piece_sums_triton)
 
 
 def segment_keys(
@@ -75,6 +87,7 @@ def segment_keys(
     batch: VarlenBatch,
     key_sum_pool: torch.Tensor,  # [slots, H, dk] running key sum of the current segment, updated
     ckpt_key_pool: torch.Tensor,  # [blocks, H, dk], written at the boundaries' blocks
+    piece_sums: Callable[..., torch.Tensor] | None = None,  # PrefillKernels.piece_sums
 ) -> torch.Tensor:
     """Segment keys (mean of a segment's keys) of every boundary in the batch and the slots' new running
     sums. Returns each chunk's running key sum before the chunk [n, H, dk]."""
@@ -82,7 +95,10 @@ def segment_keys(
     dt = key_sum_pool.dtype
     lay = batch.memo("segment_keys", lambda: _key_layout(batch))
     key_sum0 = key_sum_pool[batch.slots]  # a copy, taken before the write below
-    sums = k.new_zeros(len(batch.pieces), H, dk, dtype=dt).index_add_(0, batch.tok_piece, k.to(dt))
+    if piece_sums is not None:
+        sums = piece_sums(k, batch).to(dt)
+    else:
+        sums = k.new_zeros(len(batch.pieces), H, dk, dtype=dt).index_add_(0, batch.tok_piece, k.to(dt))
     sums[lay.first] += torch.where(lay.mid[:, None, None], key_sum0, 0.0)  # chunk starts are distinct pieces
     if lay.end_blocks.numel():
         ckpt_key_pool[lay.end_blocks] = (sums[lay.ends] / batch.segment_size).to(ckpt_key_pool.dtype)
@@ -133,11 +149,14 @@ def batched_mc_gdn(
     ckpt_key_pool: torch.Tensor,  # [blocks, H, dk]   the boundaries' blocks
     kernels: PrefillKernels = TORCH_KERNELS,
     weights: torch.Tensor | None = None,  # [n, table_width] += router weight of each table entry
+    k_keys: torch.Tensor | None = None,  # [T, H, dk] k in the state dtype when k is in the model's (fused path)
 ) -> torch.Tensor:
     """y [T, HV, dv] (the layer output before o_norm) for every token of every chunk; afterwards each
-    slot holds its chunk's final state, key sum, and every boundary's block its checkpoint and key."""
-    key_sum0 = segment_keys(k, batch, key_sum_pool, ckpt_key_pool)
+    slot holds its chunk's final state, key sum, and every boundary's block its checkpoint and key.
+    The core reads q, k as given; the segment keys and the router read `k_keys` (default k)."""
+    k_keys = k if k_keys is None else k_keys
+    key_sum0 = segment_keys(k_keys, batch, key_sum_pool, ckpt_key_pool, kernels.piece_sums)
     o = kernels.core(q, k, v, g, beta, batch, spec, state_pool, ckpt_pool)
     if not spec.reads_cache or batch.table_width == 0:
         return o
-    return kernels.readout(o, q, u, k, key_sum0, batch, spec, ckpt_pool, ckpt_key_pool, weights)
+    return kernels.readout(o, q, u, k_keys, key_sum0, batch, spec, ckpt_pool, ckpt_key_pool, weights)

@@ -148,7 +148,7 @@ def _readout_kernel(
                     else:
                         part += tl.dot(qt.to(ct.dtype), tl.trans(ct))
                 acc += (gcol * scale)[:, None] * part
-    tl.store(y + tok[:, None] * s_yt + hv * s_yh + vv[None, :], acc, mask=m_out)
+    tl.store(y + tok[:, None] * s_yt + hv * s_yh + vv[None, :], acc.to(y.dtype.element_ty), mask=m_out)
 
 
 def _tiles(batch: VarlenBatch, bt: int) -> torch.Tensor:
@@ -191,7 +191,8 @@ def readout_triton(
     block_t: int | None = None,
     dot_fp32: bool | None = None,
 ) -> torch.Tensor:
-    """packed.py's `readout_rounds` contract; y [T, HV, dv] fp32.
+    """packed.py's `readout_rounds` contract; y [T, HV, dv] in o's dtype (what the output norm reads),
+    accumulated in fp32.
 
     block_t: rows per tile (default from the number of memories); dot_fp32: multiply checkpoints in fp32
     (default: only fp32 checkpoints; bf16 ones go through a bf16 tensor-core dot, which Triton's
@@ -215,7 +216,7 @@ def readout_triton(
     key_sum0 = key_sum0.float().contiguous()
     gamma = torch.empty(T, H, W, dtype=torch.float32, device=o.device)
     g_on = torch.empty(T, H, dtype=torch.float32, device=o.device)
-    y = torch.empty(T, HV, dv, dtype=torch.float32, device=o.device)
+    y = torch.empty(T, HV, dv, dtype=o.dtype, device=o.device)
     table = batch.table.contiguous()
     top_k = batch.top_k.contiguous()
     _router_kernel[(n_tiles, H)](

@@ -1,5 +1,13 @@
-"""packed.py's `short_conv_rows` in Triton: the short causal conv + SiLU of packed prefill chunks in
-one pass over the rows (taps, bias and SiLU fused; fp32 accumulation, taps in order)."""
+"""The packed prefill's short causal conv in Triton, fused with what follows it: SiLU, and the L2 norm
+of every q and k head (kernels/gates.py's `l2norm`), for all chunks of a step in one pass.
+
+Input is the projection output itself (`raw` [T, 2 kd + vd], rows may be strided: columns of the
+fused input projection) and each chunk's conv state before it (`prev` [n, conv_dim, W-1]): a tap
+that falls before its chunk's first token reads the state, so no extended copy of the input is made.
+Per (block of tokens, column block) program: a q head, a k head, or a block of v columns.
+Out: q, k [T, H, dk] normalised and v [T, HV, dv], contiguous, in raw's dtype (what the core takes),
+and with `copy32` q, k also in fp32 (the router's and the segment keys' precision).
+"""
 
 from __future__ import annotations
 
@@ -9,35 +17,88 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_kernel(ext, tok_rows, w, b, y, T, D, s_e, s_y,
-                 W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _conv_heads_kernel(raw, s_r, prev, s_pn, s_pd, tok_seq, tok_off, w, b, q, k, v, q32, k32, T, KD, VD,
+                       W: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, COPY32: tl.constexpr):
     t = tl.program_id(0) * BT + tl.arange(0, BT)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    tm, dm = t < T, d < D
+    c = tl.program_id(1)
+    tm = t < T
+    seq = tl.load(tok_seq + t, mask=tm, other=0).to(tl.int64)
+    off = tl.load(tok_off + t, mask=tm, other=0)
+    d = tl.arange(0, BD)
+    if c < 2 * H:  # one q or k head: columns c * DK ..
+        col = c * DK + d
+        dm = d < DK
+    else:  # a block of v columns
+        col = 2 * KD + (c - 2 * H) * BD + d
+        dm = (c - 2 * H) * BD + d < VD
     m = tm[:, None] & dm[None, :]
-    row = tl.load(tok_rows + t, mask=tm, other=W - 1).to(tl.int64)
+    t64 = t.to(tl.int64)
     acc = tl.zeros([BT, BD], dtype=tl.float32)
     for j in tl.static_range(W):
-        x = tl.load(ext + (row - (W - 1) + j)[:, None] * s_e + d[None, :], mask=m, other=0.0)
-        acc += x.to(tl.float32) * tl.load(w + d * W + j, mask=dm, other=0.0)[None, :]
+        src = off - (W - 1) + j  # the tap's input, as an offset inside the chunk (< 0: the conv state)
+        inside = (src >= 0)[:, None]
+        xr = tl.load(raw + (t64 - (W - 1) + j)[:, None] * s_r + col[None, :], mask=m & inside, other=0.0)
+        xp = tl.load(prev + seq[:, None] * s_pn + col[None, :] * s_pd + (W - 1 + src)[:, None], mask=m & ~inside,
+                     other=0.0)
+        x = tl.where(inside, xr, xp).to(tl.float32)
+        acc += x * tl.load(w + col * W + j, mask=dm, other=0.0)[None, :]
     if HAS_BIAS:
-        acc += tl.load(b + d, mask=dm, other=0.0)[None, :]
-    out = acc / (1.0 + tl.exp(-acc))
-    tl.store(y + t.to(tl.int64)[:, None] * s_y + d[None, :], out.to(y.dtype.element_ty), mask=m)
+        acc += tl.load(b + col, mask=dm, other=0.0)[None, :]
+    y = (acc / (1.0 + tl.exp(-acc))).to(raw.dtype.element_ty)  # the conv output in the model's dtype
+    if c < 2 * H:
+        yf = y.to(tl.float32)
+        n = yf * (1.0 / tl.sqrt(tl.sum(yf * yf, axis=1) + 1e-6))[:, None]
+        h = c % H
+        dst = t64[:, None] * (H * DK) + h * DK + d[None, :]
+        if c < H:
+            tl.store(q + dst, n.to(q.dtype.element_ty), mask=m)
+            if COPY32:
+                tl.store(q32 + dst, n, mask=m)
+        else:
+            tl.store(k + dst, n.to(k.dtype.element_ty), mask=m)
+            if COPY32:
+                tl.store(k32 + dst, n, mask=m)
+    else:
+        tl.store(v + t64[:, None] * VD + (col - 2 * KD)[None, :], y, mask=m)
 
 
-def short_conv_triton(ext: torch.Tensor, tok_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-                      ) -> torch.Tensor:
-    """ext [rows, D], tok_rows [T], weight [D, W], bias [D] or None -> y [T, D] in ext's dtype."""
-    T, (D, W) = tok_rows.shape[0], weight.shape
-    assert ext.shape[1] == D and ext.stride(1) == 1, (ext.shape, ext.stride(), weight.shape)
-    y = torch.empty(T, D, dtype=ext.dtype, device=ext.device)
+def launch_config(head_dim: int) -> dict[str, int]:
+    """Tokens per program, columns per program (one head; v in blocks as wide) and warps.
+    tests/kernels/test_triton_compile.py compiles these for sm_90 and checks that nothing spills."""
+    bd = triton.next_power_of_2(head_dim)
+    return dict(BT=max(4, min(64, 4096 // bd)), BD=bd, num_warps=8 if bd >= 128 else 4)
+
+
+def conv_heads_triton(raw: torch.Tensor, prev: torch.Tensor, tok_seq: torch.Tensor, tok_off: torch.Tensor,
+                      weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, head_dim: int,
+                      copy32: bool) -> tuple[torch.Tensor, ...]:
+    """raw [T, 2 kd + vd] (last dim contiguous), prev [n, conv_dim, W-1] each chunk's conv state,
+    tok_seq / tok_off [T] int32 each token's chunk and its offset in it, weight [conv_dim, W], bias
+    [conv_dim] or None -> (q, k [T, H, dk], v [T, vd], q32, k32): q32, k32 fp32 copies with `copy32`,
+    else q and k themselves."""
+    T, D = raw.shape
+    H, DK = num_heads, head_dim
+    KD = H * DK
+    VD = D - 2 * KD
+    W = weight.shape[1]
+    assert raw.stride(1) == 1 and weight.shape[0] == D and prev.shape[1:] == (D, W - 1), (raw.shape, weight.shape,
+                                                                                          prev.shape)
+    assert prev.stride(2) == 1 and tok_seq.shape == tok_off.shape == (T,), (prev.stride(), tok_seq.shape)
+    q = torch.empty(T, H, DK, dtype=raw.dtype, device=raw.device)
+    k = torch.empty_like(q)
+    v = torch.empty(T, VD, dtype=raw.dtype, device=raw.device)
+    copy32 = copy32 and raw.dtype != torch.float32
+    q32 = torch.empty(T, H, DK, dtype=torch.float32, device=raw.device) if copy32 else q
+    k32 = torch.empty_like(q32) if copy32 else k
     if T == 0:
-        return y
+        return q, k, v, q32, k32
     w = weight.float().contiguous()
-    b = bias.float().contiguous() if bias is not None else w
-    bt, bd = 32, 128
-    _conv_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
-        ext, tok_rows.contiguous(), w, b, y, T, D, ext.stride(0), y.stride(0),
-        W=W, BT=bt, BD=bd, HAS_BIAS=bias is not None)
-    return y
+    cfg = launch_config(DK)
+    bt, bd = cfg["BT"], cfg["BD"]
+    grid = (triton.cdiv(T, bt), 2 * H + triton.cdiv(VD, bd))
+    _conv_heads_kernel[grid](raw, raw.stride(0), prev, prev.stride(0), prev.stride(1), tok_seq, tok_off, w,
+                             bias.float().contiguous() if bias is not None else w, q, k, v, q32, k32, T, KD, VD,
+                             W=W, H=H, DK=DK, BT=bt, BD=bd, HAS_BIAS=bias is not None, COPY32=copy32,
+                             num_warps=cfg["num_warps"])
+    return q, k, v, q32, k32

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from mcserve.kernels.gates import gdn_gates
 from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels, batched_mc_gdn
 from mcserve.kernels.prefill.varlen import PackedChunk, VarlenBatch, to_device
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
-from mcserve.server.model.layers import GatedDeltaNetAttention, GatedMLP, GatedRMSNorm, RMSNorm
+from mcserve.server.model.layers import GatedDeltaNetAttention, GatedMLP, GatedRMSNorm, RMSNorm, fuse_linears
 
 if TYPE_CHECKING:
     from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
@@ -59,44 +60,74 @@ class BatchedPrefillOutput:
 
 @dataclass(frozen=True, slots=True)
 class _ConvLayout:
-    """Rows of the extended conv input: per chunk its W-1 conv-state rows, then its tokens."""
+    """Where each chunk's conv inputs are. Torch path: rows of the extended input (per chunk its W-1
+    conv-state rows, then its tokens). Both paths: each token's chunk and offset, and the conv windows
+    to keep: W-1 inputs ending after each chunk's last token (n of them, then one per boundary), each
+    entry a token row of the packed input or a column of the chunk's conv state before it."""
 
     rows: int
     state_rows: torch.Tensor  # [n * (W-1)]
     tok_rows: torch.Tensor  # [T]
-    final: torch.Tensor  # [n, W-1] the rows that are each chunk's conv state after its last token
-    bound: torch.Tensor  # [E, W-1] the same after each boundary's token
-    bound_blocks: torch.Tensor  # [E]
+    tok_seq: torch.Tensor  # [T] int32
+    tok_off: torch.Tensor  # [T] int32
+    win_tok: torch.Tensor  # [M, W-1] bool: the entry is a token of the chunk (else its conv state)
+    win_row: torch.Tensor  # [M, W-1] its packed row (0 where not a token)
+    win_col: torch.Tensor  # [M, W-1] its conv-state column (0 where a token)
+    win_seq: torch.Tensor  # [M] the window's chunk
+    bound_blocks: torch.Tensor  # [E] blocks of the windows n.. (M = n + E)
 
 
 def _conv_layout(batch: VarlenBatch, w1: int) -> _ConvLayout:
     C = batch.segment_size
-    state_rows, final, bound, blocks = [], [], [], []
+    state_rows, ends, blocks = [], [], []
     base = 0
-    for ch in batch.chunks:
+    for i, ch in enumerate(batch.chunks):
         state_rows.extend(range(base, base + w1))
-        # after e tokens of the chunk its last w1 inputs are extended rows base + e .. base + e + w1 - 1
-        final.append(list(range(base + ch.length, base + ch.length + w1)))
-        for j, block in enumerate(ch.write_blocks):
-            e = (ch.start_pos // C + j + 1) * C - ch.start_pos
-            bound.append(list(range(base + e, base + e + w1)))
-            blocks.append(block)
         base += w1 + ch.length
-    dev = batch.device
-
-    def t(x: list, *shape: int) -> torch.Tensor:
-        return to_device(torch.tensor(x, dtype=torch.long).reshape(*shape), dev)
-
-    # chunk i's tokens sit (i + 1) * w1 rows below their packed rows
+        ends.append((i, ch.length))
+    for i, ch in enumerate(batch.chunks):
+        for j, block in enumerate(ch.write_blocks):
+            ends.append((i, (ch.start_pos // C + j + 1) * C - ch.start_pos))
+            blocks.append(block)
+    # the window after e tokens of chunk i: its inputs at offsets e - w1 .. e - 1 (negative: the state)
+    offs = torch.tensor([[e - w1 + j for j in range(w1)] for _, e in ends], dtype=torch.long).reshape(len(ends), w1)
+    starts = torch.tensor([batch.cu[i] for i, _ in ends], dtype=torch.long)
     lengths = torch.tensor([c.length for c in batch.chunks])
-    tok_rows = torch.arange(batch.num_tokens) + torch.repeat_interleave((torch.arange(len(lengths)) + 1) * w1, lengths)
-    return _ConvLayout(rows=base, state_rows=t(state_rows, -1), tok_rows=to_device(tok_rows, dev),
-                       final=t(final, len(final), w1), bound=t(bound, len(bound), w1), bound_blocks=t(blocks, -1))
+    n = torch.arange(len(lengths))
+    tok_seq = torch.repeat_interleave(n, lengths)
+    tok_off = torch.arange(batch.num_tokens) - torch.repeat_interleave(torch.tensor(batch.cu[:-1]), lengths)
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return to_device(x, batch.device)
+
+    return _ConvLayout(rows=base, state_rows=t(torch.tensor(state_rows, dtype=torch.long)),
+                       tok_rows=t(torch.arange(batch.num_tokens) + (tok_seq + 1) * w1),  # i's tokens sit (i+1) w1 below
+                       tok_seq=t(tok_seq.int()), tok_off=t(tok_off.int()), win_tok=t(offs >= 0),
+                       win_row=t(torch.where(offs >= 0, starts[:, None] + offs, 0)),
+                       win_col=t(torch.where(offs >= 0, 0, offs + w1)),
+                       win_seq=t(torch.tensor([i for i, _ in ends], dtype=torch.long)),
+                       bound_blocks=t(torch.tensor(blocks, dtype=torch.long)))
+
+
+def _conv_windows(raw: torch.Tensor, prev: torch.Tensor, lay: _ConvLayout) -> torch.Tensor:
+    """The conv states to keep [M, conv_dim, W-1] from the packed inputs raw [T, conv_dim] and each
+    chunk's conv state before it, prev [n, conv_dim, W-1]."""
+    tok = raw[lay.win_row]  # [M, W-1, D]
+    st = prev.transpose(1, 2)[lay.win_seq[:, None], lay.win_col].to(raw.dtype)
+    return torch.where(lay.win_tok[..., None], tok, st).transpose(1, 2)
+
+
+def _keep_conv(li: int, win: torch.Tensor, slots: torch.Tensor, lay: _ConvLayout, states: StateSlots,
+               ckpts: CheckpointBlocks) -> None:
+    n = slots.shape[0]
+    states.conv[li, slots] = win[:n]
+    if lay.bound_blocks.numel():
+        ckpts.conv[lay.bound_blocks, li] = win[n:].to(ckpts.conv.device)
 
 
 def _conv_packed(attn: GatedDeltaNetAttention, x: torch.Tensor, conv_state: torch.Tensor, lay: _ConvLayout,
                  kernels: PrefillKernels) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """x [T, d] -> ([q, k, v] after the causal conv + SiLU, the extended input [rows, conv_dim]).
+    """x [T, d] -> ([q, k, v] after the causal conv + SiLU, the raw projections [T, conv_dim]).
     conv_state [n, conv_dim, W-1]: each chunk's slot."""
     raw = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)  # [T, conv_dim]
     cfg = attn.cfg
@@ -109,7 +140,7 @@ def _conv_packed(attn: GatedDeltaNetAttention, x: torch.Tensor, conv_state: torc
     ext[lay.state_rows] = conv_state.transpose(1, 2).reshape(-1, raw.shape[1]).to(raw.dtype)
     ext[lay.tok_rows] = raw
     y = kernels.conv(ext, lay.tok_rows, weight, bias)
-    return list(torch.split(y, [cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)), ext
+    return list(torch.split(y, [cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)), raw
 
 
 @torch.inference_mode()
@@ -128,43 +159,89 @@ def prefill_batch(
     """Run every chunk in one pass. Chunks must use distinct slots (plan.py's rule).
 
     `utility` gets, per block, the router weight its table entries got (summed over layers, heads and
-    tokens; `residual` counts 1 per head and token), the checkpoints made inside a chunk included."""
-    spec, C, dev, sd = model.spec, model.spec.segment_size, model.device, model.state_dtype
+    tokens; `residual` counts 1 per head and token), the checkpoints made inside a chunk included.
+    With fused kernels (`kernels.conv_heads`, CUDA) each layer's input projections and the MLP's gate
+    and up become views of one weight each (`layers.fuse_linears`, what the decode step does too)."""
+    spec, C, dev = model.spec, model.spec.segment_size, model.device
     batch = VarlenBatch([PackedChunk(c.slot, c.start_pos, len(c.token_ids), tuple(c.read_blocks),
                                      tuple(c.write_blocks), spec.top_k if c.top_k is None else c.top_k)
                          for c in chunks], C, dev)
     ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
     ids = to_device(ids, dev)
-    slots = batch.slots
     read = spec.reads_cache and batch.table_width > 0
-    total = torch.zeros(batch.num_chunks, batch.table_width, dtype=sd, device=dev)
+    total = torch.zeros(batch.num_chunks, batch.table_width, dtype=model.state_dtype, device=dev)
+    layers = model.model.layers
+    fused = kernels.conv_heads is not None and model.cfg.use_short_conv
     x = model.model.embeddings(ids)
-    for li, block in enumerate(model.model.layers):
-        attn = block.attn
-        w1 = attn.cfg.conv_width
-        lay = batch.memo(("conv", w1), lambda w1=w1: _conv_layout(batch, w1))
-        h = _norm(block.attn_norm, x, kernels)
-        qkv, ext = _conv_packed(attn, h, states.conv[li, slots], lay, kernels)
-        q, k, v, g, beta, u = attn.heads(h, qkv, sd)
+    h = kernels.add_rmsnorm(x, None, layers[0].attn_norm.weight, layers[0].attn_norm.eps)[1] if fused else None
+    for li, block in enumerate(layers):
         w = torch.zeros_like(total) if read else None
-        y = batched_mc_gdn(q, k, v, g, beta, u, spec, batch, states.ssm[li], states.key_sum[li], ckpts.ssm[:, li],
-                           ckpts.key[:, li], kernels, w)
+        if fused:
+            nxt = layers[li + 1].attn_norm if li + 1 < len(layers) else None
+            x, h = _fused_layer(model, li, block, x, h, nxt, batch, states, ckpts, kernels, w)
+        else:
+            x = _torch_layer(model, li, block, x, batch, states, ckpts, kernels, w)
         if w is not None:
             total += w
             if selections is not None:
                 selections[li] += (w > 0).sum()
             if layer_weights is not None:
                 layer_weights.append(w)
-        if w1:
-            states.conv[li, slots] = ext[lay.final].transpose(1, 2)
-            if lay.bound_blocks.numel():
-                ckpts.conv[lay.bound_blocks, li] = ext[lay.bound].transpose(1, 2).to(ckpts.conv.device)
-        x = x + _attn_output(attn, h, y, kernels)
-        x = x + _mlp(block.mlp, _norm(block.mlp_norm, x, kernels), kernels)
     ids, weights = batch.table.flatten(), total.flatten()
     if utility is not None and read:
         utility.index_add_(0, ids.clamp_min(0), torch.where(ids >= 0, weights, 0.0).to(utility.dtype))
     return BatchedPrefillOutput(_chunk_logits(model, x, chunks, batch.cu), ids, weights)
+
+
+def _torch_layer(model, li, block, x, batch, states, ckpts, kernels, w):
+    """One layer with the model's torch modules around the core (and kernels.conv): x [T, d] -> x."""
+    attn, sd = block.attn, model.state_dtype
+    w1 = attn.cfg.conv_width
+    lay = batch.memo(("conv", w1), lambda: _conv_layout(batch, w1))
+    h = _norm(block.attn_norm, x, kernels)
+    prev = states.conv[li, batch.slots]
+    qkv, raw = _conv_packed(attn, h, prev, lay, kernels)
+    q, k, v, g, beta, u = attn.heads(h, qkv, sd)
+    y = batched_mc_gdn(q, k, v, g, beta, u, model.spec, batch, states.ssm[li], states.key_sum[li], ckpts.ssm[:, li],
+                       ckpts.key[:, li], kernels, w)
+    if w1:
+        _keep_conv(li, _conv_windows(raw, prev, lay), batch.slots, lay, states, ckpts)
+    x = x + _attn_output(attn, h, y, kernels)
+    return x + _mlp(block.mlp, _norm(block.mlp_norm, x, kernels), kernels)
+
+
+def _fused_layer(model, li, block, x, h, nxt, batch, states, ckpts, kernels, w):
+    """One layer with fused kernels: one input matmul (q k v a b, gate, router), conv + SiLU + the q, k
+    norms in one kernel, residual adds fused with the next norm. (x, h = attn_norm(x)) -> (x', h' =
+    nxt(x')); nxt None (the last layer): h' None, the final norm is the logits'."""
+    attn, cfg, sd, spec = block.attn, block.attn.cfg, model.state_dtype, model.spec
+    T, H, dk, HV, dv, kd = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.num_v_heads_, cfg.head_v_dim, cfg.key_dim
+    lay = batch.memo(("conv", cfg.conv_width), lambda: _conv_layout(batch, cfg.conv_width))
+    p = F.linear(h, fuse_linears(attn.in_linears()))  # [T, P]: q k v | a b | gate | u
+    a0 = 2 * kd + cfg.value_dim
+    g0 = a0 + 2 * HV
+    u0 = g0 + (cfg.value_dim if cfg.use_gate else 0)
+    prev = states.conv[li, batch.slots]
+    convs = attn._convs()
+    wc = torch.cat([c.weight[:, 0, :] for c in convs])  # [conv_dim, W]
+    bc = torch.cat([c.bias for c in convs]) if convs[0].bias is not None else None
+    q, k, v, q32, k32 = kernels.conv_heads(p[:, :a0], prev, lay.tok_seq, lay.tok_off, wc, bc, H, dk,
+                                           spec.reads_cache)
+    g, beta = gdn_gates(p[:, a0:a0 + HV], p[:, a0 + HV:g0], attn.A_log, attn.dt_bias, cfg.allow_neg_eigval, sd)
+    u = q32 if attn.u_proj is None else p[:, u0:u0 + kd].view(T, H, dk).to(sd)  # the query router reads q
+    y = batched_mc_gdn(q, k, v.view(T, HV, dv), g, beta, u, spec, batch, states.ssm[li], states.key_sum[li],
+                       ckpts.ssm[:, li], ckpts.key[:, li], kernels, w, k_keys=k32)
+    _keep_conv(li, _conv_windows(p[:, :a0], prev, lay), batch.slots, lay, states, ckpts)
+    gate = p[:, g0:u0].view(T, HV, dv) if cfg.use_gate else None
+    y = y.to(x.dtype)
+    o = kernels.gated_rmsnorm(y, gate, attn.o_norm.weight, attn.o_norm.eps, attn.o_norm.activation) \
+        if gate is not None else kernels.rmsnorm(y, attn.o_norm.weight, attn.o_norm.eps)
+    x, h = kernels.add_rmsnorm(x, attn.o_proj(o.reshape(T, -1)), block.mlp_norm.weight, block.mlp_norm.eps)
+    act = kernels.swiglu_fused(F.linear(h, fuse_linears([block.mlp.gate_proj, block.mlp.up_proj])))
+    dx = block.mlp.down_proj(act)
+    if nxt is None:
+        return x + dx, None
+    return kernels.add_rmsnorm(x, dx, nxt.weight, nxt.eps)
 
 
 def _norm(norm: RMSNorm, x: torch.Tensor, kernels: PrefillKernels) -> torch.Tensor:

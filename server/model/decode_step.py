@@ -3,9 +3,10 @@ shape is fixed by (rows, table width), nothing syncs with the host, and the laye
 path with `kernels/decode/contract.py`'s signature (Triton on CUDA, torch on CPU).
 
 Against `model.decode` (the torch reference, which it equals): each layer's input projections are
-one matmul (q, k, v, a, b, g and u weights re-pointed to views of one fused tensor, gate and up of the
-MLP likewise: no extra memory), the glue runs as fused row kernels on CUDA (kernels/triton_step.py,
-kernels/triton_norms.py; the model's torch modules on CPU), padded rows (slot -1) touch no slot, and
+one matmul (q, k, v, a, b, g and u weights re-pointed to views of one fused tensor by
+`layers.fuse_linears`, gate and up of the MLP likewise: no extra memory), the glue runs as fused row
+kernels on CUDA (kernels/triton_step.py, kernels/triton_norms.py; the model's torch modules on CPU),
+padded rows (slot -1) touch no slot, and
 router weights go straight into the per-block utility tensor. The conv state of a boundary row's
 checkpoint is left to the caller (it is the slot's conv state after the step).
 """
@@ -18,11 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mcserve.kernels.decode.contract import DecodeBatch, DecodeFn, LayerMemory
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
-from mcserve.server.model.layers import GatedRMSNorm, RMSNorm, ShortConv
+from mcserve.server.model.layers import GatedRMSNorm, RMSNorm, ShortConv, fuse_linears
 
 if TYPE_CHECKING:
     from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
@@ -85,17 +85,6 @@ def triton_glue() -> Glue:
                 triton_step.conv_step, gated, triton_step.swiglu_fused)
 
 
-def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
-    """One [sum out, in] weight whose row blocks the linears' weights become views of."""
-    fused = torch.cat([lin.weight.detach() for lin in linears])
-    off = 0
-    for lin in linears:
-        n = lin.weight.shape[0]
-        lin.weight = nn.Parameter(fused[off:off + n], requires_grad=False)
-        off += n
-    return fused
-
-
 @dataclass(frozen=True, slots=True)
 class _Layer:
     w_in: torch.Tensor  # [conv_dim + 2 HV (+ value_dim) (+ key_dim), hidden]: q k v | a b | g | u
@@ -111,15 +100,13 @@ class DecodeStep:
         self.layers = []
         for block in model.model.layers:
             a = block.attn
-            proj = [a.q_proj, a.k_proj, a.v_proj, a.a_proj, a.b_proj]
-            proj += [a.g_proj] if cfg.use_gate else []
-            proj += [a.u_proj] if a.u_proj is not None else []
             w_conv = b_conv = None
             if cfg.use_short_conv:
                 convs: list[ShortConv] = [a.q_conv1d, a.k_conv1d, a.v_conv1d]
                 w_conv = torch.cat([c.weight[:, 0, :].detach() for c in convs]).contiguous()
                 b_conv = torch.cat([c.bias.detach() for c in convs]) if convs[0].bias is not None else None
-            self.layers.append(_Layer(_fuse(proj), _fuse([block.mlp.gate_proj, block.mlp.up_proj]), w_conv, b_conv))
+            w_gate_up = fuse_linears([block.mlp.gate_proj, block.mlp.up_proj])
+            self.layers.append(_Layer(fuse_linears(a.in_linears()), w_gate_up, w_conv, b_conv))
         kd, vd, hv = cfg.key_dim, cfg.value_dim, cfg.num_v_heads_
         self._a = 2 * kd + vd  # offsets into a layer's projection row
         self._g = self._a + 2 * hv

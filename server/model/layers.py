@@ -10,6 +10,31 @@ from mcserve.kernels.gates import core_inputs
 from mcserve.server.model.config import ModelConfig
 
 
+def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
+    """One [sum out, in] weight whose row blocks the linears' weights are views of, in order: the
+    weights are re-pointed to it once (one matmul instead of several, no extra memory), and later calls
+    return the same tensor without copying. The values do not change."""
+    ws = [lin.weight for lin in linears]
+    rows = sum(w.shape[0] for w in ws)
+    w0 = ws[0]
+    off = w0.storage_offset()
+    adjacent = all(w.is_contiguous() and w.dtype == w0.dtype and w.device == w0.device
+                   and w.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr() for w in ws)
+    for w in ws:
+        adjacent = adjacent and w.storage_offset() == off
+        off += w.numel()
+    if adjacent:
+        return w0.as_strided((rows, w0.shape[1]), (w0.shape[1], 1), w0.storage_offset())
+    with torch.inference_mode(False):  # plain tensors, so that load_state_dict can still write them
+        fused = torch.cat([w.detach() for w in ws])
+    off = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[off:off + n], requires_grad=False)
+        off += n
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -89,6 +114,11 @@ class GatedDeltaNetAttention(nn.Module):
             self.o_norm = RMSNorm(cfg.head_v_dim, cfg.norm_eps)
         self.o_proj = nn.Linear(vd, d, bias=False)
         self.u_proj = nn.Linear(d, kd, bias=False) if learned_router else None
+
+    def in_linears(self) -> list[nn.Linear]:
+        """The input projections in the fused order: q k v | a b | g (output gate) | u (learned router)."""
+        out = [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj]
+        return out + ([self.g_proj] if self.cfg.use_gate else []) + ([self.u_proj] if self.u_proj is not None else [])
 
     def _qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]

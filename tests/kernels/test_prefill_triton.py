@@ -11,9 +11,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 triton_mod = pytest.importorskip("mcserve.kernels.prefill.triton")
 
+from mcserve.kernels.gates import l2norm  # noqa: E402
 from mcserve.kernels.mc_spec import MCSpec  # noqa: E402
 from mcserve.kernels.prefill.batched import segment_keys  # noqa: E402
 from mcserve.kernels.prefill.packed import core_rounds, readout_rounds  # noqa: E402
+from mcserve.kernels.prefill.varlen import VarlenBatch  # noqa: E402
 from tests.kernels.prefill_cases import make_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,17 +99,66 @@ def test_poisoned_outputs_and_pool_entries_are_not_read() -> None:
     assert torch.allclose(got, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("W,bias", [(4, False), (2, True)])
-def test_short_conv_matches_torch(W: int, bias: bool) -> None:
-    from mcserve.kernels.prefill.packed import short_conv_rows
-    from mcserve.kernels.prefill.triton_conv import short_conv_triton
+def _conv_heads_ref(raw, prev, lengths, weight, bias, H, dk):
+    """Per chunk: the causal conv over [its conv state, its tokens] + SiLU in fp32, rounded to raw's dtype,
+    then q and k heads L2-normalised in fp32 (server/model/layers.py's ShortConv, kernels/gates.py)."""
+    W = weight.shape[1]
+    outs, start = [], 0
+    for i, n in enumerate(lengths):
+        xx = torch.cat([prev[i].t().to(raw.dtype), raw[start:start + n]]).float()  # [W-1+n, D]
+        y = sum(xx[j:j + n] * weight[:, j].float() for j in range(W))
+        if bias is not None:
+            y = y + bias.float()
+        outs.append(torch.nn.functional.silu(y).to(raw.dtype))
+        start += n
+    y = torch.cat(outs)
+    kd = H * dk
+    q, k = (l2norm(y[:, a:a + kd].float().view(-1, H, dk)) for a in (0, kd))
+    return q, k, y[:, 2 * kd:]
+
+
+@pytest.mark.parametrize("W,bias,dtype", [(4, False, torch.float32), (2, True, torch.float32),
+                                          (4, True, torch.bfloat16)])
+def test_conv_heads_matches_torch(W: int, bias: bool, dtype: torch.dtype) -> None:
+    """Chunks shorter than the conv window (taps reach back into the state), a one-token chunk, rows of
+    the input strided (columns of a wider projection), head widths that are not powers of two."""
+    from mcserve.kernels.prefill.triton_conv import conv_heads_triton
 
     g = torch.Generator().manual_seed(W)
-    D, rows = 37, 50
-    ext = torch.randn(rows, D, generator=g).to(DEV)
-    tok_rows = torch.tensor([r for r in range(W - 1, rows) if r % 9 != 0]).to(DEV)  # some rows are state rows
-    weight = torch.randn(D, W, generator=g).to(DEV)
-    b = torch.randn(D, generator=g).to(DEV) if bias else None
-    want = short_conv_rows(ext, tok_rows, weight, b)
-    got = short_conv_triton(ext, tok_rows, weight, b)
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    H, dk, vd = 3, 12, 40
+    D = 2 * H * dk + vd
+    lengths = [5, 1, 2, 17, 3]
+    T, n = sum(lengths), len(lengths)
+    wide = torch.randn(T, D + 7, generator=g).to(dtype)
+    raw = wide[:, 3:3 + D]  # row stride D + 7
+    prev = torch.randn(n, D, W - 1, generator=g).to(dtype)
+    weight = torch.randn(D, W, generator=g).to(dtype)
+    b = torch.randn(D, generator=g).to(dtype) if bias else None
+    seq = torch.repeat_interleave(torch.arange(n), torch.tensor(lengths))
+    off = torch.cat([torch.arange(m) for m in lengths])
+    args = [t.to(DEV) for t in (raw, prev, seq.int(), off.int(), weight)]
+    q, k, v, q32, k32 = conv_heads_triton(*args, None if b is None else b.to(DEV), H, dk, True)
+    q_ref, k_ref, v_ref = _conv_heads_ref(raw, prev, lengths, weight, b, H, dk)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    assert q.dtype == k.dtype == v.dtype == dtype and q32.dtype == k32.dtype == torch.float32
+    assert torch.allclose(v.cpu().float(), v_ref.float(), **tol)
+    for got, got32, want in ((q, q32, q_ref), (k, k32, k_ref)):
+        assert torch.allclose(got32.cpu(), want, **tol)
+        assert torch.allclose(got.cpu().float(), want.to(dtype).float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_piece_sums_match_index_add(dtype: torch.dtype) -> None:
+    """Pieces of a segment's full length, of one token, chunks starting mid-segment; k rows strided."""
+    from mcserve.kernels.prefill.triton_keys import piece_sums_triton
+
+    spec = MCSpec("ssc", 7, top_k=2)
+    case = make_case(spec, [(0, 15), (3, 4), (9, 30), (6, 7)], H=2, HV=2, dk=10, dv=3, seed=12)
+    k = case.x[1].to(dtype)
+    wide = torch.zeros(k.shape[0], 3, 10, dtype=dtype)
+    wide[:, 1:] = k
+    strided = wide[:, 1:]
+    want = torch.zeros(len(case.batch.pieces), 2, 10, dtype=torch.float64).index_add_(0, case.batch.tok_piece,
+                                                                                       k.double())
+    got = piece_sums_triton(strided.to(DEV), VarlenBatch(case.batch.chunks, 7, DEV))
+    assert got.dtype == torch.float32 and torch.allclose(got.cpu().double(), want, atol=1e-5)

@@ -39,6 +39,18 @@ def test_gated_rmsnorm(activation: str) -> None:
     assert torch.allclose(got, norm(x, gate), atol=1e-5, rtol=1e-5)
 
 
+def test_gated_rmsnorm_reads_a_strided_gate() -> None:
+    """The gate as columns of a fused projection [T, P] viewed as [T, heads, D]: read in place."""
+    D, heads = 12, 3
+    norm = GatedRMSNorm(D, 1e-5, "swish").to(DEV)
+    norm.weight.data = _rand(D, seed=8)
+    proj = _rand(7, 50, seed=9)
+    gate = proj[:, 5:5 + heads * D].view(7, heads, D)
+    x = _rand(7, heads, D, seed=10)
+    got = norms.gated_rmsnorm(x, gate, norm.weight, norm.eps, "swish")
+    assert torch.allclose(got, norm(x, gate.contiguous()), atol=1e-5, rtol=1e-5)
+
+
 def test_swiglu() -> None:
     gate, up = _rand(7, 1500, seed=6), _rand(7, 1500, seed=7)
     assert torch.allclose(norms.swiglu(gate, up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)

@@ -65,26 +65,38 @@ def readout_kernel(ckpt: str, ieee: bool) -> None:
     cfg = launch_config(256, 512, 16, fp32_dot=ieee)["readout"]
 
     types = {"tiles": "*i32", "q": f"*{ckpt}", "o": "*bf16", "gamma": "*fp32", "g_on": "*fp32", "table": "*i64",
-             "ckpt": f"*{ckpt}", "y": "*fp32", "n_tiles": "i32", "W": "i32", "scale": "fp32",
+             "ckpt": f"*{ckpt}", "y": "*bf16", "n_tiles": "i32", "W": "i32", "scale": "fp32",
              **strides("s_qt", "s_qh", "s_ot", "s_oh", "s_gt", "s_gh", "s_got", "s_ch", "s_cv", "s_yt", "s_yh"),
              "s_cb": "i64"}
     check(compile_kernel(_readout_kernel, types, dict(G=1, DK=256, DV=512, BK=cfg["BK"], BV=cfg["BV"], BT=cfg["BT"],
                                                        NMAX=16, IEEE=ieee), cfg["num_warps"]))
 
 
-def conv_kernel() -> None:
-    from mcserve.kernels.prefill.triton_conv import _conv_kernel
+def conv_heads_kernel(copy32: bool) -> None:
+    """At the 1.3b preset's shapes (6 heads, dk 256, dv 512), as conv_heads_triton launches it."""
+    from mcserve.kernels.prefill.triton_conv import _conv_heads_kernel, launch_config
 
-    types = {"ext": "*bf16", "tok_rows": "*i64", "w": "*fp32", "b": "*fp32", "y": "*bf16", "T": "i32", "D": "i32",
-             "s_e": "i32", "s_y": "i32"}
-    check(compile_kernel(_conv_kernel, types, dict(W=4, BT=32, BD=128, HAS_BIAS=False)))
+    cfg = launch_config(256)
+    types = {"raw": "*bf16", "s_r": "i32", "prev": "*bf16", "s_pn": "i32", "s_pd": "i32", "tok_seq": "*i32",
+             "tok_off": "*i32", "w": "*fp32", "b": "*fp32", "q": "*bf16", "k": "*bf16", "v": "*bf16", "q32": "*fp32",
+             "k32": "*fp32", "T": "i32", "KD": "i32", "VD": "i32"}
+    check(compile_kernel(_conv_heads_kernel, types, dict(W=4, H=6, DK=256, BT=cfg["BT"], BD=cfg["BD"], HAS_BIAS=False,
+                                                         COPY32=copy32), cfg["num_warps"]))
+
+
+def piece_sums_kernel() -> None:
+    from mcserve.kernels.prefill.triton_keys import _piece_sums_kernel
+
+    types = {"k": "*bf16", "s_kt": "i32", "s_kh": "i32", "pieces": "*i32", "n_pieces": "i32", "out": "*fp32",
+             "s_op": "i32", "s_oh": "i32"}
+    check(compile_kernel(_piece_sums_kernel, types, dict(DK=256, MAXLEN=256, BT=32, BK=256), 8))
 
 
 def norm_kernels(bd: int, gate: int) -> None:
     from mcserve.kernels.triton_norms import _rmsnorm_kernel, _swiglu_kernel
 
     types = {"x": "*bf16", "w": "*bf16", "gate": "*bf16", "y": "*bf16", "R": "i32", "D": "i32", "eps": "fp32",
-             **strides("s_x", "s_g", "s_y")}
+             "GH": "i32", **strides("s_x", "s_g", "s_y")}
     check(compile_kernel(_rmsnorm_kernel, types, dict(BR=max(1, 4096 // bd), BD=bd, GATE=gate)))
     check(compile_kernel(_swiglu_kernel, {"gate": "*bf16", "up": "*bf16", "y": "*bf16", "N": "i32"}, dict(BN=1024)))
 
@@ -93,7 +105,8 @@ VARIANTS = {
     **{f"router agg={a} nmax={n}": (router_kernel, (a, n)) for a, n in [(2, 16), (1, 64), (0, 16), (2, 256)]},
     "readout bf16": (readout_kernel, ("bf16", False)),
     "readout fp32": (readout_kernel, ("fp32", True)),
-    "conv": (conv_kernel, ()),
+    **{f"conv heads copy32={c}": (conv_heads_kernel, (c,)) for c in (False, True)},
+    "piece sums": (piece_sums_kernel, ()),
     **{f"norm D={d} gate={g}": (norm_kernels, (d, g)) for d, g in [(2048, 0), (512, 1), (512, 2)]},
 }
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mcserve.server.model.batched_prefill import PrefillInput
+from mcserve.server.model.layers import fuse_linears
 from tests.server.model.helpers import VOCAB, as_dtype, rel_err, tiny_model
 
 AGGS = ["none", "residual", "grm", "soup", "ssc"]
@@ -138,25 +139,52 @@ def test_logits_only_where_asked_and_weights_per_table_entry() -> None:
     assert torch.allclose(utility, want)
 
 
-def test_every_triton_piece_in_the_model_equals_the_torch_path() -> None:
-    """The CUDA path's kernels (Triton readout, conv, norms; the core stays torch: fla needs a GPU) plugged
-    into `prefill_batch`, run by Triton's interpreter on CPU: the same logits as the torch path."""
+def _interpreted_kernels():
+    """The CUDA path's kernels (Triton readout, fused conv + q/k norms, segment-key sums, norms, residual
+    add + norm, SwiGLU; the core stays torch: fla needs a GPU), run by Triton's interpreter on CPU."""
     import os
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     norms = pytest.importorskip("mcserve.kernels.triton_norms")
+    from mcserve.kernels import triton_step
     from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels
     from mcserve.kernels.prefill.triton import readout_triton
-    from mcserve.kernels.prefill.triton_conv import short_conv_triton
+    from mcserve.kernels.prefill.triton_conv import conv_heads_triton
+    from mcserve.kernels.prefill.triton_keys import piece_sums_triton
 
-    kernels = PrefillKernels("interpreted", TORCH_KERNELS.core, readout_triton, short_conv_triton, norms.rmsnorm,
-                             norms.gated_rmsnorm, norms.swiglu)
-    model = as_dtype(tiny_model({"aggregation": "ssc", "segment_size": 4, "top_k": 2}, seed=9), torch.float32)
-    lens, top_k = [11, 6], [2, 1]
+    return PrefillKernels("interpreted", TORCH_KERNELS.core, readout_triton, TORCH_KERNELS.conv, norms.rmsnorm,
+                          norms.gated_rmsnorm, norms.swiglu, conv_heads_triton, triton_step.add_rmsnorm,
+                          triton_step.swiglu_fused, piece_sums_triton)
+
+
+@pytest.mark.parametrize("mc", [{"aggregation": "ssc", "top_k": 2}, {"aggregation": "none"},
+                                {"aggregation": "grm", "router": "learned"},
+                                {"aggregation": "ssc", "top_k": 1, "state_init": "reset", "router": "learned"}])
+def test_every_triton_piece_in_the_model_equals_the_torch_path(mc: dict) -> None:
+    """`prefill_batch` with the fused CUDA glue (one input matmul, conv + SiLU + q/k norms from the raw
+    projections and the slots' conv states, fused residual norms) equals the torch path: logits, slot
+    states, conv states and every checkpoint written; chunks of one token (conv taps reach into the
+    state), sequences at different positions, a hole. The weights end up fused, values unchanged."""
+    kernels = _interpreted_kernels()
+    model = as_dtype(tiny_model({"segment_size": 4, **mc}, seed=9, num_v_heads=4), torch.float32)
+    ref_model = as_dtype(model, torch.float32)
+    lens, top_k = [11, 6, 9, 2], [2, 1, 2, 2]
     seqs = _seqs(10, lens)
-    steps = schedule(model, lens, chunk=[2, 1], stagger=1, holes={})
-    want, *_ = run_batched(model, seqs, steps, top_k)
-    got, *_ = run_batched(model, seqs, steps, top_k, kernels=kernels)
+    steps = schedule(model, lens, chunk=[2, 1, 2, 1], stagger=1, holes={2: {0}})
+    want, st_w, ck_w, _ = run_batched(ref_model, seqs, steps, top_k)
+    got, st_g, ck_g, _ = run_batched(model, seqs, steps, top_k, kernels=kernels)
     for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) < 1e-5
+    for name in ("ssm", "key_sum", "conv"):
+        assert torch.allclose(getattr(st_g, name)[:, 1:5], getattr(st_w, name)[:, 1:5], atol=1e-5)
+    written = [b for p in steps for *_, w in p for b in w]
+    for name in ("ssm", "key", "conv"):
+        assert torch.allclose(getattr(ck_g, name)[written], getattr(ck_w, name)[written], atol=1e-5)
+    attn = model.model.layers[0].attn
+    fused = attn.q_proj.weight.untyped_storage().data_ptr()
+    assert attn.a_proj.weight.untyped_storage().data_ptr() == fused  # views of one weight
+    assert torch.equal(attn.a_proj.weight, ref_model.model.layers[0].attn.a_proj.weight)
+    again = fuse_linears(attn.in_linears())  # what the next step's call does: no copy
+    assert again.data_ptr() == attn.q_proj.weight.data_ptr()
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == fused
