@@ -172,7 +172,7 @@ def launch_config(dk: int, dv: int, nmax: int, fp32_dot: bool) -> dict[str, dict
     router's [BT, NMAX] scores stay in registers. tests/kernels/test_triton_compile.py compiles these
     for sm_90 at the served shapes and checks that ptxas spills nothing."""
     bt = max(16, min(64, 4096 // nmax))
-    return {"router": dict(BT=bt, BK=16, num_warps=8),
+    return {"router": dict(BT=bt, BK=32, num_warps=8),
             "readout": dict(BT=bt, BK=min(32 if fp32_dot else 64, _pow2(dk)), BV=min(64, _pow2(dv)),
                             num_warps=8 if fp32_dot else 4)}
 
