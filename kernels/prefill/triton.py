@@ -11,7 +11,9 @@ tile see the same memories: table[seq, :segment]. Two kernels per layer:
    and adds each table entry's router weight into `weights` [n, W] (atomics).
 2. `_readout_kernel`, grid (tiles, HV, dv / BV): y = gamma_online * o + sum over the memories some row
    of the tile chose of gamma * (C_i q), each chosen checkpoint read once per tile straight from the
-   pool (bf16 on the GPU: a bf16 tensor-core dot with fp32 accumulation), never copied.
+   pool (bf16 on the GPU: a bf16 tensor-core dot with fp32 accumulation), never copied. Where SSC's
+   tokens see many more memories than k (that union then grows with them), triton_grouped.py's
+   readout instead, grouped by checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import triton
 import triton.language as tl
 
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.prefill.triton_grouped import readout_grouped, use_grouped
 from mcserve.kernels.prefill.varlen import VarlenBatch, to_device
 
 _AGG = {"residual": 0, "grm": 1, "soup": 1, "ssc": 2}  # soup equals grm for linear memory
@@ -214,7 +217,9 @@ def readout_triton(
     tiles = batch.memo(("triton_tiles", bt), lambda: _tiles(batch, bt))
     n_tiles = tiles.shape[1]
     key_sum0 = key_sum0.float().contiguous()
-    gamma = torch.empty(T, H, W, dtype=torch.float32, device=o.device)
+    grouped = use_grouped(batch, spec.aggregation)
+    # the grouped readout picks every token's choices from whole rows: columns a token does not see are 0
+    gamma = (torch.zeros if grouped else torch.empty)(T, H, W, dtype=torch.float32, device=o.device)
     g_on = torch.empty(T, H, dtype=torch.float32, device=o.device)
     y = torch.empty(T, HV, dv, dtype=o.dtype, device=o.device)
     table = batch.table.contiguous()
@@ -229,6 +234,8 @@ def readout_triton(
         num_warps=cfg["router"]["num_warps"],
     )
     qc = q if ieee else q.to(ckpt_pool.dtype)  # the dot's input dtype, converted once for all memories
+    if grouped:
+        return readout_grouped(o, qc, gamma, g_on, batch, ckpt_pool, ieee)
     bv = cfg["readout"]["BV"]
     _readout_kernel[(n_tiles, HV, triton.cdiv(dv, bv))](
         tiles, qc, o, gamma, g_on, table, ckpt_pool, y,

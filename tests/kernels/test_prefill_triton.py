@@ -162,3 +162,19 @@ def test_piece_sums_match_index_add(dtype: torch.dtype) -> None:
                                                                                        k.double())
     got = piece_sums_triton(strided.to(DEV), VarlenBatch(case.batch.chunks, 7, DEV))
     assert got.dtype == torch.float32 and torch.allclose(got.cpu().double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_grouped_readout_for_many_memories(holes: bool) -> None:
+    """Chunks that see many more memories than k take the readout grouped by checkpoint: equal to the torch
+    readout, with tokens choosing different sets, per-chunk k (one above what some tokens see), holes, a
+    chunk starting mid-segment, boundaries inside chunks (checkpoints made in the same chunk read)."""
+    from mcserve.kernels.prefill.triton_grouped import use_grouped
+
+    spec = MCSpec("ssc", 3, top_k=2)
+    case, ins, ckpt, keys = prepared(spec, [(0, 40), (22, 41), (30, 34)], top_k=[2, 1, 5], H=2, HV=4, dk=12, dv=7,
+                                     seed=13, holes=[{1, 4}, {0}, set()] if holes else None)
+    assert use_grouped(case.batch, "ssc")
+    ref, w_ref, got, w = both(case, ins, ckpt, keys, block_t=16)
+    assert torch.allclose(got, ref, atol=2e-5, rtol=1e-4), float((got - ref).abs().max())
+    assert torch.allclose(w, w_ref, atol=1e-4)

@@ -35,6 +35,7 @@ def test_every_variant_was_compiled(report: dict[str, str]) -> None:
 @pytest.mark.parametrize("name", ["router agg=2 nmax=16", "router agg=1 nmax=64", "router agg=0 nmax=16",
                                   "router agg=2 nmax=256", "readout bf16", "readout fp32",
                                   "conv heads copy32=False", "conv heads copy32=True", "piece sums",
+                                  "grouped bf16", "grouped fp32",
                                   "norm D=2048 gate=0", "norm D=512 gate=1", "norm D=512 gate=2"])
 def test_compiles_without_spills(report: dict[str, str], name: str) -> None:
     assert report.get(name) == "ok", report.get(name)

@@ -84,6 +84,16 @@ def conv_heads_kernel(copy32: bool) -> None:
                                                          COPY32=copy32), cfg["num_warps"]))
 
 
+def grouped_kernel(ckpt: str, ieee: bool) -> None:
+    from mcserve.kernels.prefill.triton_grouped import _grouped_kernel
+
+    types = {"tile_group": "*i64", "tile_first": "*i64", "group_end": "*i64", "tok": "*i64", "gam": "*fp32",
+             "q": f"*{ckpt}", "table": "*i64", "ckpt": f"*{ckpt}", "acc": "*fp32", "n_groups": "i32", "W": "i32",
+             "scale": "fp32", **strides("s_qt", "s_qh", "s_ch", "s_cv", "s_at", "s_ah"), "s_cb": "i64"}
+    check(compile_kernel(_grouped_kernel, types, dict(H=6, G=1, DK=256, DV=512, BK=32 if ieee else 64, BV=64, BT=64,
+                                                       IEEE=ieee), 8 if ieee else 4))
+
+
 def piece_sums_kernel() -> None:
     from mcserve.kernels.prefill.triton_keys import _piece_sums_kernel
 
@@ -107,6 +117,8 @@ VARIANTS = {
     "readout fp32": (readout_kernel, ("fp32", True)),
     **{f"conv heads copy32={c}": (conv_heads_kernel, (c,)) for c in (False, True)},
     "piece sums": (piece_sums_kernel, ()),
+    "grouped bf16": (grouped_kernel, ("bf16", False)),
+    "grouped fp32": (grouped_kernel, ("fp32", True)),
     **{f"norm D={d} gate={g}": (norm_kernels, (d, g)) for d, g in [(2048, 0), (512, 1), (512, 2)]},
 }
 

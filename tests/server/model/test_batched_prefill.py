@@ -160,7 +160,8 @@ def _interpreted_kernels():
 
 @pytest.mark.parametrize("mc", [{"aggregation": "ssc", "top_k": 2}, {"aggregation": "none"},
                                 {"aggregation": "grm", "router": "learned"},
-                                {"aggregation": "ssc", "top_k": 1, "state_init": "reset", "router": "learned"}])
+                                {"aggregation": "ssc", "top_k": 1, "state_init": "reset", "router": "learned"},
+                                {"aggregation": "ssc", "segment_size": 2}])  # many memories: the grouped readout
 def test_every_triton_piece_in_the_model_equals_the_torch_path(mc: dict) -> None:
     """`prefill_batch` with the fused CUDA glue (one input matmul, conv + SiLU + q/k norms from the raw
     projections and the slots' conv states, fused residual norms) equals the torch path: logits, slot
