@@ -9,7 +9,8 @@
 3. Stages, on random core inputs (the model rows' head shapes, GVA, dk 64, dv 64, so that fla's and
    the readout's compiled kernels and autotuning are shared; segment 64, five chunks at odd positions
    and lengths: chunks that start mid-segment exercise fla.py's padding), every aggregation, both
-   state_inits: online outputs, slot states, checkpoints, MC outputs and router weights of the fast
+   state_inits (ssc at k=2 takes the readout grouped by checkpoint, a k=4 row the tile readout;
+   the model rows' ssc is grouped too): online outputs, slot states, checkpoints, MC outputs and router weights of the fast
    path vs the torch rounds, fp32 (fla computes fp32 dots as tf32 inside) and bf16 (q, k, v and the
    checkpoints in bf16).
 4. The engine (shipped default model, fp32, fp32 checkpoints): greedy tokens with the fast prefill vs
@@ -48,14 +49,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-STAGES = [(agg, init) for agg in ("none", "residual", "grm", "ssc") for init in ("continue", "reset")]
+# (aggregation, state_init, k): k=2 puts ssc through the grouped readout (chunks see up to 6 memories > 2k),
+# k=4 through the tile readout
+STAGES = [(agg, init, 2) for agg in ("none", "residual", "grm", "ssc") for init in ("continue", "reset")]
+STAGES.append(("ssc", "continue", 4))
 MODELS = [("none", "continue"), ("ssc", "continue"), ("ssc", "reset"), ("grm", "continue")]
 
 
-def stage_row(dtype: torch.dtype, agg: str, init: str) -> dict:
-    spec = MCSpec(agg, 64, top_k=2, state_init=init)
+def stage_row(dtype: torch.dtype, agg: str, init: str, k: int) -> dict:
+    spec = MCSpec(agg, 64, top_k=k, state_init=init)
     case = make_case(spec, SPANS, H=4, HV=8, dk=64, dv=64, seed=1, holes=[set(), set(), set(), {1}, set()],
-                     top_k=[2, 1, 2, 2, 2], n_blocks=32)
+                     top_k=[k, 1, k, k, k], n_blocks=32)
     batch = VarlenBatch(case.batch.chunks, 64, DEVICE)
     x = [t.to(DEVICE).float() for t in case.x]
     ck = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
@@ -75,7 +79,7 @@ def stage_row(dtype: torch.dtype, agg: str, init: str) -> dict:
     (o_t, y_t, p_t, w_t), (o_f, y_f, p_f, w_f) = out["torch"], out["fast"]
     slots = [c.slot for c in batch.chunks]
     written = [b for c in batch.chunks for b in c.write_blocks]
-    r = dict(stage=True, dtype=str(dtype), agg=agg, init=init, o=rel(o_f, o_t), y=rel(y_f, y_t),
+    r = dict(stage=True, dtype=str(dtype), agg=agg, init=init, k=k, o=rel(o_f, o_t), y=rel(y_f, y_t),
              states=rel(p_f[0][slots], p_t[0][slots]), ckpts=rel(p_f[2][written], p_t[2][written]),
              weights=rel(w_f, w_t) if spec.reads_cache else 0.0, finite=bool(torch.isfinite(y_f).all()))
     r["ok"] = r["finite"] and all(r[k] < LIMITS[dtype] for k in ("o", "y", "states", "ckpts", "weights"))
@@ -171,8 +175,8 @@ def main() -> None:
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "path": path, "rows": [],
             "skipped": []}
     jobs = [(f"model {a} {i}", lambda a=a, i=i: model_row(a, i)) for a, i in MODELS]
-    jobs += [(f"stage {dt} {a} {i}", lambda dt=dt, a=a, i=i: stage_row(dt, a, i))
-             for dt in (torch.bfloat16, torch.float32) for a, i in STAGES]
+    jobs += [(f"stage {dt} {a} {i} k={k}", lambda dt=dt, a=a, i=i, k=k: stage_row(dt, a, i, k))
+             for dt in (torch.bfloat16, torch.float32) for a, i, k in STAGES]
     jobs.append(("engine", engine_row))
     for name, job in jobs:
         if time.perf_counter() - t0 > args.budget_s:
