@@ -20,7 +20,14 @@ from mcserve.kernels.gates import gdn_gates
 from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels, batched_mc_gdn
 from mcserve.kernels.prefill.varlen import PackedChunk, VarlenBatch, to_device
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
-from mcserve.server.model.layers import GatedDeltaNetAttention, GatedMLP, GatedRMSNorm, RMSNorm, fuse_linears
+from mcserve.server.model.layers import (
+    GatedDeltaNetAttention,
+    GatedDeltaNetBlock,
+    GatedMLP,
+    GatedRMSNorm,
+    RMSNorm,
+    fuse_linears,
+)
 
 if TYPE_CHECKING:
     from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
@@ -193,7 +200,9 @@ def prefill_batch(
     return BatchedPrefillOutput(_chunk_logits(model, x, chunks, batch.cu), ids, weights)
 
 
-def _torch_layer(model, li, block, x, batch, states, ckpts, kernels, w):
+def _torch_layer(model: MCGatedDeltaNetForCausalLM, li: int, block: GatedDeltaNetBlock, x: torch.Tensor,
+                 batch: VarlenBatch, states: StateSlots, ckpts: CheckpointBlocks, kernels: PrefillKernels,
+                 w: torch.Tensor | None) -> torch.Tensor:
     """One layer with the model's torch modules around the core (and kernels.conv): x [T, d] -> x."""
     attn, sd = block.attn, model.state_dtype
     w1 = attn.cfg.conv_width
@@ -210,7 +219,9 @@ def _torch_layer(model, li, block, x, batch, states, ckpts, kernels, w):
     return x + _mlp(block.mlp, _norm(block.mlp_norm, x, kernels), kernels)
 
 
-def _fused_layer(model, li, block, x, h, nxt, batch, states, ckpts, kernels, w):
+def _fused_layer(model: MCGatedDeltaNetForCausalLM, li: int, block: GatedDeltaNetBlock, x: torch.Tensor,
+                 h: torch.Tensor, nxt: RMSNorm | None, batch: VarlenBatch, states: StateSlots, ckpts: CheckpointBlocks,
+                 kernels: PrefillKernels, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One layer with fused kernels: one input matmul (q k v a b, gate, router), conv + SiLU + the q, k
     norms in one kernel, residual adds fused with the next norm. (x, h = attn_norm(x)) -> (x', h' =
     nxt(x')); nxt None (the last layer): h' None, the final norm is the logits'."""

@@ -10,9 +10,9 @@
    the readout's compiled kernels and autotuning are shared; segment 64, five chunks at odd positions
    and lengths: chunks that start mid-segment exercise fla.py's padding), every aggregation, both
    state_inits (ssc at k=2 takes the readout grouped by checkpoint, a k=4 row the tile readout;
-   the model rows' ssc is grouped too): online outputs, slot states, checkpoints, MC outputs and router weights of the fast
-   path vs the torch rounds, fp32 (fla computes fp32 dots as tf32 inside) and bf16 (q, k, v and the
-   checkpoints in bf16).
+   the model rows' ssc is grouped too): online outputs, slot states, checkpoints, MC outputs and
+   router weights of the fast path vs the torch rounds, fp32 (fla computes fp32 dots as tf32 inside)
+   and bf16 (q, k, v and the checkpoints in bf16).
 4. The engine (shipped default model, fp32, fp32 checkpoints): greedy tokens with the fast prefill vs
    the torch prefill (reported; fla's tf32 may flip a near-tie).
 Every row prints its seconds; a row that would start after --budget-s is skipped and listed as
