@@ -15,8 +15,9 @@
    and bf16 (q, k, v and the checkpoints in bf16).
 4. The engine (shipped default model, fp32, fp32 checkpoints): greedy tokens with the fast prefill vs
    the torch prefill (reported; fla's tf32 may flip a near-tie).
-Every row prints its seconds; a row that would start after --budget-s is skipped and listed as
-skipped (the JSON is written after every row). Exits non-zero when 1-3 fail.
+Rows run in the order 2, 4, 3 (the model and the engine first). Every row prints its seconds; a row
+that would start after --budget-s is skipped and listed as skipped (the JSON is written after every
+row). Exits non-zero when 1-3 fail.
 """
 
 from __future__ import annotations
@@ -175,9 +176,9 @@ def main() -> None:
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "path": path, "rows": [],
             "skipped": []}
     jobs = [(f"model {a} {i}", lambda a=a, i=i: model_row(a, i)) for a, i in MODELS]
+    jobs.append(("engine", engine_row))
     jobs += [(f"stage {dt} {a} {i} k={k}", lambda dt=dt, a=a, i=i, k=k: stage_row(dt, a, i, k))
              for dt in (torch.bfloat16, torch.float32) for a, i, k in STAGES]
-    jobs.append(("engine", engine_row))
     for name, job in jobs:
         if time.perf_counter() - t0 > args.budget_s:
             info["skipped"].append(name)
