@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,13 @@ class Cells:
         self.skipped: list[str] = []
         self.fla_fn, self.fla_status = _fla()
         self._pools: dict[str, dict] = {}
+        self.slots = max(cfg["batches"] + [cfg["sdpa_batch"]])  # state slots per pool
         self.gen = torch.Generator(device=device).manual_seed(0)
 
     # ---- timing ----
     def bench(self, fn) -> float:
-        """Median milliseconds of fn (CUDA: triton's do_bench, L2 flushed between runs)."""
+        """Median milliseconds of one eager call of fn (CUDA: triton's do_bench, L2 flushed between runs):
+        what a step costs launched from Python, the host's launch work included."""
         if self.dev.type == "cuda":
             import triton.testing  # noqa: PLC0415
 
@@ -57,6 +60,37 @@ class Cells:
             times.append(time.perf_counter() - t)
         return 1e3 * statistics.median(times)
 
+    def graph_bench(self, make, n: int) -> float | None:
+        """Median milliseconds per call of the n calls make(0) .. make(n-1) captured back to back in one
+        CUDA graph and replayed (CUDA events), as the engine replays its decode step: no host launch
+        floor. None off CUDA. The calls touch different slots and blocks, so the graph does not run
+        from L2."""
+        if self.dev.type != "cuda":
+            return None
+        fns = [make(i) for i in range(n)]
+        fns[0]()  # compile, autotune (fla), grow the kernels' scratch buffers: nothing of that in a capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for fn in fns:
+                fn()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(5):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        del graph
+        return statistics.median(times) / len(fns)
+
+    def launches(self, B: int) -> int:
+        """Calls per captured graph: at least 20, and enough that a small batch cycles through every
+        state slot of the pool (B=1 at shape a: 256 calls over 256 MiB of state, 5x the L2)."""
+        return max(20, min(256, -(-self.slots // B)))
+
     def late(self, label: str, deadline: float | None = None) -> bool:
         if time.monotonic() > min(self.deadline, deadline or math.inf):
             self.skipped.append(label)
@@ -67,9 +101,16 @@ class Cells:
         """One progress line per timed cell (the first call of a config includes its Triton compile)."""
         where = (f"{r['path']} B={r['B']} context={r['len']}" if "len" in r else
                  f"{r['path']} {r['shape']} B={r['B']} {r['agg']} k={r['k']} N={r['N']}")
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {where} {r.get('config', '')}: {r['ms']:.4f} ms "
-              f"{r['gbps']:.0f} GB/s", flush=True)
+        eager = f"eager {r['ms']:.4f} ms" if r["ms"] is not None else "eager -"
+        graph = f"graph {r['graph_ms']:.4f} ms {r['graph_gbps']:.0f} GB/s" if r["graph_ms"] is not None else "graph -"
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {where} {r.get('config', '')}: {eager}, {graph}", flush=True)
         return r
+
+    @staticmethod
+    def row(path: str, ms: float | None, graph_ms: float | None, nbytes: int, **what) -> dict:
+        """A timed cell: eager and graph-replay milliseconds, the bytes it must move, GB/s of each."""
+        return dict(path=path, **what, ms=ms, graph_ms=graph_ms, bytes=nbytes,
+                    gbps=nbytes / ms / 1e6 if ms else None, graph_gbps=nbytes / graph_ms / 1e6 if graph_ms else None)
 
     def copy_bandwidth(self) -> float:
         n = (1 << 30 if self.dev.type == "cuda" else 1 << 24) // 4
@@ -89,13 +130,16 @@ class Cells:
             H, HV, dk, dv = s["H"], s["HV"], s["dk"], s["dv"]
             per_block = HV * dv * dk * 2
             P = max(self.cfg["cached"] * 4, self.cfg["pool_bytes"] // per_block)
-            slots = max(self.cfg["batches"] + [self.cfg["sdpa_batch"]])
             self._pools[name] = dict(
                 P=P, ckpt=self.rand(P, HV, dv, dk, dtype=BF16, scale=0.05),
                 keys=F.normalize(self.rand(P, H, dk), dim=-1),
-                state=self.rand(slots, HV, dv, dk, scale=0.05), key_sum=self.rand(slots, H, dk),
+                state=self.rand(self.slots, HV, dv, dk, scale=0.05), key_sum=self.rand(self.slots, H, dk),
                 utility=torch.zeros(P, device=self.dev))
         return self._pools[name]
+
+    def memory(self, name: str, s: dict) -> LayerMemory:
+        p = self.pools(name, s)
+        return LayerMemory(p["state"], p["key_sum"], p["ckpt"], p["keys"], None, p["utility"])
 
     def inputs(self, s: dict, B: int) -> tuple:
         H, HV, dk, dv = s["H"], s["HV"], s["dk"], s["dv"]
@@ -103,73 +147,88 @@ class Cells:
                 self.rand(B, HV, dtype=BF16), self.rand(B, HV, dtype=BF16), self.rand(B, H, dk, dtype=BF16),
                 self.rand(HV, scale=0.5), self.rand(HV, scale=0.5))
 
-    def step(self, name: str, s: dict, B: int, N: int, boundary_row: bool = False):
-        """(batch, memory) of B rows at position N*C + 17 with N random cached blocks each."""
-        p = self.pools(name, s)
-        table = torch.randint(0, p["P"] - B, (B, N), device=self.dev, generator=self.gen)
+    def window(self, B: int, i: int) -> slice:
+        """The state slots of a graph's i-th call: consecutive windows of B slots, round the pool."""
+        w = i % max(1, self.slots // B)
+        return slice(w * B, (w + 1) * B)
+
+    def batch(self, name: str, s: dict, B: int, N: int, i: int = 0, boundary_row: bool = False,
+              top_k_max: int | None = None) -> DecodeBatch:
+        """B rows at position N*C + 17 in the slots of `window(B, i)`, each with N random cached blocks."""
+        P = self.pools(name, s)["P"]
+        table = torch.randint(0, P - B, (B, N), device=self.dev, generator=self.gen)
         pos = torch.full((B,), N * self.seg + 17, device=self.dev)
         writes = torch.full((B,), -1, device=self.dev)
         if boundary_row:  # row 0 ends its segment and writes into a block no table holds
-            pos[0], writes[0] = N * self.seg + self.seg - 1, p["P"] - 1
-        batch = DecodeBatch(pos, torch.arange(B, device=self.dev), table, writes,
-                            write_rows=torch.zeros(0, dtype=torch.long, device=self.dev) if not boundary_row else None)
-        return batch, LayerMemory(p["state"], p["key_sum"], p["ckpt"], p["keys"], None, p["utility"])
+            pos[0], writes[0] = N * self.seg + self.seg - 1, P - 1
+        slots = torch.arange(B, device=self.dev) + self.window(B, i).start
+        return DecodeBatch(pos, slots, table, writes, top_k_max=top_k_max,
+                           write_rows=torch.zeros(0, dtype=torch.long, device=self.dev) if not boundary_row else None)
 
     # ---- measurements ----
     def mc(self, name: str, s: dict, B: int, agg: str, k: int, N: int, config: KernelConfig | None,
-           deadline: float | None = None) -> dict | None:
+           deadline: float | None = None, eager: bool = True) -> dict | None:
+        """The Triton step, eager (unless eager=False) and under graph replay."""
         label = f"triton {name} B={B} {agg} k={k} N={N} {config}"
         if self.late(label, deadline):
             return None
         N = 0 if agg == "none" else N
-        batch, memory = self.step(name, s, B, N)
-        batch = DecodeBatch(batch.positions, batch.slots, batch.block_table, batch.write_blocks, top_k_max=max(k, 1),
-                            write_rows=batch.write_rows)
-        x = self.inputs(s, B)
+        memory, x = self.memory(name, s), self.inputs(s, B)
         spec = MCSpec(agg, self.seg, top_k=max(k, 1))
-        ms = self.bench(lambda: triton_decode_step(*x, spec=spec, batch=batch, memory=memory, out_dtype=BF16,
-                                                   config=config))
-        nbytes = mc_bytes(s, B, agg, k, N)
-        return self.log(dict(path="triton", shape=name, B=B, agg=agg, k=k, N=N, ms=ms, bytes=nbytes,
-                             gbps=nbytes / ms / 1e6, config=str(config)))
+
+        def call(i: int):
+            batch = self.batch(name, s, B, N, i, top_k_max=max(k, 1))
+            return lambda: triton_decode_step(*x, spec=spec, batch=batch, memory=memory, out_dtype=BF16,
+                                              config=config)
+
+        ms = self.bench(call(0)) if eager else None
+        graph_ms = self.graph_bench(call, self.launches(B))
+        return self.log(self.row("triton", ms, graph_ms, mc_bytes(s, B, agg, k, N), shape=name, B=B, agg=agg, k=k,
+                                 N=N, config=str(config)))
 
     def torch_path(self, name: str, s: dict, B: int, k: int, N: int) -> dict | None:
+        """The torch path, eager only (the engine serves it where there are no graphs)."""
         agg = "none" if k == 0 else "ssc"
         if self.late(f"torch {name} B={B} k={k}"):
             return None
         N = 0 if agg == "none" else N
-        batch, memory = self.step(name, s, B, N)
-        x = self.inputs(s, B)
+        batch = replace(self.batch(name, s, B, N, top_k_max=max(k, 1)), live_rows=torch.arange(B, device=self.dev))
+        memory, x = self.memory(name, s), self.inputs(s, B)
         fn = get_decode_path("torch")
         spec = MCSpec(agg, self.seg, top_k=max(k, 1))
-        batch = DecodeBatch(batch.positions, batch.slots, batch.block_table, batch.write_blocks, top_k_max=max(k, 1),
-                            write_rows=batch.write_rows, live_rows=batch.slots)
         ms = self.bench(lambda: fn(*x, spec=spec, batch=batch, memory=memory, out_dtype=BF16))
-        nbytes = mc_bytes(s, B, agg, k, N)
-        return self.log(dict(path="torch", shape=name, B=B, agg=agg, k=k, N=N, ms=ms, bytes=nbytes,
-                             gbps=nbytes / ms / 1e6))
+        return self.log(self.row("torch", ms, None, mc_bytes(s, B, agg, k, N), shape=name, B=B, agg=agg, k=k, N=N))
 
     def fla(self, name: str, s: dict, B: int) -> dict | None:
-        """fla 0.6's fused recurrent step with the same fused gates and norms, state [B, HV, dv, dk]; None (and
-        fla_status says why) when fla is missing or fails: its column is then n/a, the run goes on."""
+        """fla 0.6's fused recurrent step with the same fused gates and norms, state [B, HV, dv, dk], eager and
+        under graph replay (its calls cycle through the slots as the Triton cells do); None (and fla_status
+        says why) when fla is missing or fails: its column is then n/a, the run goes on."""
         fr = self.fla_fn
         if fr is None or self.late(f"fla {name} B={B}"):
             return None
         q, k, v, a, b, _, A_log, dt_bias = self.inputs(s, B)
-        h0 = self.pools(name, s)["state"][:B]
+        state = self.pools(name, s)["state"]
+
+        def call(i: int):
+            h0 = state[self.window(B, i)]
+            return lambda: fr(q[:, None], k[:, None], v[:, None], g=a[:, None], beta=b[:, None], initial_state=h0,
+                              output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                              A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True, state_v_first=True)
+
         try:
-            ms = self.bench(lambda: fr(q[:, None], k[:, None], v[:, None], g=a[:, None], beta=b[:, None],
-                                       initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
-                                       use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
-                                       use_beta_sigmoid_in_kernel=True, state_v_first=True))
+            ms = self.bench(call(0))
         except Exception as e:  # noqa: BLE001 (a broken fla costs its column, not the run)
             self.fla_fn, self.fla_status = None, f"failed at {name} B={B}: {type(e).__name__}: {e}"[:300]
             print("fla", self.fla_status, flush=True)
             return None
+        try:
+            graph_ms = self.graph_bench(call, self.launches(B))
+        except Exception as e:  # noqa: BLE001 (fla that cannot be captured keeps its eager column)
+            graph_ms, self.fla_status = None, f"graph capture failed at {name} B={B}: {type(e).__name__}: {e}"[:300]
+            print("fla", self.fla_status, flush=True)
         H, HV, dk, dv = s["H"], s["HV"], s["dk"], s["dv"]
         nbytes = B * (2 * 4 * HV * dv * dk + 2 * (2 * H * dk + 2 * HV * dv + 2 * HV))
-        return self.log(dict(path="fla", shape=name, B=B, agg="none", k=0, N=0, ms=ms, bytes=nbytes,
-                             gbps=nbytes / ms / 1e6))
+        return self.log(self.row("fla", ms, graph_ms, nbytes, shape=name, B=B, agg="none", k=0, N=0))
 
     def sdpa(self, s: dict, B: int, length: int) -> dict | None:
         """Flash SDPA decode: one bf16 query token over a `length`-token KV cache, the same heads."""
@@ -182,12 +241,13 @@ class Cells:
             [torch.nn.attention.SDPBackend.MATH]
         with torch.nn.attention.sdpa_kernel(backend):
             ms = self.bench(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1]))
-        nbytes = 2 * B * H * length * dk * 2
-        self.log(dict(path="sdpa", B=B, len=length, ms=ms, gbps=nbytes / ms / 1e6))
+            # one 32K cache is many times the L2, so the graph's calls may all read the same one
+            graph_ms = self.graph_bench(lambda i: lambda: F.scaled_dot_product_attention(q, kv[0], kv[1]), 20)
+        r = self.log(self.row("sdpa", ms, graph_ms, 2 * B * H * length * dk * 2, B=B, len=length))
         kv.clear()  # free the cache before the next cell
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
-        return dict(path="sdpa", B=B, len=length, ms=ms, bytes=nbytes, gbps=nbytes / ms / 1e6)
+        return r
 
     # ---- correctness ----
     def check(self, name: str, s: dict) -> dict:
@@ -196,7 +256,7 @@ class Cells:
         B, N = self.cfg["check_batch"], self.cfg["cached"]
         errors = {}
         for agg, k, n in [("none", 1, 0), ("ssc", 4, N), ("grm", 1, min(N, 16)), ("residual", 1, N)]:
-            batch, memory = self.step(name, s, B, n, boundary_row=True)
+            batch, memory = self.batch(name, s, B, n, boundary_row=True), self.memory(name, s)
             csum = None
             if agg == "residual":
                 csum = torch.empty_like(memory.state[:B])
@@ -223,7 +283,7 @@ class Cells:
     def _check_fla(self, name: str, s: dict, B: int) -> dict:
         """Triton `none` against fla's fused recurrent step in fp32."""
         fr = self.fla_fn
-        batch, memory = self.step(name, s, B, 0)
+        batch, memory = self.batch(name, s, B, 0), self.memory(name, s)
         q, k, v, a, b, _, A_log, dt_bias = self.inputs(s, B)
         h0 = memory.state[:B].clone()
         mem = LayerMemory(h0.clone(), memory.key_sum[:B].clone(), memory.ckpt, memory.ckpt_key)
@@ -237,9 +297,10 @@ class Cells:
 
     # ---- variants ----
     def sweep(self, deadline: float) -> tuple[list[dict], dict]:
-        """Time each config on a few cells of shapes a and b until `deadline`; best = lowest geometric-mean
-        time over the configs timed at every sweep batch. Each config is a Triton compile (~2 s), so the
-        lists are short: tile height x warps, more tiles per program, 1- vs 2-pass routing, grm's stages."""
+        """Time each config on a few cells of shapes a and b until `deadline` (graph replay on CUDA); best =
+        lowest geometric-mean time over the configs timed at every sweep batch. Each config is a Triton
+        compile (~2 s), so the lists are short: tile height x warps, more tiles per program, 1- vs 2-pass
+        routing, grm's stages."""
         online = [KernelConfig(8, 1), KernelConfig(16, 2), KernelConfig(32, 4), KernelConfig(8, 1, 2),
                   KernelConfig(16, 2, 2)]
         routed = [KernelConfig(8, 1, two_pass=True), KernelConfig(16, 2, two_pass=True),
@@ -259,10 +320,11 @@ class Cells:
                 times: dict[int, list[float]] = {}
                 for i, c in enumerate(configs):
                     for B in self.cfg["sweep_batches"]:
-                        r = self.mc(name, s, B, agg, k, self.cfg["cached"], c, deadline=deadline)
+                        r = self.mc(name, s, B, agg, k, self.cfg["cached"], c, deadline=deadline,
+                                    eager=self.dev.type != "cuda")
                         if r:
                             rows.append(r)
-                            times.setdefault(i, []).append(r["ms"])
+                            times.setdefault(i, []).append(r["graph_ms"] or r["ms"])
                 full = {i: t for i, t in times.items() if len(t) == len(self.cfg["sweep_batches"])}
                 if full:
                     i = min(full, key=lambda j: math.prod(full[j]))

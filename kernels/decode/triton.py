@@ -1,9 +1,10 @@
 """Fused Triton decode step of one Gated DeltaNet + Memory Caching layer for a whole batch.
 
-One program per (row, v-head, tile of BV rows of dv) holds its [BV, dk] tile of the fp32 state in
-registers from the load to the store: gates and q/k norms from the projections, the delta-rule
-update in place in the state pool (through the row's slot), the online readout, the cached readout
-of the aggregation, and at a segment boundary the checkpoint write. Each dv row of the state is
+One program per (row, v-head, tile of BV rows of dv) (or per group of a q/k head's v-heads and of
+tiles, `KernelConfig`) holds its [BV, dk] tile of the fp32 state in registers from the load to the
+store: gates and q/k norms from the projections, the delta-rule update in place in the state pool
+(through the row's slot), the online readout, the cached readout of the aggregation, and at a
+segment boundary the checkpoint write. Each dv row of the state is
 independent of the others (S[v,:] = e^g S[v,:] + beta (v_v - S[v,:] k) k^T), so tiles need no
 communication. The router (scores of the row's cached segment keys, SSC's top-k, softmax) runs per
 (row, q/k head) either inside every tile program (`two_pass=False`, one launch) or once in a
@@ -11,11 +12,13 @@ separate router launch whose [B, H, k] choices the tile programs read (`two_pass
 docs/KERNELS.md has the design and the byte count; `soup` runs as `grm` (identical for linear
 memory: reading the gamma-averaged state equals the gamma-weighted sum of the reads).
 
-`triton_decode_step` is the only caller of the kernels (`plan_decode` builds its launches).
+`triton_decode_step` is the only caller of the kernels (`plan_decode` builds its launches); its launch
+config comes from the card's swept table (`tuning.choose_config`) unless the caller gives one.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -36,47 +39,13 @@ from mcserve.kernels.decode.triton_router import (
     take,
     to_bf16,
 )
+from mcserve.kernels.decode.tuning import KernelConfig, card_of, choose_config, fallback_config
 from mcserve.kernels.mc_spec import MCSpec
 
 NONE, RESIDUAL, SSC, GRM = 0, 1, 2, 3
 AGG_CODES = {"none": NONE, "residual": RESIDUAL, "ssc": SSC, "grm": GRM, "soup": GRM}
 MAX_ENTRIES = 4096  # table width the register-resident router supports (1M tokens at C=256)
 MAX_TOP_K = 16
-
-
-@dataclass(frozen=True, slots=True)
-class KernelConfig:
-    """Launch choices that change speed, never results (beyond fp32 rounding order).
-
-    block_v: rows of dv per program (the state tile is [block_v, dk]); 0 = pick by shape.
-    num_warps: warps per tile program; 0 = pick by tile size.
-    tiles_per_program: dv tiles one program updates in turn (amortises its gates, norms and, with
-        two_pass=False, its routing over more state; fewer programs in flight).
-    two_pass: ssc/grm route in a separate launch per (row, q/k head) instead of in every program.
-    num_stages: how deep Triton pipelines grm's loop over the cached checkpoints (1 = not at all).
-    """
-
-    block_v: int = 0
-    num_warps: int = 0
-    tiles_per_program: int = 1
-    two_pass: bool = False
-    router_warps: int = 4
-    num_stages: int = 2
-
-    def __str__(self) -> str:
-        return (f"bv{self.block_v or 'auto'} w{self.num_warps or 'auto'} t{self.tiles_per_program} "
-                f"{'2-pass' if self.two_pass else '1-pass'} s{self.num_stages}")
-
-    def __post_init__(self) -> None:
-        if self.tiles_per_program < 1 or self.num_stages < 1:
-            raise ValueError(f"tiles_per_program and num_stages must be >= 1, got {self.tiles_per_program}, "
-                             f"{self.num_stages}")
-        if self.block_v and (self.block_v & (self.block_v - 1)):
-            raise ValueError(f"block_v must be a power of two, got {self.block_v}")
-        for name in ("num_warps", "router_warps"):
-            w = getattr(self, name)
-            if w and (w & (w - 1) or w > 16):
-                raise ValueError(f"{name} must be a power of two <= 16, got {w}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +56,6 @@ class Launch:
     grid: tuple[int]
     args: tuple
     options: dict
-
-
-def default_config(dk: int, dv: int, routed: bool) -> KernelConfig:
-    """Tiles of ~1-2K fp32 elements per warp (FlashInfer and fla use 8 dv rows at dk=128); routed
-    aggregations route once per (row, q/k head) in their own pass. benchmarks/kernels.py sweeps the
-    alternatives on the GPU."""
-    bk = triton.next_power_of_2(dk)
-    bv = max(1, min(triton.next_power_of_2(dv), 2048 // bk, 16))
-    return KernelConfig(block_v=bv, num_warps=1 if bv * bk <= 1024 else 2, two_pass=routed)
 
 
 @triton.jit
@@ -176,32 +136,34 @@ def _decode_kernel(
     route_blk, route_w, route_on, tickets, y, scale, N,
     C: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
     DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, TPP: tl.constexpr,
-    NP: tl.constexpr, BKC: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr,
+    HPP: tl.constexpr, NP: tl.constexpr, BKC: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr,
     BN: tl.constexpr, W: tl.constexpr, AGG: tl.constexpr, TWO_PASS: tl.constexpr, LEARNED: tl.constexpr,
     NEG_EIGVAL: tl.constexpr, RESET: tl.constexpr, HAS_WRITES: tl.constexpr, HAS_CSUM: tl.constexpr,
     HAS_UTIL: tl.constexpr, PER_ROW_K: tl.constexpr, CKPT_BF16: tl.constexpr, STAGES: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """One program per (row, v-head, group of TPP dv tiles): the per-(row, head) prologue (gates,
-    norms, routing) once, then the tiles in turn."""
+    """One program per (row, group of HPP v-heads of one q/k head, group of TPP dv tiles): the per-(row,
+    q/k head) prologue (norms, routing) once, then per v-head its gates and its tiles in turn."""
     NG: tl.constexpr = (NV + TPP - 1) // TPP  # tile groups per v-head
+    NH: tl.constexpr = G // HPP  # v-head groups per q/k head
     # scalar index math in int64 (pools of many GB); offsets inside a tile stay int32
     pid = tl.program_id(0).to(tl.int64)
     grp = pid % NG
-    hv = (pid // NG) % HV
-    row = pid // (NG * HV)
-    h = hv // G
-    y_ptr = y + (row * HV + hv) * DV
+    sub = (pid // NG) % NH
+    h = (pid // (NG * NH)) % H
+    row = pid // (NG * NH * H)
+    hv0 = h * G + sub * HPP  # this program's first v-head
     slot = tl.load(slots + row).to(tl.int64)
     if slot < 0:  # a padded row: zero output, no pool touched
-        for t in tl.static_range(TPP):
-            rows = (grp * TPP + t) * BV + tl.arange(0, BV)
-            tl.store(y_ptr + rows, tl.full([BV], 0.0, dtype=tl.float32).to(y.dtype.element_ty), mask=rows < DV)
+        for j in tl.static_range(HPP):
+            for t in tl.static_range(TPP):
+                rows = (grp * TPP + t) * BV + tl.arange(0, BV)
+                tl.store(y + (row * HV + hv0 + j) * DV + rows, tl.full([BV], 0.0, dtype=tl.float32).to(
+                    y.dtype.element_ty), mask=rows < DV)
         return
     # the first tile's loads go out before the prologue's math (its latency hides behind it)
     state_ptr = state + slot * s_st
-    v_ptr = v + row * s_vb + hv * s_vh
-    S, vv = _load_tile(state_ptr, v_ptr, grp * TPP, hv, DK, DV, BK, BV)
+    S, vv = _load_tile(state_ptr, v + row * s_vb + hv0 * s_vh, grp * TPP, hv0, DK, DV, BK, BV)
     pos = tl.load(positions + row).to(tl.int64)
     in_seg = pos % C
     boundary = in_seg == C - 1
@@ -209,14 +171,13 @@ def _decode_kernel(
     wb = tl.load(write_blocks + row).to(tl.int64) if HAS_WRITES else -1
     write = boundary & (wb >= 0)
 
-    g, beta = gates(a, b, A_log, dt_bias, row, hv, s_ab, s_bb, NEG_EIGVAL)
     q_raw, q_inv = load_unit(q + row * s_qb + h * s_qh, DK, BK)
     k_raw, k_inv = load_unit(k + row * s_kb + h * s_kh, DK, BK)
     qs = q_raw * (q_inv * scale)
     kn = k_raw * k_inv
     cols = tl.arange(0, BK)
     ks_ptr = key_sum + slot * s_ks + h * DK + cols
-    lead = (hv % G == 0) & (grp == 0)  # one program per (row, q/k head): utility, key-sum owner
+    lead = (sub == 0) & (grp == 0)  # one program per (row, q/k head): utility, key-sum owner
     t_row = table + row * s_tb
 
     # routing: gamma of the online memory, and the cached memories' blocks and weights
@@ -260,16 +221,26 @@ def _decode_kernel(
             g_on = tl.exp(r_on - mx) / z
 
     ckpt_sum_ptr = ckpt_sum + slot * s_cs
-    for t in tl.static_range(TPP):
-        if t + 1 < TPP:  # the next tile's loads go out before this tile's stores (which they may not pass)
-            S_next, v_next = _load_tile(state_ptr, v_ptr, grp * TPP + t + 1, hv, DK, DV, BK, BV)
-        _tile(S, vv, state_ptr, y_ptr, ckpt, s_ck, ckpt_sum_ptr, wb, route_blk, route_w, routed, ckpt_key, s_ckey,
-              t_row, s_te, grp * TPP + t, hv, h, g, beta, kn, qs, boundary, write, n_valid, u_ptr, u_scale, g_on,
-              sel_b, sel_w, mx, z, DK, DV, BK, BV, NP, BKC, KP, KC, BN, AGG, TWO_PASS, RESET, HAS_CSUM, CKPT_BF16,
-              STAGES, INTERPRET)
-        if t + 1 < TPP:
-            S = S_next
-            vv = v_next
+    for j in tl.static_range(HPP):
+        hv = hv0 + j
+        g, beta = gates(a, b, A_log, dt_bias, row, hv, s_ab, s_bb, NEG_EIGVAL)
+        y_ptr = y + (row * HV + hv) * DV
+        for t in tl.static_range(TPP):
+            # the next tile's loads (this v-head's next tile, or the next v-head's first) go out before
+            # this tile's stores (which they may not pass)
+            if t + 1 < TPP:
+                S_next, v_next = _load_tile(state_ptr, v + row * s_vb + hv * s_vh, grp * TPP + t + 1, hv, DK, DV,
+                                            BK, BV)
+            elif j + 1 < HPP:
+                S_next, v_next = _load_tile(state_ptr, v + row * s_vb + (hv + 1) * s_vh, grp * TPP, hv + 1, DK, DV,
+                                            BK, BV)
+            _tile(S, vv, state_ptr, y_ptr, ckpt, s_ck, ckpt_sum_ptr, wb, route_blk, route_w, routed, ckpt_key,
+                  s_ckey, t_row, s_te, grp * TPP + t, hv, h, g, beta, kn, qs, boundary, write, n_valid, u_ptr,
+                  u_scale, g_on, sel_b, sel_w, mx, z, DK, DV, BK, BV, NP, BKC, KP, KC, BN, AGG, TWO_PASS, RESET,
+                  HAS_CSUM, CKPT_BF16, STAGES, INTERPRET)
+            if t + 1 < TPP or j + 1 < HPP:
+                S = S_next
+                vv = v_next
 
     # the router weight each table entry got, once per (row, q/k head); after the tiles, so that no
     # branch stands between the routing and the checkpoint loads
@@ -293,7 +264,7 @@ def _decode_kernel(
         # ticket writes the new one (the tickets return to zero for the next launch)
         tl.debug_barrier()
         ticket = tl.atomic_add(tickets + row * H + h, 1)
-        if ticket == G * NG - 1:
+        if ticket == NH * NG - 1:
             tl.atomic_xchg(tickets + row * H + h, 0)
             store_key_sum(ks_ptr, ks, in_seg, write_blocks, row, ckpt_key, s_ckey, h, C, DK, BK, HAS_WRITES)
 
@@ -312,15 +283,7 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 
 
 def triton_decode_step(
-    q_raw: torch.Tensor,
-    k_raw: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    u_raw: torch.Tensor | None,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    *,
+    *inputs: torch.Tensor | None,
     spec: MCSpec,
     batch: DecodeBatch,
     memory: LayerMemory,
@@ -328,12 +291,13 @@ def triton_decode_step(
     out_dtype: torch.dtype | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """The decode step of `contract.DecodeFn` on the Triton kernels."""
-    if q_raw.device.type != "cuda" and not _interpreting():
+    """The decode step of `contract.DecodeFn` on the Triton kernels; `inputs` are DecodeFn's eight
+    tensors in its order (q_raw, k_raw, v, a, b, u_raw, A_log, dt_bias)."""
+    if inputs[0].device.type != "cuda" and not _interpreting():
         raise ValueError(f"the Triton decode path runs on CUDA tensors (or under TRITON_INTERPRET=1), "
-                         f"got {q_raw.device}")
-    y, launches = plan_decode(q_raw, k_raw, v, a, b, u_raw, A_log, dt_bias, spec=spec, batch=batch, memory=memory,
-                              allow_neg_eigval=allow_neg_eigval, out_dtype=out_dtype, config=config)
+                         f"got {inputs[0].device}")
+    y, launches = plan_decode(inputs, spec=spec, batch=batch, memory=memory, allow_neg_eigval=allow_neg_eigval,
+                              out_dtype=out_dtype, config=config)
     for launch in launches:
         launch.kernel[launch.grid](*launch.args, **launch.options)
     return y
@@ -356,14 +320,7 @@ def _pow2_at_most(x: int) -> int:
 
 
 def plan_decode(
-    q_raw: torch.Tensor,
-    k_raw: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    u_raw: torch.Tensor | None,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
+    inputs: tuple[torch.Tensor | None, ...],
     *,
     spec: MCSpec,
     batch: DecodeBatch,
@@ -374,6 +331,7 @@ def plan_decode(
 ) -> tuple[torch.Tensor, list[Launch]]:
     """Checks the inputs, allocates the output y [B, HV, dv] and the router pass's buffers, and
     returns y with the launches that fill it (one; two with config.two_pass for ssc/grm)."""
+    q_raw, k_raw, v, a, b, u_raw, A_log, dt_bias = inputs
     B, H, dk = q_raw.shape
     HV, dv = v.shape[1], v.shape[2]
     N = batch.block_table.shape[1]
@@ -382,28 +340,29 @@ def plan_decode(
     agg = AGG_CODES[spec.aggregation]
     if N > MAX_ENTRIES and agg >= SSC:
         raise ValueError(f"block tables wider than {MAX_ENTRIES} entries are not supported, got {N}")
-    dflt = default_config(dk, dv, routed=agg >= SSC)
-    cfg = config or dflt
-    BK = triton.next_power_of_2(dk)
-    BV = min(cfg.block_v or dflt.block_v, triton.next_power_of_2(dv))
-    warps = cfg.num_warps or dflt.num_warps
-    NV = triton.cdiv(dv, BV)
-    TPP = max(1, min(cfg.tiles_per_program, NV))
-    NP = max(16, triton.next_power_of_2(max(N, 1)))
-    budget = 2048 * warps  # fp32 elements of one temporary tile (~64 registers per thread)
     K = 1
     if agg == SSC:
         K = batch.top_k_max or (spec.top_k if batch.top_k is None else int(batch.top_k.max()))
         if K > MAX_TOP_K:
             raise ValueError(f"top_k up to {MAX_TOP_K} is supported (use grm beyond), got {K}")
         K = max(1, min(K, N))
+    dev = q_raw.device
+    cfg = config or choose_config(card_of(dev), H, HV, dk, dv, spec.aggregation, K, B)
+    dflt = fallback_config(dk, dv, routed=agg >= SSC)  # fills a config's 0 = "by shape" fields
+    BK = triton.next_power_of_2(dk)
+    BV = min(cfg.block_v or dflt.block_v, triton.next_power_of_2(dv))
+    warps = cfg.num_warps or dflt.num_warps
+    NV = triton.cdiv(dv, BV)
+    TPP = max(1, min(cfg.tiles_per_program, NV))
+    HPP = math.gcd(cfg.heads_per_program, HV // H)
+    NP = max(16, triton.next_power_of_2(max(N, 1)))
+    budget = 2048 * warps  # fp32 elements of one temporary tile (~64 registers per thread)
     KP = triton.next_power_of_2(K)
     KC = max(1, min(KP, _pow2_at_most(budget // (BV * BK))))
     BN = max(1, min(NP, _pow2_at_most(budget // (BV * BK))))
     BKC = max(1, min(BK, _pow2_at_most(budget // NP)))
     two_pass = cfg.two_pass and agg >= SSC
     W = KP if agg == SSC else NP
-    dev = q_raw.device
 
     y = torch.empty(B, HV, dv, dtype=out_dtype or memory.state.dtype, device=dev)
     route_blk = route_w = route_on = tickets = None
@@ -430,7 +389,7 @@ def plan_decode(
             batch.write_blocks, batch.top_k, m.key_sum, m.key_sum.stride(0), m.ckpt_key, m.ckpt_key.stride(0),
             m.utility, route_blk, route_w, route_on, N), dict(num_warps=cfg.router_warps, **flags)))
     cs = m.ckpt_sum if m.ckpt_sum is not None else m.state
-    launches.append(Launch(_decode_kernel, (B * HV * triton.cdiv(NV, TPP),), (
+    launches.append(Launch(_decode_kernel, (B * (HV // HPP) * triton.cdiv(NV, TPP),), (
         q_raw, k_raw, v, a, b, uu, A_log, dt_bias,
         q_raw.stride(0), q_raw.stride(1), k_raw.stride(0), k_raw.stride(1), v.stride(0), v.stride(1),
         a.stride(0), b.stride(0), uu.stride(0), uu.stride(1),
@@ -438,8 +397,8 @@ def plan_decode(
         m.state, m.state.stride(0), m.key_sum, m.key_sum.stride(0), m.ckpt, m.ckpt.stride(0),
         m.ckpt_key, m.ckpt_key.stride(0), cs, cs.stride(0), m.utility,
         route_blk, route_w, route_on, tickets, y, dk**-0.5, N), dict(
-        G=HV // H, HV=HV, DV=dv, BV=BV, NV=NV, TPP=TPP, KC=KC, BN=BN, TWO_PASS=two_pass, NEG_EIGVAL=allow_neg_eigval,
-        RESET=spec.reset, HAS_CSUM=m.ckpt_sum is not None, CKPT_BF16=m.ckpt.dtype == torch.bfloat16,
-        STAGES=cfg.num_stages, INTERPRET=_interpreting(),
+        G=HV // H, HV=HV, DV=dv, BV=BV, NV=NV, TPP=TPP, HPP=HPP, KC=KC, BN=BN, TWO_PASS=two_pass,
+        NEG_EIGVAL=allow_neg_eigval, RESET=spec.reset, HAS_CSUM=m.ckpt_sum is not None,
+        CKPT_BF16=m.ckpt.dtype == torch.bfloat16, STAGES=cfg.num_stages, INTERPRET=_interpreting(),
         num_warps=warps, **flags)))
     return y, launches

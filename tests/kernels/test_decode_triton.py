@@ -89,16 +89,20 @@ def test_step_matches_torch_path(agg, two_pass, learned, neg, init, top_k, monke
         assert gained.any() and not gained[[10, 13, 14, 15, 20]].any()
 
 
-@pytest.mark.parametrize("agg,two_pass,tiles", [("ssc", False, 1), ("ssc", False, 2), ("grm", True, 2)])
-def test_partial_dv_tiles(agg: str, two_pass: bool, tiles: int) -> None:
+@pytest.mark.parametrize("agg,two_pass,tiles,heads", [
+    ("ssc", False, 1, 1), ("ssc", False, 2, 1), ("grm", True, 2, 1), ("ssc", False, 2, 2), ("residual", False, 1, 2),
+    ("grm", True, 1, 2)])
+def test_partial_dv_tiles(agg: str, two_pass: bool, tiles: int, heads: int) -> None:
     """dv=40 in tiles of 16 (the last one partial; with 2 tiles per program the second group has one
     tile past dv): several programs per v-head share each (row, head)'s key sum, which the last of
-    them (by ticket) writes when routing runs in every program."""
+    them (by ticket) writes when routing runs in every program. heads=2: one program updates both
+    v-heads of its q/k head (HV = 2H), so a q/k head's programs are fewer and each routes once."""
     spec = MCSpec(agg, C, top_k=3)
-    case = make_case(spec, [ROWS[0], ROWS[2], ROWS[3]], **SHAPE, seed=3, learned=False)
+    case = make_case(spec, [ROWS[0], ROWS[2], ROWS[3]], **SHAPE, seed=3 + heads, learned=False)
     mine, ref = case.clone(DEVICE), case.clone()
-    cfg = KernelConfig(block_v=16, num_warps=1, tiles_per_program=tiles, two_pass=two_pass)
-    for _ in range(2 if tiles == 1 and not two_pass else 1):  # a second launch finds the tickets back at zero
+    cfg = KernelConfig(block_v=16, num_warps=1, tiles_per_program=tiles, heads_per_program=heads, two_pass=two_pass)
+    for _ in range(2 if tiles * heads == 1 or (agg == "ssc" and heads == 2) else 1):
+        # a second launch finds the tickets back at zero
         y = run("triton", mine, spec, cfg)
         y_ref = run("torch", ref, spec)
         torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
