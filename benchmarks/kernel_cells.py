@@ -1,5 +1,6 @@
-"""The cells of benchmarks/kernels.py: random pools per shape, one timed measurement per call, the byte
-count each measurement is judged by, correctness checks and the variant sweep."""
+"""The cells of benchmarks/kernels.py and benchmarks/kernel_sweep.py: the shapes, random pools per shape,
+one timed measurement per call (eager and CUDA-graph replay), the byte count each measurement is judged
+by, and the correctness checks."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ import torch.nn.functional as F
 
 from mcserve.kernels.decode import DecodeBatch, LayerMemory, get_decode_path
 from mcserve.kernels.decode.residual import rebuild_ckpt_sum
-from mcserve.kernels.decode.triton import KernelConfig, triton_decode_step
+from mcserve.kernels.decode.triton import triton_decode_step
+from mcserve.kernels.decode.tuning import KernelConfig, card_of, choose_config
 from mcserve.kernels.mc_spec import MCSpec
 
 BF16 = torch.bfloat16
+SEG = 256  # segment size C
+SHAPES = {"a": dict(H=16, HV=16, dk=128, dv=128), "b": dict(H=6, HV=6, dk=256, dv=512),
+          "c": dict(H=16, HV=32, dk=128, dv=128)}
+SMOKE_SHAPES = {"a": dict(H=2, HV=4, dk=24, dv=40)}  # odd sizes, grouped v-heads: CPU under the interpreter
 
 
 def mc_bytes(s: dict, B: int, agg: str, k: int, N: int, out_bytes: int = 2) -> int:
@@ -35,13 +41,15 @@ def mc_bytes(s: dict, B: int, agg: str, k: int, N: int, out_bytes: int = 2) -> i
 
 
 class Cells:
-    def __init__(self, device: torch.device, cfg: dict, seg: int, deadline: float) -> None:
-        self.dev, self.cfg, self.seg, self.deadline = device, cfg, seg, deadline
+    def __init__(self, device: torch.device, cfg: dict, seg: int, deadline: float, quiet: bool = False) -> None:
+        self.dev, self.cfg, self.seg, self.deadline, self.quiet = device, cfg, seg, deadline, quiet
         self.t0 = time.monotonic()
         self.skipped: list[str] = []
         self.fla_fn, self.fla_status = _fla()
         self._pools: dict[str, dict] = {}
-        self.slots = max(cfg["batches"] + [cfg["sdpa_batch"]])  # state slots per pool
+        self.slots = max(cfg["batches"] + [cfg.get("sdpa_batch", 1)])  # state slots per pool
+        self._tables: dict[tuple, torch.Tensor] = {}
+        self.graph_reps = 5  # timed replays per graph (the median is reported)
         self.gen = torch.Generator(device=device).manual_seed(0)
 
     # ---- timing ----
@@ -52,13 +60,10 @@ class Cells:
             import triton.testing  # noqa: PLC0415
 
             return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+        fn()  # off CUDA (the interpreter's smoke runs) one timed call after a warm-up is enough
+        t = time.perf_counter()
         fn()
-        times = []
-        for _ in range(2):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return 1e3 * statistics.median(times)
+        return 1e3 * (time.perf_counter() - t)
 
     def graph_bench(self, make, n: int) -> float | None:
         """Median milliseconds per call of the n calls make(0) .. make(n-1) captured back to back in one
@@ -77,7 +82,7 @@ class Cells:
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times = []
-        for _ in range(5):
+        for _ in range(self.graph_reps):
             start.record()
             graph.replay()
             end.record()
@@ -88,8 +93,8 @@ class Cells:
 
     def launches(self, B: int) -> int:
         """Calls per captured graph: at least 20, and enough that a small batch cycles through every
-        state slot of the pool (B=1 at shape a: 256 calls over 256 MiB of state, 5x the L2)."""
-        return max(20, min(256, -(-self.slots // B)))
+        state slot of the pool (B=1 at shape a: 128 calls over 128 MiB of state, 2.5x the L2)."""
+        return max(20, min(128, -(-self.slots // B)))
 
     def late(self, label: str, deadline: float | None = None) -> bool:
         if time.monotonic() > min(self.deadline, deadline or math.inf):
@@ -98,7 +103,10 @@ class Cells:
         return False
 
     def log(self, r: dict) -> dict:
-        """One progress line per timed cell (the first call of a config includes its Triton compile)."""
+        """One progress line per timed cell unless quiet (the first call of a config includes its Triton
+        compile)."""
+        if self.quiet:
+            return r
         where = (f"{r['path']} B={r['B']} context={r['len']}" if "len" in r else
                  f"{r['path']} {r['shape']} B={r['B']} {r['agg']} k={r['k']} N={r['N']}")
         eager = f"eager {r['ms']:.4f} ms" if r["ms"] is not None else "eager -"
@@ -137,9 +145,13 @@ class Cells:
                 utility=torch.zeros(P, device=self.dev))
         return self._pools[name]
 
-    def memory(self, name: str, s: dict) -> LayerMemory:
+    def memory(self, name: str, s: dict, residual: bool = False) -> LayerMemory:
+        """The shape's pools as one layer's memory; with `residual` also a random checkpoint-sum pool."""
         p = self.pools(name, s)
-        return LayerMemory(p["state"], p["key_sum"], p["ckpt"], p["keys"], None, p["utility"])
+        if residual and "ckpt_sum" not in p:
+            p["ckpt_sum"] = self.rand(*p["state"].shape, scale=0.05)
+        return LayerMemory(p["state"], p["key_sum"], p["ckpt"], p["keys"], p["ckpt_sum"] if residual else None,
+                           p["utility"])
 
     def inputs(self, s: dict, B: int) -> tuple:
         H, HV, dk, dv = s["H"], s["HV"], s["dk"], s["dv"]
@@ -156,7 +168,10 @@ class Cells:
               top_k_max: int | None = None) -> DecodeBatch:
         """B rows at position N*C + 17 in the slots of `window(B, i)`, each with N random cached blocks."""
         P = self.pools(name, s)["P"]
-        table = torch.randint(0, P - B, (B, N), device=self.dev, generator=self.gen)
+        key = (name, B, N, i)
+        if key not in self._tables:  # the same tables for every config timed at this (shape, B, N)
+            self._tables[key] = torch.randint(0, P - B, (B, N), device=self.dev, generator=self.gen)
+        table = self._tables[key]
         pos = torch.full((B,), N * self.seg + 17, device=self.dev)
         writes = torch.full((B,), -1, device=self.dev)
         if boundary_row:  # row 0 ends its segment and writes into a block no table holds
@@ -168,12 +183,22 @@ class Cells:
     # ---- measurements ----
     def mc(self, name: str, s: dict, B: int, agg: str, k: int, N: int, config: KernelConfig | None,
            deadline: float | None = None, eager: bool = True) -> dict | None:
-        """The Triton step, eager (unless eager=False) and under graph replay."""
+        """The Triton step, eager (unless eager=False) and under graph replay; config None: the one the
+        wrapper chooses (the card's table, else the fallback), named in the row."""
         label = f"triton {name} B={B} {agg} k={k} N={N} {config}"
         if self.late(label, deadline):
             return None
         N = 0 if agg == "none" else N
-        memory, x = self.memory(name, s), self.inputs(s, B)
+        call = self.step_calls(name, s, B, agg, k, N, config)
+        ms = self.bench(call(0)) if eager else None
+        graph_ms = self.graph_bench(call, self.launches(B))
+        chosen = config or choose_config(card_of(self.dev), s["H"], s["HV"], s["dk"], s["dv"], agg, max(k, 1), B)
+        return self.log(self.row("triton", ms, graph_ms, mc_bytes(s, B, agg, k, N), shape=name, B=B, agg=agg, k=k,
+                                 N=N, config=str(chosen)))
+
+    def step_calls(self, name: str, s: dict, B: int, agg: str, k: int, N: int, config: KernelConfig | None):
+        """i -> a call of the Triton step on the i-th graph call's slots and tables."""
+        memory, x = self.memory(name, s, residual=agg == "residual"), self.inputs(s, B)
         spec = MCSpec(agg, self.seg, top_k=max(k, 1))
 
         def call(i: int):
@@ -181,10 +206,7 @@ class Cells:
             return lambda: triton_decode_step(*x, spec=spec, batch=batch, memory=memory, out_dtype=BF16,
                                               config=config)
 
-        ms = self.bench(call(0)) if eager else None
-        graph_ms = self.graph_bench(call, self.launches(B))
-        return self.log(self.row("triton", ms, graph_ms, mc_bytes(s, B, agg, k, N), shape=name, B=B, agg=agg, k=k,
-                                 N=N, config=str(config)))
+        return call
 
     def torch_path(self, name: str, s: dict, B: int, k: int, N: int) -> dict | None:
         """The torch path, eager only (the engine serves it where there are no graphs)."""
@@ -294,43 +316,6 @@ class Cells:
                    use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True,
                    state_v_first=True)
         return dict(y=_rel(y, o[:, 0]), state=_rel(mem.state, ht))
-
-    # ---- variants ----
-    def sweep(self, deadline: float) -> tuple[list[dict], dict]:
-        """Time each config on a few cells of shapes a and b until `deadline` (graph replay on CUDA); best =
-        lowest geometric-mean time over the configs timed at every sweep batch. Each config is a Triton
-        compile (~2 s), so the lists are short: tile height x warps, more tiles per program, 1- vs 2-pass
-        routing, grm's stages."""
-        online = [KernelConfig(8, 1), KernelConfig(16, 2), KernelConfig(32, 4), KernelConfig(8, 1, 2),
-                  KernelConfig(16, 2, 2)]
-        routed = [KernelConfig(8, 1, two_pass=True), KernelConfig(16, 2, two_pass=True),
-                  KernelConfig(32, 4, two_pass=True), KernelConfig(16, 2, 8, two_pass=False)]
-        grm = [KernelConfig(16, 2, two_pass=True, num_stages=1), KernelConfig(16, 2, two_pass=True, num_stages=3),
-               KernelConfig(32, 4, two_pass=True, num_stages=2)]
-        if self.dev.type != "cuda":
-            online, routed, grm = online[:2], [routed[0], routed[3]], grm[1:2]
-        rows, best = [], {}
-        k_routed = 4 if self.dev.type == "cuda" else 2
-        for name in [n for n in ("a", "b") if n in self.cfg["shapes"]]:
-            s = self.cfg["shapes"][name]
-            kinds = [("online", "none", 0, online), ("routed", "ssc", k_routed, routed)]
-            if name == "a":
-                kinds.append(("grm", "grm", 0, grm))
-            for kind, agg, k, configs in kinds:
-                times: dict[int, list[float]] = {}
-                for i, c in enumerate(configs):
-                    for B in self.cfg["sweep_batches"]:
-                        r = self.mc(name, s, B, agg, k, self.cfg["cached"], c, deadline=deadline,
-                                    eager=self.dev.type != "cuda")
-                        if r:
-                            rows.append(r)
-                            times.setdefault(i, []).append(r["graph_ms"] or r["ms"])
-                full = {i: t for i, t in times.items() if len(t) == len(self.cfg["sweep_batches"])}
-                if full:
-                    i = min(full, key=lambda j: math.prod(full[j]))
-                    best[(name, kind)] = configs[i]
-                    print(f"best {name}/{kind}: {configs[i]}", flush=True)
-        return rows, best
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

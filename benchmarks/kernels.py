@@ -1,14 +1,15 @@
 """Decode-kernel benchmark: the Triton MC-GDN step against fla 0.6's `fused_recurrent_gated_delta_rule`,
-the torch path and flash SDPA decode, as time, bytes that must move, GB/s and the fraction of a device
-copy measured in the same run.
+the torch path and flash SDPA decode, as time (eager, and per call under CUDA-graph replay), bytes that
+must move, GB/s and the fraction of a device copy measured in the same run.
 
-    bash tests/gpu/run_on_device.sh python3 benchmarks/kernels.py --out $OUT    # H200, < 6 min
+    bash tests/gpu/run_on_device.sh python3 benchmarks/kernels.py --out $OUT    # H200, < 4 min
     python benchmarks/kernels.py --smoke --out /tmp/kbench                     # CPU, Triton interpreter
 
-Order: copy bandwidth; correctness at real sizes (Triton vs the torch path, and `none` vs fla); a
-variant sweep (block_v, num_warps, tiles per program, 1- vs 2-pass routing) for at most
---sweep-share of the budget, whose best config per shape and kind (online-only / ssc / grm) runs the
-rest; the 32K comparison with flash SDPA; the main grid (Triton, fla, the torch path) shape by shape.
+The Triton step runs the launch config its wrapper chooses: the card's committed table
+(kernels/decode/configs/), or with --configs a fresh one from benchmarks/kernel_sweep.py, else the
+fallback heuristic; each row names the config. Order: copy bandwidth; correctness at real sizes
+(Triton vs the torch path, and `none` vs fla); the 32K comparison with flash SDPA; the main grid
+(Triton, fla, the torch path), batch sizes in the order of what the targets judge (B >= 64 first).
 Past --budget-s no new cell starts (the skipped ones are listed). Every pool holds random data; 64
 cached checkpoints per row are drawn from a bf16 pool several times the L2 (rows may share blocks).
 Without fla (or einops) the fla column is n/a. One progress line per cell; writes kernels.json and
@@ -26,68 +27,71 @@ from pathlib import Path
 
 import torch
 
-SEG = 256  # segment size C
 FULL = dict(
-    shapes={"a": dict(H=16, HV=16, dk=128, dv=128), "b": dict(H=6, HV=6, dk=256, dv=512),
-            "c": dict(H=16, HV=32, dk=128, dv=128)},
-    batches=[1, 8, 32, 64, 128, 256, 512], top_k=[0, 2, 4, 8], cached=64, grm_n=[16, 64, 256], grm_batches=[64, 256],
-    pool_bytes=2 << 30, sweep_batches=[64, 256], torch_batches=[1, 64, 256], sdpa_len=32768, sdpa_batch=64,
-    check_batch=8)
+    batches=[64, 256, 512, 128, 32, 8, 1], top_k=[0, 2, 4, 8], cached=64, grm_n=[16, 64, 256], grm_batches=[64, 256],
+    pool_bytes=2 << 30, torch_batches=[1, 64, 256], sdpa_len=32768, sdpa_batch=64, check_batch=8)
 SMOKE = dict(
-    shapes={"a": dict(H=2, HV=4, dk=24, dv=40)}, batches=[1, 3], top_k=[0, 2], cached=3, grm_n=[4], grm_batches=[2],
-    pool_bytes=1 << 20, sweep_batches=[2], torch_batches=[2], sdpa_len=64, sdpa_batch=2, check_batch=2)
+    batches=[1, 3], top_k=[0, 2], cached=3, grm_n=[2], grm_batches=[1], pool_bytes=1 << 20, torch_batches=[2],
+    sdpa_len=64, sdpa_batch=2, check_batch=2)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for kernels.json and kernels.md")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
-    ap.add_argument("--budget-s", type=float, default=270.0, help="start no new cell after this many seconds")
-    ap.add_argument("--sweep-share", type=float, default=0.3, help="fraction of the budget the variant sweep may use")
+    ap.add_argument("--budget-s", type=float, default=200.0, help="start no new cell after this many seconds")
+    ap.add_argument("--configs", help="a config table (kernel_sweep.py's output) to run instead of the committed one")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from kernel_cells import Cells  # noqa: PLC0415 (after the interpreter flag)
+    from kernel_cells import SEG, SHAPES, SMOKE_SHAPES, Cells  # noqa: PLC0415 (after the interpreter flag)
+
+    from mcserve.kernels.decode import tuning  # noqa: PLC0415
 
     cfg = SMOKE if args.smoke else FULL
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
     dev = torch.device("cpu" if args.smoke else "cuda")
     start = time.monotonic()
     cells = Cells(dev, cfg, SEG, deadline=start + args.budget_s)
     out: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)",
                  "torch": torch.__version__, "segment_size": SEG, "smoke": args.smoke}
+    table = tuning.use_table(args.configs) if args.configs else tuning.table_for(tuning.card_of(dev))
+    out["config_table"] = (f"{args.configs or 'committed'}: {table.card}, {len(table.entries)} entries ({table.source})"
+                           if table else "none for this card: the fallback heuristic")
+    if table and table.card != tuning.card_of(dev):
+        out["config_table"] += f" -- NOT this card ({tuning.card_of(dev)}): the fallback runs"
+    print(f"config table: {out['config_table']}", flush=True)
     out["copy_gbps"] = cells.copy_bandwidth()
     print(f"device copy: {out['copy_gbps']:.0f} GB/s", flush=True)
     print(f"fla: {cells.fla_status}", flush=True)
     out["checks"] = []
-    for name, s in cfg["shapes"].items():
+    for name, s in shapes.items():
         out["checks"].append(cells.check(name, s))
         print(f"[{time.monotonic() - start:6.1f}s] check", out["checks"][-1], flush=True)
-    out["sweep"], best = cells.sweep(deadline=start + args.sweep_share * args.budget_s)
-    out["best_config"] = {f"{s}/{kind}": str(c) for (s, kind), c in best.items()}
-    a = cfg["shapes"]["a"]
+    a = shapes["a"]
     n32k = cfg["sdpa_len"] // SEG if not args.smoke else cfg["cached"]
     sdpa = cells.sdpa(a, cfg["sdpa_batch"], cfg["sdpa_len"])
-    mc32k = cells.mc("a", a, cfg["sdpa_batch"], "ssc", 4 if not args.smoke else 2, n32k, best.get(("a", "routed")))
+    mc32k = cells.mc("a", a, cfg["sdpa_batch"], "ssc", 4 if not args.smoke else 2, n32k, None)
     out["sdpa_32k"] = dict(sdpa=sdpa, mc=mc32k, speedup=(sdpa["ms"] / mc32k["ms"]) if sdpa and mc32k else None,
                            graph_speedup=(sdpa["graph_ms"] / mc32k["graph_ms"])
                            if sdpa and mc32k and sdpa["graph_ms"] and mc32k["graph_ms"] else None)
     rows = []
-    for name, shape in cfg["shapes"].items():
-        pick = {kind: best.get((name, kind), best.get(("a", kind))) for kind in ("online", "routed", "grm")}
-        for B in cfg["batches"]:
+    for B in cfg["batches"]:
+        for name, shape in shapes.items():
             rows.append(cells.fla(name, shape, B))
             for k in cfg["top_k"]:
-                agg = "none" if k == 0 else "ssc"
-                rows.append(cells.mc(name, shape, B, agg, k, cfg["cached"], pick["online" if k == 0 else "routed"]))
+                rows.append(cells.mc(name, shape, B, "none" if k == 0 else "ssc", k, cfg["cached"], None))
+    for name, shape in shapes.items():
         for B in cfg["grm_batches"]:
             for n in cfg["grm_n"]:
-                rows.append(cells.mc(name, shape, B, "grm", 0, n, pick["grm"] or pick["routed"]))
-        if name == "a":
-            for B in cfg["torch_batches"]:
-                for k in (0, 4 if not args.smoke else 2):
-                    rows.append(cells.torch_path(name, shape, B, k, cfg["cached"]))
-    rows = [r for r in rows if r]
+                rows.append(cells.mc(name, shape, B, "grm", 0, n, None))
+    for B in cfg["torch_batches"]:
+        for k in (0, 4 if not args.smoke else 2):
+            rows.append(cells.torch_path("a", a, B, k, cfg["cached"]))
+    order = {"fla": 0, "triton": 1, "torch": 2}
+    rows = sorted((r for r in rows if r), key=lambda r: (r["shape"], order[r["path"]], r["agg"] != "none", r["B"],
+                                                          r["k"], r["N"]))
     for r in rows:
         r["frac_copy"] = r["gbps"] / out["copy_gbps"] if r["gbps"] else None
         r["graph_frac_copy"] = r["graph_gbps"] / out["copy_gbps"] if r["graph_gbps"] else None
@@ -113,20 +117,17 @@ def markdown(out: dict) -> str:
         e = c.get("vs_fla_none")
         lines.append(f"| triton vs fla (fp32) | {c['shape']} | none | "
                      + (f"{e['y']:.1e} | {e['state']:.1e} |" if e else "n/a | n/a |"))
-    lines += ["", "| variant sweep | shape | B | k | config | graph ms | GB/s |", "|---|---|---|---|---|---|---|"]
-    for r in out["sweep"]:
-        ms, gbps = (r["graph_ms"], r["graph_gbps"]) if r["graph_ms"] else (r["ms"], r["gbps"])
-        lines.append(f"| | {r['shape']} | {r['B']} | {r['k']} | {r['config']} | {ms:.4f} | {gbps:.0f} |")
-    lines += ["", "Best: " + ", ".join(f"{k}: {v}" for k, v in out["best_config"].items()), "",
+    lines += ["", f"Launch configs: {out['config_table']}.", "",
               "Eager: one call from Python (do_bench, L2 flushed), the host's launch work included. Graph: "
               "back-to-back calls captured in one CUDA graph and replayed, per call, as the engine runs its step; "
               "the targets are judged on the graph column.", "",
-              "| path | shape | B | aggregation | k | N | eager ms | of copy | graph ms | of copy | MB moved |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| path | shape | B | aggregation | k | N | eager ms | of copy | graph ms | of copy | MB moved "
+              "| config |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         lines.append(f"| {r['path']} | {r['shape']} | {r['B']} | {r['agg']} | {r['k']} | {r['N']} | {_ms(r['ms'])} | "
                      f"{_frac(r['frac_copy'])} | {_ms(r['graph_ms'])} | {_frac(r['graph_frac_copy'])} | "
-                     f"{r['bytes'] / 1e6:.1f} |")
+                     f"{r['bytes'] / 1e6:.1f} | {r.get('config', '')} |")
     s = out["sdpa_32k"]
     if s["speedup"]:
         lines += ["", f"SDPA decode over {s['sdpa']['len']} tokens at B={s['sdpa']['B']}: {s['sdpa']['ms']:.3f} ms "

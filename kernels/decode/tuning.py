@@ -128,8 +128,10 @@ class ConfigTable:
         return cls(d["card"], entries, d.get("source", ""))
 
     def write(self, path: str | Path) -> None:
-        rows = [{**asdict(e), "config": asdict(e.config)} for e in self.entries]
-        Path(path).write_text(json.dumps(dict(card=self.card, source=self.source, entries=rows), indent=1) + "\n")
+        """JSON, one entry a line (a table diff then reads entry by entry)."""
+        rows = ",\n".join("  " + json.dumps({**asdict(e), "config": asdict(e.config)}) for e in self.entries)
+        head = json.dumps(dict(card=self.card, source=self.source))[:-1]
+        Path(path).write_text(f'{head}, "entries": [\n{rows}\n]}}\n')
 
 
 _IN_USE: dict[str, ConfigTable] = {}
@@ -149,19 +151,20 @@ def committed_tables() -> dict[str, ConfigTable]:
     return {t.card: t for t in tables}
 
 
-def table_for(card: str | None) -> ConfigTable | None:
-    if card is None:
-        return None
+def table_for(card: str) -> ConfigTable | None:
     return _IN_USE.get(card) or committed_tables().get(card)
 
 
+INTERPRETER = "interpreter"  # the "card" of the Triton interpreter on CPU (no committed table: the fallback)
+
+
 @functools.cache
-def card_of(device: torch.device) -> str | None:
-    """The card's name as the tables key it; None off CUDA (the interpreter runs the fallback)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+def card_of(device: torch.device) -> str:
+    """The card's name as the tables key it: torch.cuda.get_device_name, or INTERPRETER off CUDA."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else INTERPRETER
 
 
-def choose_config(card: str | None, H: int, HV: int, dk: int, dv: int, aggregation: str, top_k: int,
+def choose_config(card: str, H: int, HV: int, dk: int, dv: int, aggregation: str, top_k: int,
                   B: int) -> KernelConfig:
     """The table entry of this step on `card`, else `fallback_config`."""
     table = table_for(card)

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from mcserve.kernels.decode import DecodeBatch, LayerMemory, get_decode_path  # noqa: E402
-from mcserve.kernels.decode.triton import KernelConfig  # noqa: E402
+from mcserve.kernels.decode.tuning import KernelConfig  # noqa: E402
 from mcserve.kernels.gates import core_inputs  # noqa: E402
 from mcserve.kernels.mc_spec import MCSpec  # noqa: E402
 from mcserve.kernels.reference import reference_mc_gdn  # noqa: E402

@@ -24,7 +24,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mcserve.kernels.decode import DecodeBatch, LayerMemory  # noqa: E402
-from mcserve.kernels.decode.triton import KernelConfig, Launch, plan_decode  # noqa: E402
+from mcserve.kernels.decode.triton import Launch, plan_decode  # noqa: E402
+from mcserve.kernels.decode.tuning import KernelConfig  # noqa: E402
 from mcserve.kernels.mc_spec import MCSpec  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

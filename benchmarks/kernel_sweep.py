@@ -1,0 +1,209 @@
+"""Launch-config sweep of the Triton decode step on one card -> its config table (kernels/decode/tuning.py).
+
+    bash tests/gpu/run_on_device.sh python3 benchmarks/kernel_sweep.py --out $OUT/h200.json    # H200, ~150 s
+    python benchmarks/kernel_sweep.py --smoke --out /tmp/sweep/table.json                     # CPU, interpreter
+
+For each shape (kernel_cells.SHAPES), kind (none, residual, ssc k = 2 / 4 / 8 over 64 cached, grm over
+64) and batch size (1 .. 512), every candidate config (`candidates`: tile height x warps, tiles per
+program, v-heads per program where HV > H, one- vs two-pass routing, grm's pipeline depth) is timed per
+call under CUDA-graph replay (kernel_cells.Cells.mc); the fastest becomes the table's entry for (shape
+class, kind, B * HV). First every candidate is compiled by worker processes in parallel (a compile
+takes seconds; they fill Triton's on-disk cache, from which this process then loads). Batch sizes run
+in priority order and no new cell starts after --budget-s; an entry is written only for a (shape, kind,
+B) whose candidates were all timed (the lookup takes the next swept batch instead). Writes the table to
+--out, and every measurement to kernel_sweep.json / kernel_sweep.md beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, wait
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+BATCHES = [64, 256, 512, 1, 128, 32, 8]  # priority order: what the targets judge, then what the engine runs
+KINDS = {"none": ("none", 0), "residual": ("residual", 0), "ssc2": ("ssc", 2), "ssc4": ("ssc", 4),
+         "ssc8": ("ssc", 8), "grm": ("grm", 0)}
+CACHED = 64
+GRM_MAX_BATCH = 256  # grm at B=512 reads 64 checkpoints per row (12 ms at shape b); it takes B=256's entry
+SMOKE = dict(batches=[3, 1], kinds=["none", "ssc2"], cached=3, pool_bytes=1 << 20)
+
+
+def candidates(s: dict, kind: str, smoke: bool = False):
+    """The configs tried for one shape and kind. Tiles of 1-4K fp32 elements at 32-128 per thread (64
+    registers' worth is where the old sweep's winners sat); more tiles per program (online: 2; routed
+    one-pass: up to 8, so that a program routes once for much of its v-head); all G v-heads of a q/k head
+    per program where HV > H; grm two-pass at pipeline depth 2 and 3."""
+    from mcserve.kernels.decode.tuning import KernelConfig  # noqa: PLC0415 (after the interpreter flag)
+
+    bk = 1 << (s["dk"] - 1).bit_length()
+    G = s["HV"] // s["H"]
+    tiles = [(bv, w) for bv in (4, 8, 16, 32, 64) for w in (1, 2, 4, 8)
+             if 1024 <= bv * bk <= 4096 and 32 <= bv * bk // (32 * w) <= 128 and bv < 2 * s["dv"]]
+    size = min({t[0] * bk for t in tiles}, key=lambda n: abs(n - 2048))
+    mid = [t for t in tiles if t[0] * bk == size]  # 2K-element tiles (the fallback's size) where dk allows
+    out = []
+    if kind in ("none", "residual"):
+        # residual holds a second fp32 tile (the checkpoint sum): no 128-per-thread tiles
+        out += [KernelConfig(bv, w) for bv, w in tiles if kind == "none" or bv * bk // (32 * w) <= 64]
+        out += [KernelConfig(bv, w, tiles_per_program=2) for bv, w in mid]
+        if G > 1:
+            out += [KernelConfig(bv, w, heads_per_program=G) for bv, w in tiles if bv * bk <= 2048]
+    elif kind.startswith("ssc"):
+        out += [KernelConfig(bv, w, two_pass=True) for bv, w in tiles]
+        whole = mid + [t for t in tiles if t[0] * bk == 4096 and t[0] * bk // (32 * t[1]) == 32]
+        out += [KernelConfig(bv, w, tiles_per_program=min(8, -(-s["dv"] // bv))) for bv, w in whole]
+        if G > 1:
+            bv, w = mid[-1]
+            out += [KernelConfig(bv, w, heads_per_program=G, two_pass=True),
+                    KernelConfig(bv, w, tiles_per_program=min(8, -(-s["dv"] // bv)), heads_per_program=G)]
+    else:  # grm
+        small = [min(tiles), mid[-1], max(tiles)]
+        out += [KernelConfig(bv, w, two_pass=True, num_stages=st) for bv, w in dict.fromkeys(small) for st in (2, 3)]
+        if G > 1:
+            out.append(KernelConfig(*mid[-1], heads_per_program=G, two_pass=True, num_stages=3))
+    out = list(dict.fromkeys(out))
+    return out[:1] + out[-1:] if smoke else out
+
+
+# ---- compile workers (spawned processes: CUDA does not survive a fork) ----
+_WORKER: dict = {}
+
+
+def _compile(name: str, s: dict, kind: str, config_fields: dict) -> str | None:
+    """Run one call of the step at B=2 with this config (compiling it into Triton's on-disk cache):
+    None, or why it failed."""
+    from kernel_cells import SEG, Cells  # noqa: PLC0415
+
+    from mcserve.kernels.decode.tuning import KernelConfig  # noqa: PLC0415
+
+    if "cells" not in _WORKER:
+        cfg = dict(batches=[2], cached=CACHED, pool_bytes=0)
+        _WORKER["cells"] = Cells(torch.device("cuda"), cfg, SEG, deadline=float("inf"))
+    cells = _WORKER["cells"]
+    agg, k = KINDS[kind]
+    try:
+        cells.step_calls(name, s, 2, agg, k, 0 if agg == "none" else CACHED, KernelConfig(**config_fields))(0)()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 (a config that does not compile is left out, and said so)
+        return f"{type(e).__name__}: {e}"[:300]
+    return None
+
+
+def precompile(tasks: list[tuple], deadline: float) -> dict[tuple, str]:
+    """Compile the (shape name, shape, kind, config) tasks on one worker per CPU core until `deadline`;
+    returns {task: why not} for those that failed or were not done in time."""
+    workers = max(1, min(16, (os.cpu_count() or 2) - 1))
+    bad: dict[tuple, str] = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_compile, n, s, kind, asdict(c)): (n, kind, c) for n, s, kind, c in tasks}
+        done, pending = wait(futures, timeout=max(1.0, deadline - time.monotonic()))
+        for f in done:
+            if f.exception() or f.result():
+                bad[futures[f]] = str(f.exception() or f.result())
+        for f in pending:
+            f.cancel()
+            bad[futures[f]] = "not compiled in time"
+        pool.shutdown(wait=False, cancel_futures=True)
+    print(f"compiled {len(tasks) - len(bad)} of {len(tasks)} candidates on {workers} workers", flush=True)
+    return bad
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="the table's path (its folder also gets kernel_sweep.json/.md)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="start no new cell after this many seconds")
+    ap.add_argument("--compile-share", type=float, default=0.45, help="of the budget, at most for the compiles")
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kernel_cells import SEG, SHAPES, SMOKE_SHAPES, Cells  # noqa: PLC0415 (after the interpreter flag)
+
+    from mcserve.kernels.decode.tuning import ConfigTable, Entry, card_of, shape_class  # noqa: PLC0415
+
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    batches = SMOKE["batches"] if args.smoke else BATCHES
+    kinds = SMOKE["kinds"] if args.smoke else list(KINDS)
+    cached = SMOKE["cached"] if args.smoke else CACHED
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    cands = {(n, kind): candidates(s, kind, args.smoke) for n, s in shapes.items() for kind in kinds}
+    failed: dict[tuple, str] = {}
+    if dev.type == "cuda":
+        tasks = [(n, shapes[n], kind, c) for (n, kind), cs in cands.items() for c in cs]
+        failed = precompile(tasks, start + args.compile_share * args.budget_s)
+    cfg = dict(batches=batches, cached=cached, pool_bytes=SMOKE["pool_bytes"] if args.smoke else 2 << 30)
+    cells = Cells(dev, cfg, SEG, deadline=deadline, quiet=True)
+    cells.graph_reps = 3
+    copy = cells.copy_bandwidth()
+    print(f"[{time.monotonic() - start:6.1f}s] device copy {copy:.0f} GB/s", flush=True)
+    rows, entries = [], []
+    for B in batches:
+        for n, s in shapes.items():
+            for kind in kinds:
+                agg, k = KINDS[kind]
+                if agg == "grm" and B > GRM_MAX_BATCH:
+                    continue
+                timed = []
+                for c in cands[(n, kind)]:
+                    if (n, kind, c) in failed:
+                        continue
+                    r = cells.mc(n, s, B, agg, k, cached, c, eager=dev.type != "cuda")
+                    if r:
+                        r["t_ms"] = r["graph_ms"] or r["ms"]
+                        timed.append((r, c))
+                rows += [r for r, _ in timed]
+                if not timed or len(timed) < sum((n, kind, c) not in failed for c in cands[(n, kind)]):
+                    continue  # cut by the budget: no entry from a partial comparison
+                best, c = min(timed, key=lambda rc: rc[0]["t_ms"])
+                entries.append(Entry(shape_class(s["H"], s["HV"], s["dk"], s["dv"]), kind, B * s["HV"], c,
+                                     round(best["t_ms"], 5), round(best["bytes"] / best["t_ms"] / 1e6 / copy, 3),
+                                     f"shape {n} B={B}"))
+                print(f"[{time.monotonic() - start:6.1f}s] {n} {kind} B={B}: {c} {best['t_ms']:.4f} ms "
+                      f"({entries[-1].of_copy:.2f} of copy; {len(timed)} configs)", flush=True)
+    import triton  # noqa: PLC0415
+
+    source = (f"benchmarks/kernel_sweep.py {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, triton "
+              f"{triton.__version__}, {'graph replay' if dev.type == 'cuda' else 'eager (interpreter)'}, copy "
+              f"{copy:.0f} GB/s")
+    table = ConfigTable(card_of(dev), tuple(entries), source)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.write(out)
+    info = dict(card=table.card, source=source, copy_gbps=copy, wall_s=time.monotonic() - start,
+                failed={f"{n} {kind} {c}": why for (n, kind, c), why in failed.items()}, skipped=cells.skipped,
+                rows=rows)
+    (out.parent / "kernel_sweep.json").write_text(json.dumps(info, indent=1))
+    (out.parent / "kernel_sweep.md").write_text(markdown(info, table))
+    print(f"table: {len(entries)} entries -> {out}; {len(rows)} cells timed, {len(failed)} candidates left out, "
+          f"{len(cells.skipped)} cells skipped for time; wall {info['wall_s']:.0f} s", flush=True)
+
+
+def markdown(info: dict, table) -> str:
+    lines = [f"# Decode launch-config sweep on {info['card']}", "", info["source"] + f"; wall {info['wall_s']:.0f} s.",
+             "", "| shape class | kind | B*HV | swept at | config | ms | of copy |", "|---|---|---|---|---|---|---|"]
+    for e in table.entries:
+        lines.append(f"| {e.shape} | {e.kind} | {e.pairs} | {e.swept} | {e.config} | {e.ms:.4f} | {e.of_copy:.2f} |")
+    lines += ["", "| shape | B | aggregation | k | config | ms | GB/s |", "|---|---|---|---|---|---|---|"]
+    for r in info["rows"]:
+        lines.append(f"| {r['shape']} | {r['B']} | {r['agg']} | {r['k']} | {r['config']} | {r['t_ms']:.4f} | "
+                     f"{r['bytes'] / r['t_ms'] / 1e6:.0f} |")
+    if info["failed"]:
+        lines += ["", "Left out: " + "; ".join(f"{k}: {v}" for k, v in info["failed"].items())]
+    if info["skipped"]:
+        lines += ["", f"Skipped for time: {len(info['skipped'])} cells"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
