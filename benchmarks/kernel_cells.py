@@ -50,6 +50,7 @@ class Cells:
         self.slots = max(cfg["batches"] + [cfg.get("sdpa_batch", 1)])  # state slots per pool
         self._tables: dict[tuple, torch.Tensor] = {}
         self.graph_reps = 5  # timed replays per graph (the median is reported)
+        self.graph_errors: list[str] = []
         self.gen = torch.Generator(device=device).manual_seed(0)
 
     # ---- timing ----
@@ -76,9 +77,14 @@ class Cells:
         fns[0]()  # compile, autotune (fla), grow the kernels' scratch buffers: nothing of that in a capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for fn in fns:
-                fn()
+        try:
+            with torch.cuda.graph(graph):
+                for fn in fns:
+                    fn()
+        except Exception as e:  # noqa: BLE001 (a step that cannot be captured keeps its eager column)
+            self.graph_errors.append(f"{type(e).__name__}: {e}"[:300])
+            print("graph capture failed:", self.graph_errors[-1], flush=True)
+            return None
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times = []

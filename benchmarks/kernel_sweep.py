@@ -98,21 +98,25 @@ def _compile(name: str, s: dict, kind: str, config_fields: dict) -> str | None:
 
 
 def precompile(tasks: list[tuple], deadline: float) -> dict[tuple, str]:
-    """Compile the (shape name, shape, kind, config) tasks on one worker per CPU core until `deadline`;
-    returns {task: why not} for those that failed or were not done in time."""
+    """Compile the (shape name, shape, kind, config) tasks on one worker per CPU core until `deadline`.
+    Returns {(name, kind, config): why} for the configs that failed to compile or run (left out of the
+    sweep); what a broken worker or the deadline left undone is compiled by the timing loop itself."""
     workers = max(1, min(16, (os.cpu_count() or 2) - 1))
     bad: dict[tuple, str] = {}
+    undone = 0
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_compile, n, s, kind, asdict(c)): (n, kind, c) for n, s, kind, c in tasks}
         done, pending = wait(futures, timeout=max(1.0, deadline - time.monotonic()))
         for f in done:
-            if f.exception() or f.result():
-                bad[futures[f]] = str(f.exception() or f.result())
-        for f in pending:
-            f.cancel()
-            bad[futures[f]] = "not compiled in time"
+            if f.exception() is not None:
+                undone += 1
+                print(f"compile worker failed: {type(f.exception()).__name__}: {f.exception()}"[:300], flush=True)
+            elif f.result():
+                bad[futures[f]] = f.result()
+        undone += len(pending)
         pool.shutdown(wait=False, cancel_futures=True)
-    print(f"compiled {len(tasks) - len(bad)} of {len(tasks)} candidates on {workers} workers", flush=True)
+    print(f"compiled {len(tasks) - len(bad) - undone} of {len(tasks)} candidates on {workers} workers; "
+          f"{len(bad)} failed, {undone} left to the timing loop", flush=True)
     return bad
 
 
@@ -154,16 +158,16 @@ def main() -> None:
                 agg, k = KINDS[kind]
                 if agg == "grm" and B > GRM_MAX_BATCH:
                     continue
-                timed = []
-                for c in cands[(n, kind)]:
-                    if (n, kind, c) in failed:
-                        continue
+                ran, tried = [], [c for c in cands[(n, kind)] if (n, kind, c) not in failed]
+                for c in tried:
                     r = cells.mc(n, s, B, agg, k, cached, c, eager=dev.type != "cuda")
-                    if r:
-                        r["t_ms"] = r["graph_ms"] or r["ms"]
-                        timed.append((r, c))
-                rows += [r for r, _ in timed]
-                if not timed or len(timed) < sum((n, kind, c) not in failed for c in cands[(n, kind)]):
+                    if r is None:
+                        break  # the budget is spent
+                    r["t_ms"] = r["graph_ms"] or r["ms"]  # None: its graph capture failed
+                    ran.append((r, c))
+                rows += [r for r, _ in ran]
+                timed = [(r, c) for r, c in ran if r["t_ms"]]
+                if not timed or len(ran) < len(tried):
                     continue  # cut by the budget: no entry from a partial comparison
                 best, c = min(timed, key=lambda rc: rc[0]["t_ms"])
                 entries.append(Entry(shape_class(s["H"], s["HV"], s["dk"], s["dv"]), kind, B * s["HV"], c,
@@ -176,13 +180,13 @@ def main() -> None:
     source = (f"benchmarks/kernel_sweep.py {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, triton "
               f"{triton.__version__}, {'graph replay' if dev.type == 'cuda' else 'eager (interpreter)'}, copy "
               f"{copy:.0f} GB/s")
-    table = ConfigTable(card_of(dev), tuple(entries), source)
+    table = ConfigTable(card_of(dev), tuple(sorted(entries, key=lambda e: (e.shape, e.kind, e.pairs))), source)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.write(out)
     info = dict(card=table.card, source=source, copy_gbps=copy, wall_s=time.monotonic() - start,
                 failed={f"{n} {kind} {c}": why for (n, kind, c), why in failed.items()}, skipped=cells.skipped,
-                rows=rows)
+                graph_errors=cells.graph_errors, rows=rows)
     (out.parent / "kernel_sweep.json").write_text(json.dumps(info, indent=1))
     (out.parent / "kernel_sweep.md").write_text(markdown(info, table))
     print(f"table: {len(entries)} entries -> {out}; {len(rows)} cells timed, {len(failed)} candidates left out, "
@@ -196,8 +200,9 @@ def markdown(info: dict, table) -> str:
         lines.append(f"| {e.shape} | {e.kind} | {e.pairs} | {e.swept} | {e.config} | {e.ms:.4f} | {e.of_copy:.2f} |")
     lines += ["", "| shape | B | aggregation | k | config | ms | GB/s |", "|---|---|---|---|---|---|---|"]
     for r in info["rows"]:
-        lines.append(f"| {r['shape']} | {r['B']} | {r['agg']} | {r['k']} | {r['config']} | {r['t_ms']:.4f} | "
-                     f"{r['bytes'] / r['t_ms'] / 1e6:.0f} |")
+        t = r["t_ms"]
+        lines.append(f"| {r['shape']} | {r['B']} | {r['agg']} | {r['k']} | {r['config']} | "
+                     + (f"{t:.4f} | {r['bytes'] / t / 1e6:.0f} |" if t else "- | - |"))
     if info["failed"]:
         lines += ["", "Left out: " + "; ".join(f"{k}: {v}" for k, v in info["failed"].items())]
     if info["skipped"]:

@@ -97,6 +97,7 @@ def main() -> None:
         r["graph_frac_copy"] = r["graph_gbps"] / out["copy_gbps"] if r["graph_gbps"] else None
     out["rows"] = rows
     out["skipped"] = cells.skipped
+    out["graph_errors"] = cells.graph_errors
     out["fla"] = cells.fla_status
     out["wall_s"] = time.monotonic() - start
     path = Path(args.out)
