@@ -31,13 +31,15 @@ recall_defaults() {
     RECALL_TASK=(--seq-len "$SEQ" --n-keys "$KEYS" --n-values "$KEYS" --max-prefix "$PREFIX")
 }
 
-recall_train() {  # $1 = aggregation, $2 = console log; RUNS/$1 gets model/, log.jsonl, summary.json
-    local agg=$1
+recall_train() {  # $1 = aggregation, $2 = console log; RUNS/$1 gets model/, log.jsonl, summary.json, and
+    # state.pt when MAX_SECONDS cuts the run: RESUME=1 continues from it (same knobs, RUNS/$1/state.pt in place)
+    local agg=$1 resume=()
+    [ "${RESUME:-0}" = 1 ] && resume=(--resume "$RUNS/$agg/state.pt")
     python3 scripts/recall_experiment.py train "${RECALL_TASK[@]}" --size "$SIZE" --aggregation "$agg" \
         --out "$RUNS/$agg" --segment-size "$SEG" --decay-init slow --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
         --min-pairs "$MIN_PAIRS" --start-pairs "$START_PAIRS" --max-pairs "$MAX_PAIRS" --max-seconds "$MAX_SECONDS" \
         --device "$DEVICE" --threads "$THREADS" --log-every 50 --eval-every 250 \
-        ${EXTRA_TRAIN_ARGS:-} > "$2" 2>&1
+        --save-state "$RUNS/$agg/state.pt" "${resume[@]}" ${EXTRA_TRAIN_ARGS:-} > "$2" 2>&1
 }
 
 recall_eval() {  # $1 = folder for recall_eval.{json,md} and recall.png; $2 = a time limit in seconds (optional)
@@ -66,7 +68,7 @@ chat_train() {  # $1 = console log; trains RUNS/chat for TRAIN_SECONDS (steps pl
     python3 scripts/train.py --data-dir "$DATA" --size "$CHAT_SIZE" --aggregation ssc --segment-size "$CHAT_SEG" \
         --top-k "$TOPK" --seq-len "$CHAT_SEQ" --batch-size "$CHAT_BATCH" --lr "$CHAT_LR" --warmup "$CHAT_WARMUP" \
         --decay-init slow --backend torch --chat-frac "$CHAT_FRAC" --recall-frac "$RECALL_FRAC" \
-        --recall-max-pairs 32 --evals 4 --log-every 25 --seed 0 --time-budget "$TRAIN_SECONDS" \
+        --recall-max-pairs 32 --evals 4 --log-every 25 --seed 0 --time-budget "$TRAIN_SECONDS" ${CHAT_REPLAN:+--replan} \
         --max-seconds $((TRAIN_SECONDS + 20)) --out "$RUNS/chat" ${EXTRA_CHAT_ARGS:-${EXTRA_TRAIN_ARGS:-}} 2>&1 \
         | tee "$1"
 }

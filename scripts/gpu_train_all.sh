@@ -17,7 +17,8 @@
 #
 # The chat training: the shipped default's size (15.6M parameters), batch 128 x 1,024 = 131k tokens a
 # step, lr 2e-3 with 100 warm-up steps (the settings of the first H200 run, docs/MODEL.md), for the
-# whole TRAIN_SECONDS: its step count is planned from a timed probe after the graph is in place. The
+# whole TRAIN_SECONDS: its step count is planned from a timed probe after the graph is in place, and
+# (--replan) lengthened while under half is done when the recall runs end and its steps speed up. The
 # shipped default saw 58M tokens (444 steps); at the eager 1.35 s/step of a shared card 380 s would
 # give 280 steps (37M tokens), so this needs the graph's speed-up: >= 2x makes >= 74M tokens, and the
 # recall runs end first and leave the card to it. A larger batch would not help a launch-bound step
@@ -27,6 +28,11 @@
 # recall_eval.{json,md}, recall.png, {grm,none}/model), chat_model.tar.0{0,1,2} (`cat chat_model.tar.0* |
 # tar -x -C DIR` gives DIR/model), chat_log.jsonl, chat_console.log, chat_results.tar (chat_summary.json,
 # chat_eval.{json,md}) and train_all.log (this script's timings, and steps/s and tokens/s per process).
+#
+# A recall run that MAX_SECONDS cut before 3,000 steps leaves recall/<agg>/state.pt in recall.tar (~5 MB:
+# weights, AdamW state, step, RNG). To finish it in a later command: put it at runs/recall/<agg>/state.pt,
+# carry that path, and run `RESUME=1 bash scripts/run_recall.sh` (the same knobs): the batches, schedule
+# and curriculum go on as in an uncut run. (The chat run's state, ~190 MB, is too big to come back.)
 set -euo pipefail
 OUT=${OUT:-$PWD/out}
 RUNS=${RUNS:-runs/all}
@@ -37,6 +43,7 @@ CHAT_EVAL_SECONDS=${CHAT_EVAL_SECONDS:-120}
 EVAL_ARGS=${EVAL_ARGS:---max-windows 8 --arith 100 --max-tokens 48}
 # the chat job's knobs are CHAT_*: SIZE, BATCH, SEQ and LR here are the recall experiment's
 CHAT_SIZE=${CHAT_SIZE:-default} CHAT_BATCH=${CHAT_BATCH:-128} CHAT_SEQ=${CHAT_SEQ:-1024} CHAT_LR=${CHAT_LR:-2e-3}
+CHAT_REPLAN=${CHAT_REPLAN-1}  # lengthen the chat run once the recall runs free the card (empty: off)
 . scripts/gpu_lib.sh
 chat_defaults
 recall_defaults
@@ -74,8 +81,9 @@ grep -q "FAILED" "$OUT/chat_console.log" && say "chat evaluation FAILED or timed
 say "chat evaluation done"
 wait "$RECALL_PID" || true
 
-for agg in grm none; do
+for agg in grm none; do  # the models, and the state of a run MAX_SECONDS cut (to resume: see the header)
     [ -d "$RUNS/$agg/model" ] && mkdir -p "$STAGE/recall/$agg" && cp -r "$RUNS/$agg/model" "$STAGE/recall/$agg/"
+    [ -f "$RUNS/$agg/state.pt" ] && cp "$RUNS/$agg/state.pt" "$STAGE/recall/$agg/" && say "recall $agg was cut: state.pt packed"
 done
 tar -C "$STAGE" -cf "$OUT/recall.tar" recall
 tar -C "$STAGE" -cf "$OUT/chat_results.tar" chat

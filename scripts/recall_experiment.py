@@ -31,6 +31,7 @@ from mctrain.checkpoint import DECAY_INITS, count_parameters, init_model, save_c
 from mctrain.evaluation import autocast_for  # noqa: E402
 from mctrain.mc_forward import hidden_states, logits  # noqa: E402
 from mctrain.schedule import CosineSchedule  # noqa: E402
+from mctrain.train_state import add_state_args, load_state, save_state  # noqa: E402
 from mctrain.train_step import TrainStep, add_step_args, make_optimizer, mqar_loss, use_graph  # noqa: E402
 
 from mcserve.server.model.loader import load_model  # noqa: E402
@@ -80,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tr.add_argument("--device", default="auto")
     tr.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     add_step_args(tr)
+    add_state_args(tr)
     ev = sub.add_parser("eval", help="evaluate trained models through the serving path")
     add_task_args(ev)
     ev.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
@@ -124,7 +126,12 @@ def train(args: argparse.Namespace) -> dict:
     probe = mqar.eval_suite(task, probe_pairs, 4, args.seed + 1)
     settings = dict(vars(args), params=count_parameters(model), device=str(device), vocab_size=task.vocab_size,
                     head_dim=cfg.head_dim, config=cfg.to_dict())
-    log = (out / "log.jsonl").open("w")
+    step, train_s = 0, 0.0  # steps done and training seconds before this process (a resumed run)
+    if args.resume:
+        step, extra = load_state(args.resume, model, opt, vars(args))
+        rng.bit_generator.state = extra["rng"]
+        train_s = extra["train_seconds"]
+    log = (out / "log.jsonl").open("a" if args.resume else "w")
 
     def report(row: dict) -> None:
         log.write(json.dumps(row) + "\n")
@@ -133,13 +140,13 @@ def train(args: argparse.Namespace) -> dict:
 
     check = args.graph_check if args.graph_check is not None else (8 if graph else 0)
     step_fn = TrainStep(model, opt, mqar_loss("torch", amp), args.grad_clip, 2, device, graph, check, report)
-    log.write(json.dumps(dict(event="start", **settings)) + "\n")
+    log.write(json.dumps(dict(event="resume" if args.resume else "start", step=step, **settings)) + "\n")
     print(f"{args.aggregation}: {settings['params'] / 1e3:.0f}k parameters, decay init {args.decay_init}, "
           f"{args.steps} steps of {args.batch_size} x {args.seq_len} on {device}, "
           f"cuda graph {'on' if graph else 'off'}", flush=True)
     t0 = t_log = time.time()
     stopped_early = False
-    step = n_log = 0
+    n_log = 0
     while step < args.steps:
         counts = [cur.sample(rng, step) for _ in range(args.batch_size)]
         ids, tgt = (torch.from_numpy(a) for a in mqar.batch(task, rng, counts))
@@ -150,7 +157,7 @@ def train(args: argparse.Namespace) -> dict:
             (loss, acc), gnorm = step_fn.read()  # the one host sync of these steps
             now = time.time()
             row = dict(event="train", step=step, loss=loss, acc=acc, pair_cap=cur.cap(step), lr=sched.lr(step - 1),
-                       grad_norm=gnorm, elapsed=now - t0, step_s=(now - t_log) / n_log, mode=step_fn.mode,
+                       grad_norm=gnorm, elapsed=train_s + now - t0, step_s=(now - t_log) / n_log, mode=step_fn.mode,
                        tok_per_s=n_log * args.batch_size * args.seq_len / max(now - t_log, 1e-9))
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -160,17 +167,25 @@ def train(args: argparse.Namespace) -> dict:
             n_log, t_log = 0, now
         if step % args.eval_every == 0 or step == args.steps:
             t_eval = time.time()
-            row = dict(event="eval", step=step, **probe_acc(model, probe, amp), elapsed=time.time() - t0)
+            row = dict(event="eval", step=step, **probe_acc(model, probe, amp), elapsed=train_s + time.time() - t0)
             log.write(json.dumps(row) + "\n")
             print(f"[eval step {step}] " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("acc")),
                   flush=True)
             t_log += time.time() - t_eval  # the probe's time is not training throughput
-        if args.max_seconds is not None and time.time() - t0 > args.max_seconds:
+        past = args.max_seconds is not None and time.time() - t0 > args.max_seconds
+        if (past or step == args.pause_at) and step < args.steps:
             stopped_early = True
-            print(f"stopping early at step {step}: past {args.max_seconds:.0f}s", flush=True)
+            print(f"stopping early at step {step}: " + (f"past {args.max_seconds:.0f}s" if past else "--pause-at"),
+                  flush=True)
             break
-    summary = dict(settings, steps_done=step, stopped_early=stopped_early, train_seconds=time.time() - t0,
+    summary = dict(settings, steps_done=step, stopped_early=stopped_early, train_seconds=train_s + time.time() - t0,
                    step_mode=step_fn.mode)
+    if stopped_early and args.save_state:
+        save_state(args.save_state, model, opt, step, vars(args),
+                   dict(rng=rng.bit_generator.state, train_seconds=summary["train_seconds"]))
+        print(f"saved the state to continue from: --resume {args.save_state}", flush=True)
+    elif args.save_state:
+        Path(args.save_state).unlink(missing_ok=True)  # a finished run leaves nothing to resume
     save_checkpoint(model, out / "model", None, "fp32", summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log.write(json.dumps(dict(event="done", steps_done=step, train_seconds=summary["train_seconds"])) + "\n")

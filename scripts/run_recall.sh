@@ -8,7 +8,8 @@
 #       START_PAIRS=4 EVAL_PAIRS=2,4,8,12,16,24 bash scripts/run_recall.sh      # the CPU check
 #
 # The two trainings run as two processes at once; scripts/gpu_train_all.sh runs them together with the
-# chat training. Writes to $OUT at most 8 files: recall_{grm,none}_console.log,
+# chat training. A training that MAX_SECONDS cuts writes RUNS/<agg>/state.pt; `RESUME=1` (same knobs,
+# that file in place) continues both from their states, as if never cut. Writes to $OUT at most 8 files: recall_{grm,none}_console.log,
 # recall_{grm,none}_log.jsonl, recall_eval.json, recall_eval.md, recall.png and recall_models.tar (both
 # checkpoints, fp32). Knobs: scripts/gpu_lib.sh (recall_defaults).
 set -euo pipefail

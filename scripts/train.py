@@ -10,7 +10,9 @@
 Writes OUT/model/ (the serving checkpoint, `mcserve serve OUT/model`), OUT/log.jsonl (one line per
 logged step and per evaluation) and OUT/summary.json. With --time-budget the number of steps is
 fixed after a short throughput probe, and the cosine schedule spans exactly those steps, so a second
-model trained with `--steps <summary.steps>` gets the same schedule and the same batches.
+model trained with `--steps <summary.steps>` gets the same schedule and the same batches (unless
+--replan lengthened it). See scripts/mctrain/train_step.py for the step (CUDA graph) and
+scripts/mctrain/train_state.py for --save-state / --resume.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from mctrain.mc_forward import check_backend, default_backend  # noqa: E402
 from mctrain.recall import RecallTask  # noqa: E402
 from mctrain.schedule import CosineSchedule, plan_total_steps  # noqa: E402
 from mctrain.token_data import META_FILE, TokenData, build_token_data  # noqa: E402
+from mctrain.train_state import add_state_args, load_state, save_state  # noqa: E402
 from mctrain.train_step import TrainStep, add_step_args, lm_loss, make_optimizer, use_graph  # noqa: E402
 
 from mcserve.kernels.mc_spec import AGGREGATIONS, STATE_INITS, MCSpec  # noqa: E402
@@ -72,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="optimizer steps")
     budget.add_argument("--time-budget", type=float, help="seconds of training; steps are planned from a probe")
+    ap.add_argument("--replan", action="store_true", help="with --time-budget: lengthen the planned run in the "
+                    "budget's first half if steps got faster (a shared card freed); the schedule then differs "
+                    "from a --steps run of the same length")
     ap.add_argument("--max-seconds", type=float, help="stop early past this many seconds of training (a safety net)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
@@ -93,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"])
     ap.add_argument("--save-dtype", default="bf16", choices=["bf16", "fp32"])
     add_step_args(ap)
+    add_state_args(ap)
     args = ap.parse_args(argv)
     if not args.prepare_only and (args.out is None or (args.steps is None and args.time_budget is None)):
         ap.error("training needs --out and one of --steps / --time-budget")
@@ -113,8 +120,8 @@ def prepare_data(args: argparse.Namespace) -> TokenData:
 
 
 class Logger:
-    def __init__(self, path: Path) -> None:
-        self.file = path.open("w")
+    def __init__(self, path: Path, append: bool = False) -> None:
+        self.file = path.open("a" if append else "w")
 
     def write(self, **row) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_recall = [task.make(rng, held[s:s + args.seq_len].astype(np.int64), n,
                              args.seq_len - 24 - task.length_needed(n, n), 16)
                    for n in fits for s in rng.integers(0, len(held) - args.seq_len, 8)]
-    log = Logger(out / "log.jsonl")
+    log = Logger(out / "log.jsonl", append=bool(args.resume))
 
     def report(row: dict) -> None:
         log.write(**row)
@@ -191,13 +198,19 @@ def main(argv: list[str] | None = None) -> dict:
     settings = dict(vars(args), params=n_params, device=str(device), backend=backend,
                     gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     tokens_per_step=args.batch_size * args.seq_len)
-    log.write(event="start", **settings)
+    log.write(event="resume" if args.resume else "start", **settings)
     print(f"{args.aggregation}: {n_params / 1e6:.2f}M parameters on {settings['gpu'] or device} ({backend} core, "
           f"cuda graph {'on' if graph else 'off'})")
 
     total = args.steps if args.steps is not None else 10**9  # a --time-budget run plans it at PROBE_END
+    step, done_s, planned = 0, 0.0, args.steps is not None  # steps and seconds before this process (--resume)
+    if args.resume:
+        step, extra = load_state(args.resume, model, opt, vars(args))
+        sampler.rng.bit_generator.state = extra["rng"]
+        total, done_s, planned = extra["total"], extra["train_seconds"], extra["planned"]
     sched = CosineSchedule(args.lr, args.warmup, total, args.min_lr_ratio)
-    eval_every = max(1, total // max(args.evals, 1)) if args.steps is not None else None
+    eval_every = max(1, total // max(args.evals, 1)) if planned else None
+    replan = args.replan and args.time_budget is not None and not args.resume
     bar = tqdm(total=args.steps, dynamic_ncols=True, mininterval=2.0) if tqdm else None
     last_eval: dict = {}
 
@@ -224,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_seconds = args.max_seconds
     if max_seconds is None and args.time_budget is not None:
         max_seconds = args.time_budget * 1.1 + 10
-    step, stopped_early, step_time = 0, False, None
+    stopped_early, step_time = False, None
     n_sums = 0
     t_probe = t_log = time.time()
     while step < total:
@@ -234,13 +247,14 @@ def main(argv: list[str] | None = None) -> dict:
         n_sums += 1
         step += 1
 
-        if args.time_budget is not None and step in (PROBE_START, PROBE_END):
+        if not planned and step in (PROBE_START, PROBE_END):
             sync()
             if step == PROBE_START:
                 t_probe = time.time()
             else:
                 step_time = (time.time() - t_probe) / (PROBE_END - PROBE_START)
                 total = plan_total_steps(step, time.time() - t_start, step_time, args.time_budget, min_steps=step)
+                planned = True
                 sched = CosineSchedule(args.lr, args.warmup, total, args.min_lr_ratio)
                 eval_every = max(1, total // max(args.evals, 1))
                 log.write(event="plan", step=step, step_time=step_time, total_steps=total,
@@ -257,6 +271,19 @@ def main(argv: list[str] | None = None) -> dict:
                        elapsed=now - t_start, steps_per_s=n_sums / max(now - t_log, 1e-9), mode=step_fn.mode,
                        tok_per_s=n_sums * args.batch_size * args.seq_len / max(now - t_log, 1e-9))
             log.write(**row)
+            if replan and planned and step > PROBE_END and now - t_start < args.time_budget / 2:
+                # the card got faster (e.g. the runs sharing it ended): stretch the schedule while in
+                # the first half of the budget; never shrink it (--max-seconds guards the other way)
+                more = plan_total_steps(step, now - t_start, 1 / row["steps_per_s"], args.time_budget, min_steps=step)
+                if more > total * 1.05:
+                    log.write(event="plan", step=step, step_time=1 / row["steps_per_s"], total_steps=more,
+                              elapsed=now - t_start, replanned_from=total)
+                    print(f"\nre-planned {total} -> {more} steps at {1e3 / row['steps_per_s']:.0f} ms/step", flush=True)
+                    total = more
+                    sched = CosineSchedule(args.lr, args.warmup, total, args.min_lr_ratio)
+                    eval_every = max(1, total // max(args.evals, 1))
+                    if bar is not None:
+                        bar.total = total
             n_sums, t_log = 0, now
             if bar is not None:
                 bar.set_postfix(lm=f"{lm:.3f}", recall=f"{ra:.2f}", lr=f"{row['lr']:.1e}", refresh=False)
@@ -272,14 +299,22 @@ def main(argv: list[str] | None = None) -> dict:
             last_eval = evaluate(step)
             save_checkpoint(model, out / "model", data.tokenizer_dir, args.save_dtype,
                             dict(settings, steps_done=step, partial=True))
-        if max_seconds is not None and time.time() - t_start > max_seconds:
+        past = max_seconds is not None and time.time() - t_start > max_seconds
+        if (past or step == args.pause_at) and step < total:
             stopped_early = True  # the probe misjudged, or this model is slower: keep the GPU job in its limit
-            print(f"\nstopping early at step {step}: past {max_seconds:.0f}s", flush=True)
+            print(f"\nstopping early at step {step}: " + (f"past {max_seconds:.0f}s" if past else "--pause-at"),
+                  flush=True)
             break
     if bar is not None:
         bar.close()
     sync()
-    train_s = time.time() - t_start
+    train_s = done_s + time.time() - t_start
+    if stopped_early and args.save_state:
+        save_state(args.save_state, model, opt, step, vars(args),
+                   dict(rng=sampler.rng.bit_generator.state, total=total, planned=planned, train_seconds=train_s))
+        print(f"saved the state to continue from: --resume {args.save_state}", flush=True)
+    elif args.save_state:
+        Path(args.save_state).unlink(missing_ok=True)  # a finished run leaves nothing to resume
     last_eval = evaluate(step)
     summary = dict(settings, steps=step, planned_steps=total, stopped_early=stopped_early, train_seconds=train_s,
                    step_time=step_time, tokens=step * args.batch_size * args.seq_len, final_eval=last_eval)

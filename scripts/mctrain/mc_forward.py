@@ -3,9 +3,9 @@
 The same modules and weights as the serving model (server/model/layers.py: projections, short
 convolutions, `heads()`, `output()`, MLPs); only the core differs in form. Memory Caching is computed
 for all tokens of a batch at once:
-- the delta rule runs one segment at a time (fla's chunk kernel on GPU, torch elsewhere), carrying
-  the state across boundaries (`continue`) or starting from zero (`reset`); every segment's final
-  state is its checkpoint C_i;
+- the delta rule runs over chunks that tile the segments (the torch core in one call; fla's chunk
+  kernel one segment at a time), carrying the state across boundaries (`continue`) or starting from
+  zero (`reset`); every segment's final state is its checkpoint C_i;
 - router scores r = <u_t, p_i> against each earlier segment's mean key p_i, and against the running
   mean of the current segment's keys for the online memory; SSC keeps the top_k cached scores
   (a non-differentiable choice; gradients flow through gamma of the chosen ones);
@@ -22,7 +22,7 @@ from mcserve.kernels.mc_spec import MCSpec
 from mcserve.kernels.router import chosen_mask, mc_gamma
 from mcserve.server.model.layers import GatedDeltaNetAttention
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
-from mctrain.delta_rule import delta_rule
+from mctrain.delta_rule import delta_rule, delta_rule_chunks
 
 
 def default_backend(device: torch.device) -> str:
@@ -95,19 +95,25 @@ def mc_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     if not spec.reads_cache:
         return delta_rule(q, k, v, g, beta, scale, None, backend)[0]
     C = spec.segment_size
-    outs, ckpts, state = [], [], None
-    for s0 in range(0, T, C):
-        s1 = min(T, s0 + C)
-        init = None if spec.reset else state
-        o, state = delta_rule(q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], g[:, s0:s1], beta[:, s0:s1], scale, init,
-                              backend)
-        outs.append(o)
-        ckpts.append(state)
-    o = torch.cat(outs, dim=1)
     n = (T - 1) // C  # checkpoints some token reads: those of every segment but the last
+    if backend == "torch":  # one call: chunks that tile every segment, the state kept across them
+        L = max(d for d in range(1, min(C, 64) + 1) if C % d == 0)
+        o, ends = delta_rule_chunks(q, k, v, g, beta, scale, None, L, C if spec.reset else 0)
+        cached = ends[:, C // L - 1:: C // L][:, :n]  # [B, n, HV, dv, dk]: the state at each segment's end
+    else:
+        outs, ckpts, state = [], [], None
+        for s0 in range(0, T, C):
+            s1 = min(T, s0 + C)
+            init = None if spec.reset else state
+            o, state = delta_rule(q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], g[:, s0:s1], beta[:, s0:s1], scale, init,
+                                  backend)
+            outs.append(o)
+            ckpts.append(state)
+        o = torch.cat(outs, dim=1)
+        cached = torch.stack(ckpts[:n], dim=1) if n else None
     if n == 0:
         return o
-    return _mix(o, q * scale, k, u, torch.stack(ckpts[:n], dim=1), spec)
+    return _mix(o, q * scale, k, u, cached, spec)
 
 
 def _mix(o: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, u: torch.Tensor, cached: torch.Tensor,

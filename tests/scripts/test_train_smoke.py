@@ -94,3 +94,57 @@ def test_ssc_and_none_models_of_one_seed_share_every_gdn_weight():
     for name, t in none.items():
         assert torch.equal(t, ssc[name]), name
     assert ssc["model.layers.0.attn.u_proj.weight"].std() > 0.01
+
+
+def test_train_cut_and_resumed_equals_the_uncut_run(data_dir, tmp_path):
+    """6 steps straight == 3 steps, --save-state, --resume, 3 more steps: same losses, same weights (CPU fp32)."""
+    from safetensors.torch import load_file
+
+    args = ["--data-dir", str(data_dir), "--size", "tiny", "--aggregation", "ssc", "--segment-size", "16",
+            "--seq-len", "32", "--batch-size", "4", "--steps", "6", "--warmup", "2", "--evals", "1",
+            "--eval-windows", "1", "--recall-max-pairs", "4", "--log-every", "1", "--device", "cpu",
+            "--save-dtype", "fp32"]
+    train.main([*args, "--out", str(tmp_path / "straight")])
+    state = tmp_path / "state.pt"
+    cut = train.main([*args, "--out", str(tmp_path / "cut"), "--pause-at", "3", "--save-state", str(state)])
+    assert cut["steps"] == 3 and cut["stopped_early"]
+    done = train.main([*args, "--out", str(tmp_path / "cut"), "--resume", str(state)])
+    assert done["steps"] == 6 and not done["stopped_early"]
+
+    def lm_losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        return [r["lm_loss"] for r in rows if r["event"] == "train"]
+
+    assert lm_losses("cut") == lm_losses("straight") and len(lm_losses("straight")) == 6
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_replan_lengthens_a_time_budget_run_whose_steps_got_faster(data_dir, tmp_path, monkeypatch):
+    """--replan: steps slow during the probe (a shared card), fast afterwards -> more steps planned."""
+    import time
+
+    from mctrain.train_step import TrainStep
+
+    calls = []
+    real_call = TrainStep.__call__
+
+    def slow_at_first(self, batch, lr):
+        calls.append(1)
+        if len(calls) <= 8:
+            time.sleep(0.15)
+        return real_call(self, batch, lr)
+
+    monkeypatch.setattr(TrainStep, "__call__", slow_at_first)
+    monkeypatch.setattr(train, "PROBE_START", 4)
+    monkeypatch.setattr(train, "PROBE_END", 8)
+    out = tmp_path / "run"
+    summary = train.main(["--data-dir", str(data_dir), "--out", str(out), "--size", "tiny", "--seq-len", "32",
+                          "--batch-size", "1", "--segment-size", "8", "--time-budget", "14", "--max-seconds", "5.5",
+                          "--replan", "--log-every", "2", "--warmup", "2", "--evals", "1", "--eval-windows", "1",
+                          "--recall-frac", "0", "--device", "cpu"])
+    plans = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    plans = [r for r in plans if r["event"] == "plan"]
+    assert len(plans) >= 2 and plans[1]["replanned_from"] == plans[0]["total_steps"]
+    assert plans[-1]["total_steps"] > plans[0]["total_steps"] and summary["planned_steps"] == plans[-1]["total_steps"]
