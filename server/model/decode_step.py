@@ -6,9 +6,13 @@ Against `model.decode` (the torch reference, which it equals): each layer's inpu
 one matmul (q, k, v, a, b, g and u weights re-pointed to views of one fused tensor by
 `layers.fuse_linears`, gate and up of the MLP likewise: no extra memory), the glue runs as fused row
 kernels on CUDA (kernels/triton_step.py, kernels/triton_norms.py; the model's torch modules on CPU),
-padded rows (slot -1) touch no slot, and
-router weights go straight into the per-block utility tensor. The conv state of a boundary row's
-checkpoint is left to the caller (it is the slot's conv state after the step).
+padded rows (slot -1) touch no slot, router weights go straight into the per-block utility tensor,
+and a boundary row's conv state goes into its checkpoint block from the conv step itself (before, a
+gather and a scatter of every row's conv state per step: two kernels of ~120 us each at B=64 on the
+H200). The fused weights span a multiple of ALIGN_ROWS rows (their padding outputs never read): the
+1.3b preset's projection row of 9,228 bf16 is not 16-byte aligned, and its B=64 profile has one extra
+copy kernel per layer and another cuBLAS kernel for that GEMM (that the padding removes them is still
+to be measured).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class Glue:
     """The elementwise pieces of a layer: (x [B, D], dx | None, norm) -> (x + dx, norm(x + dx));
-    conv (x, pool [slots, D, W-1], slots, weight [D, W], bias) -> silu(conv) with the pool updated;
+    conv (x, pool [slots, D, W-1], slots, weight [D, W], bias, ckpt [blocks, D, W-1], write_blocks) ->
+    silu(conv) with the pool updated, and ckpt[write_blocks[i]] for rows with a block;
     gated_norm (y [B, HV, dv], gate | None, o_norm) -> [B, HV, dv]; swiglu ([B, 2M]) -> [B, M]."""
 
     name: str
@@ -47,7 +52,7 @@ def _torch_add_norm(x: torch.Tensor, dx: torch.Tensor | None, norm: RMSNorm) -> 
 
 
 def _torch_conv(x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, ckpt: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
     """ShortConv.forward_step on the live rows (finding them syncs: CPU only)."""
     live = (slots >= 0).nonzero().squeeze(-1)
     win = torch.cat([pool[slots[live]].to(x.dtype), x[live][..., None]], dim=-1)  # [b, D, W]
@@ -55,6 +60,8 @@ def _torch_conv(x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, weight
     if bias is not None:
         y = y + bias.float()
     pool[slots[live]] = win[..., 1:]
+    wr = (writes[live] >= 0).nonzero().squeeze(-1)
+    ckpt[writes[live][wr]] = win[wr, :, 1:].to(ckpt.dtype)
     return torch.zeros_like(x).index_copy_(0, live, F.silu(y).to(x.dtype))
 
 
@@ -85,10 +92,13 @@ def triton_glue() -> Glue:
                 triton_step.conv_step, gated, triton_step.swiglu_fused)
 
 
+ALIGN_ROWS = 8  # fused weights span a multiple of this many rows: output rows of 16 bytes (bf16) or more
+
+
 @dataclass(frozen=True, slots=True)
 class _Layer:
-    w_in: torch.Tensor  # [conv_dim + 2 HV (+ value_dim) (+ key_dim), hidden]: q k v | a b | g | u
-    w_gate_up: torch.Tensor  # [2 M, hidden]
+    w_in: torch.Tensor  # [conv_dim + 2 HV (+ value_dim) (+ key_dim) + pad, hidden]: q k v | a b | g | u | pad
+    w_gate_up: torch.Tensor  # [2 M + pad, hidden]
     w_conv: torch.Tensor | None  # [conv_dim, W]
     b_conv: torch.Tensor | None
 
@@ -105,8 +115,8 @@ class DecodeStep:
                 convs: list[ShortConv] = [a.q_conv1d, a.k_conv1d, a.v_conv1d]
                 w_conv = torch.cat([c.weight[:, 0, :].detach() for c in convs]).contiguous()
                 b_conv = torch.cat([c.bias.detach() for c in convs]) if convs[0].bias is not None else None
-            w_gate_up = fuse_linears([block.mlp.gate_proj, block.mlp.up_proj])
-            self.layers.append(_Layer(fuse_linears(a.in_linears()), w_gate_up, w_conv, b_conv))
+            w_gate_up = fuse_linears([block.mlp.gate_proj, block.mlp.up_proj], align=ALIGN_ROWS)
+            self.layers.append(_Layer(fuse_linears(a.in_linears(), align=ALIGN_ROWS), w_gate_up, w_conv, b_conv))
         kd, vd, hv = cfg.key_dim, cfg.value_dim, cfg.num_v_heads_
         self._a = 2 * kd + vd  # offsets into a layer's projection row
         self._g = self._a + 2 * hv
@@ -120,15 +130,15 @@ class DecodeStep:
         m, cfg, glue = self.model, self.model.cfg, self.glue
         B = tokens.shape[0]
         H, HV, dk, dv = cfg.num_heads, cfg.num_v_heads_, cfg.head_dim, cfg.head_v_dim
-        kd, hv, a0, g0, u0 = cfg.key_dim, cfg.num_v_heads_, self._a, self._g, self._u
+        kd, hv, a0, g0, u0, m2 = cfg.key_dim, cfg.num_v_heads_, self._a, self._g, self._u, 2 * cfg.mlp_size
         blocks = m.model.layers
         x, h = glue.add_norm(m.model.embeddings(tokens), None, blocks[0].attn_norm)
         for li, (block, lw) in enumerate(zip(blocks, self.layers, strict=True)):
             attn = block.attn
             p = F.linear(h, lw.w_in)  # [B, P]
             qkv = p[:, :a0]
-            qkv = glue.conv(qkv, states.conv[li], batch.slots, lw.w_conv, lw.b_conv) if lw.w_conv is not None \
-                else F.silu(qkv)
+            qkv = glue.conv(qkv, states.conv[li], batch.slots, lw.w_conv, lw.b_conv, ckpts.conv[:, li],
+                            batch.write_blocks) if lw.w_conv is not None else F.silu(qkv)
             u = p[:, u0:u0 + kd].view(B, H, dk) if attn.u_proj is not None else None
             memory = LayerMemory(states.ssm[li], states.key_sum[li], ckpts.ssm[:, li], ckpts.key[:, li],
                                  None if ckpt_sum is None else ckpt_sum[li], utility)
@@ -139,7 +149,7 @@ class DecodeStep:
             gate = p[:, g0:u0].view(B, HV, dv) if cfg.use_gate else None
             o = glue.gated_norm(y, gate, attn.o_norm)
             x, h = glue.add_norm(x, F.linear(o.reshape(B, -1), attn.o_proj.weight), block.mlp_norm)
-            act = glue.swiglu(F.linear(h, lw.w_gate_up))
+            act = glue.swiglu(F.linear(h, lw.w_gate_up)[:, :m2])  # the padding columns left out
             nxt = blocks[li + 1].attn_norm if li + 1 < len(blocks) else m.model.norm
             x, h = glue.add_norm(x, F.linear(act, block.mlp.down_proj.weight), nxt)
         w = m.model.embeddings.weight if m.lm_head is None else m.lm_head.weight

@@ -10,12 +10,15 @@ from mcserve.kernels.gates import core_inputs
 from mcserve.server.model.config import ModelConfig
 
 
-def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
+def fuse_linears(linears: list[nn.Linear], align: int = 1) -> torch.Tensor:
     """One [sum out, in] weight whose row blocks the linears' weights are views of, in order: the
     weights are re-pointed to it once (one matmul instead of several, no extra memory), and later calls
-    return the same tensor without copying. The values do not change."""
+    return the same tensor without copying. The values do not change. align: the tensor spans a
+    multiple of `align` rows; the rows past the linears' (zeros when this call makes the tensor) give
+    output columns nobody reads (an aligned output row: a 16-byte multiple for cuBLAS)."""
     ws = [lin.weight for lin in linears]
     rows = sum(w.shape[0] for w in ws)
+    padded = rows + (-rows % align)
     w0 = ws[0]
     off = w0.storage_offset()
     adjacent = all(w.is_contiguous() and w.dtype == w0.dtype and w.device == w0.device
@@ -23,10 +26,11 @@ def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
     for w in ws:
         adjacent = adjacent and w.storage_offset() == off
         off += w.numel()
-    if adjacent:
-        return w0.as_strided((rows, w0.shape[1]), (w0.shape[1], 1), w0.storage_offset())
+    room = (w0.storage_offset() + padded * w0.shape[1]) * w0.element_size() <= w0.untyped_storage().nbytes()
+    if adjacent and room:
+        return w0.as_strided((padded, w0.shape[1]), (w0.shape[1], 1), w0.storage_offset())
     with torch.inference_mode(False):  # plain tensors, so that load_state_dict can still write them
-        fused = torch.cat([w.detach() for w in ws])
+        fused = torch.cat([w.detach() for w in ws] + [w0.detach().new_zeros(padded - rows, w0.shape[1])])
     off = 0
     for lin in linears:
         n = lin.weight.shape[0]

@@ -22,8 +22,9 @@ def _rand(*shape: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_conv_step_updates_slots_in_place_and_skips_padding(bias: bool) -> None:
-    D, W, B, slots_n = 37, 4, 5, 9
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_conv_step_updates_slots_in_place_and_skips_padding(bias: bool, ckpt: bool) -> None:
+    D, W, B, slots_n, blocks_n = 37, 4, 5, 9, 6
     conv = ShortConv(D, W, bias).to(DEV)
     conv.weight.data = _rand(D, 1, W, seed=1)
     if bias:
@@ -31,16 +32,24 @@ def test_conv_step_updates_slots_in_place_and_skips_padding(bias: bool) -> None:
     proj = _rand(B, D + 11, seed=3)  # x is a strided slice of a wider projection row
     x = proj[:, 5:5 + D]
     pool = _rand(slots_n, D, W - 1, seed=4)
+    # one layer's view of a [blocks, L, D, W-1] checkpoint pool (strided blocks, as DecodeStep passes it)
+    blocks = _rand(blocks_n, 3, D, W - 1, seed=6)
     slots = torch.tensor([3, -1, 0, 8, -1], device=DEV)
+    writes = torch.tensor([4, 2, -1, 0, -1], device=DEV)  # row 1 is padding: its block must stay
     live = slots >= 0
     want_y, want_state = conv.forward_step(x[live], pool[slots[live]])
-    before = pool.clone()
-    y = step.conv_step(x, pool, slots, conv.weight[:, 0, :].contiguous(), conv.bias)
+    before, blocks_before = pool.clone(), blocks.clone()
+    y = step.conv_step(x, pool, slots, conv.weight[:, 0, :].contiguous(), conv.bias,
+                       *((blocks[:, 1], writes) if ckpt else ()))
     torch.testing.assert_close(y[live], want_y, atol=1e-5, rtol=1e-5)
     assert torch.equal(y[~live], torch.zeros_like(y[~live]))
     assert torch.equal(pool[slots[live]], want_state)  # a shift: exact
     untouched = [s for s in range(slots_n) if s not in (3, 0, 8)]
     assert torch.equal(pool[untouched], before[untouched])
+    want_blocks = blocks_before.clone()
+    if ckpt:
+        want_blocks[[4, 0], 1] = torch.stack([pool[3], pool[8]])  # live rows with a block: their new state
+    assert torch.equal(blocks, want_blocks)
 
 
 @pytest.mark.parametrize("add", [False, True])

@@ -94,17 +94,12 @@ class CudaModelRunner(ModelRunner):
         self.capture_seconds = self.graphs.capture()
 
     def _forward(self, rows: int, width: int) -> torch.Tensor:
-        """The decode step of order[:rows] (static shapes, no sync: what the graphs capture)."""
+        """The decode step of order[:rows] (static shapes, no sync: what the graphs capture); the rows'
+        positions advance, and a boundary row's checkpoint (conv state included) is written, inside."""
         states, ckpts = self.pools.states, self.pools.ckpts
-        tokens, batch = self.batch.gather(rows, width, self.spec.top_k)
-        written = torch.where(batch.write_blocks >= 0, batch.write_blocks, self.scratch)
-        self.utility.acc.index_fill_(0, written, 0.0)  # fresh write blocks: their old weight is gone
-        logits = self.step_fn(tokens, batch, states, ckpts, self.ckpt_sum, self.utility.acc)
-        if states.conv.shape[-1]:
-            # a boundary's conv state is the slot's after its token (padding rows write the scratch block)
-            ckpts.conv[written] = states.conv[:, batch.slots].transpose(0, 1)
-        self.batch.advance(rows, batch.positions)
-        return logits
+        tokens, batch = self.batch.step_inputs(rows, width, self.spec.top_k, self.utility.acc, self.scratch,
+                                               fused=self.decode_path == "triton")
+        return self.step_fn(tokens, batch, states, ckpts, self.ckpt_sum, self.utility.acc)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:

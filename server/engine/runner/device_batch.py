@@ -5,8 +5,8 @@ Rows are assigned when a sequence first appears in a plan and freed when the pla
 between those, the host sends only what changed (plan.py's diffs): released rows, new rows' slot and
 k, table appends and updates (a block that moved: offload, onload, drop), rows that join the decode
 set with their position and token, and the decode order when the set changed. Each step's decode
-inputs are then gathered on the device from the persistent tensors (`gather`), positions advance on
-the device (`advance`) and tokens come from the sampler (`tokens`), so a steady decode step sends
+inputs are then gathered on the device from the persistent tensors and positions advance there
+(`step_inputs`: one Triton launch on CUDA) and tokens come from the sampler (`tokens`), so a steady decode step sends
 nothing at all. Host work per step: one pass over the plan's decode rows (their seq ids), O(1) each.
 
 Row `capacity` is the padding row (slot -1, no table): CUDA graphs gather it for the rows of a
@@ -173,6 +173,27 @@ class DeviceBatch:
     def advance(self, rows: int, positions: torch.Tensor) -> None:
         """After a decode step of order[:rows] at `positions`: each row's next position."""
         self.positions[self.order[:rows]] = positions + 1
+
+    def step_inputs(self, rows: int, width: int, top_k_max: int, utility: torch.Tensor | None, scratch: int,
+                    fused: bool) -> tuple[torch.Tensor, DecodeBatch]:
+        """`gather`, then the rows' positions advanced (the step reads the gathered copy) and the
+        utility of each row's write block zeroed (a fresh block's old weight is gone; rows without
+        one zero `scratch`'s), all static and sync-free. fused: in one Triton launch
+        (kernels/triton_step.py: `gather_rows`; on CUDA or under the interpreter) instead of a dozen
+        torch indexing ops; it leaves the padding row's position as it is."""
+        if not fused:
+            tokens, batch = self.gather(rows, width, top_k_max)
+            if utility is not None:
+                utility.index_fill_(0, torch.where(batch.write_blocks >= 0, batch.write_blocks, scratch), 0.0)
+            self.advance(rows, batch.positions)
+            return tokens, batch
+        from mcserve.kernels.triton_step import gather_rows
+
+        tokens, pos, slots, top_k, table, write = gather_rows(self.order, self.positions, self.tokens, self.slots,
+                                                              self.top_k, self.table, rows, width, self.C, utility,
+                                                              scratch)
+        return tokens, DecodeBatch(positions=pos, slots=slots, block_table=table, write_blocks=write, top_k=top_k,
+                                   top_k_max=top_k_max)
 
     def host_table(self, seq_id: int) -> list[int]:
         """A row's table as the device holds it (tests; one device->host copy)."""

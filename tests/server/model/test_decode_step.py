@@ -114,8 +114,8 @@ def _compare(model, path: str, glue, atol: float) -> None:
     assert torch.isfinite(padded).all()
     for name in ("ssm", "key_sum", "conv"):
         torch.testing.assert_close(getattr(states, name), getattr(ref_states, name), atol=atol, rtol=atol)
-    # checkpoints and keys of the boundary rows (15, 16); the conv part of a block is the runner's
-    for name in ("ssm", "key"):
+    # checkpoints, keys and conv states of the boundary rows (15, 16); every other block untouched
+    for name in ("ssm", "key", "conv"):
         torch.testing.assert_close(getattr(ckpts, name), getattr(ref_ckpts, name), atol=atol, rtol=atol)
     torch.testing.assert_close(util.double(), want_util, atol=atol, rtol=atol)
 
@@ -129,7 +129,7 @@ def test_torch_path_equals_model_decode(case: str) -> None:
 def test_triton_path_equals_model_decode(case: str) -> None:
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    _compare(_model(case), "triton", triton_glue(), 2e-4)
+    _compare(_model(case), "triton", triton_glue(), 1e-5)  # measured ~3e-7 under the interpreter
 
 
 def test_fused_weights_are_views_and_leave_model_decode_unchanged() -> None:
@@ -142,3 +142,7 @@ def test_fused_weights_are_views_and_leave_model_decode_unchanged() -> None:
     assert sum(p.numel() for p in model.parameters()) == params
     attn = model.model.layers[0].attn
     assert attn.k_proj.weight.data_ptr() == step.layers[0].w_in.data_ptr() + attn.q_proj.weight.numel() * 4
+    # rows padded to ALIGN_ROWS with zeros (tiny + learned router: 228 rows -> 232)
+    w_in = step.layers[0].w_in
+    assert w_in.shape[0] == 232 and not w_in[228:].any()
+    assert attn.u_proj.weight.data_ptr() + attn.u_proj.weight.numel() * 4 == w_in[228:].data_ptr()
