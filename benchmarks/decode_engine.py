@@ -20,7 +20,9 @@ back to back (its pure GPU time) and 10 replays under the profiler; after this t
 closed and freed (the replays advanced its positions), and the GPU memory it held must be back
 before the next row (`left_gib`; a runner that outlives its engine is reported with what holds it).
 Both profiles' top-kernel tables (key_averages by self CUDA time, 25 rows) go to
-decode_engine_kernels.txt, one section per row.
+decode_engine_kernels.txt, one section per row. Batches of at most --small-batch-gemv rows (default
+1) run a second time with the experimental fused small-batch GEMV (rows "none (gemv)", "ssc k=4
+(gemv)": RunnerOptions.small_batch_gemv, kernels/triton_gemv.py) against cuBLAS + the glue kernels.
 
 Roofline per step = (all weights once + per row the fp32 state read and written + k checkpoint
 blocks read) / the bandwidth of a device-to-device copy measured at the start. fla: its
@@ -30,7 +32,7 @@ its kernels on first use), ms per step = (time of 1 + S new tokens - time of 1 n
 S = --fla-tokens; skipped with the reason when fla or transformers is missing. Results are written
 after every row (markdown + JSON + kernel tables), so a run cut short keeps what it measured; a row
 that fails (out of memory) is recorded and the others still run. Expected on an H200: ~2-3 minutes
-for our 10 rows, plus at most --fla-seconds (120) for fla's.
+for our 12 rows, plus at most --fla-seconds (120) for fla's.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def gib(device: torch.device) -> float:
 
 
 def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_steps: int, device,
-             label: str, tables: list[str]) -> dict:
+             label: str, tables: list[str], gemv: bool = False) -> dict:
     C = model.spec.segment_size
     n_ckpt = (prompt_len - 1) // C
     warm = 3
@@ -177,7 +179,8 @@ def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_
     before = gib(device)
     t = time.perf_counter()
     engine = LLMEngine(model, tokenizer, cfg, ckpt_dtype=torch.bfloat16 if device.type == "cuda" else None, seed=0,
-                       runner=RunnerOptions("auto" if device.type == "cuda" else "cuda", cuda_graph_sizes=(batch,)))
+                       runner=RunnerOptions("auto" if device.type == "cuda" else "cuda", cuda_graph_sizes=(batch,),
+                                            small_batch_gemv=batch if gemv else 0))
     build_s = time.perf_counter() - t
     runner_ref = weakref.ref(engine.runner)
     try:
@@ -263,6 +266,9 @@ def main() -> None:
     ap.add_argument("--fla-batches", help="default 1,16,64 (--quick: 1); '' to skip fla + HF generate")
     ap.add_argument("--fla-seconds", type=float, default=120.0, help="time limit of all fla rows together")
     ap.add_argument("--fla-tokens", type=int, default=8, help="timed new tokens per fla row")
+    ap.add_argument("--small-batch-gemv", type=int, default=1,
+                    help="batches of at most this many rows (<= 4) also run with the fused small-batch GEMV "
+                         "(RunnerOptions.small_batch_gemv); 0: not")
     ap.add_argument("--steps", type=int, help="timed engine steps per row (default 24, --quick: 12)")
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--prompt-len", type=int, default=1100)
@@ -276,6 +282,7 @@ def main() -> None:
     if device.type == "cpu":  # a dry run of the script: the tiny preset, segment 16 (4 checkpoints at 65+)
         args.preset, args.prompt_len, args.fla_batches = "tiny", 70, ""
     segment = 256 if args.preset == "1.3b" else 16
+    gemv_rows = args.small_batch_gemv if device.type == "cuda" else 0  # the torch path on CPU has no GEMV
     out = Path(args.out) if args.out else None
     tokenizer = Tokenizer.from_dir(default_model_dir())
     bw = copy_bandwidth(device)
@@ -292,18 +299,22 @@ def main() -> None:
         k = min(mc.get("top_k", 0), (args.prompt_len - 1) // segment)
         say(f"model {agg}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
             f"{gib(device):.1f} GiB allocated")
-        for b in batches:
+        # a batch of <= --small-batch-gemv rows runs twice: cuBLAS + glue kernels, then the fused GEMV
+        cells = [(b, False) for b in batches] + [(b, True) for b in batches if b <= gemv_rows]
+        for b, gemv in cells:
+            name = f"{agg} (gemv)" if gemv else agg
             try:
-                r = run_ours(model, tokenizer, b, args.prompt_len, args.steps, 6, device, f"B={b} {agg}", tables)
+                r = run_ours(model, tokenizer, b, args.prompt_len, args.steps, 6, device, f"B={b} {name}", tables,
+                             gemv)
             except Exception as e:  # one row failing (memory) must not lose the others
-                say(f"B={b} {agg}: failed {e!r}")
-                summary["rows"].append({"batch": b, "aggregation": agg, "error": repr(e)})
+                say(f"B={b} {name}: failed {e!r}")
+                summary["rows"].append({"batch": b, "aggregation": name, "error": repr(e)})
                 write(out, summary, tables)
                 continue
             roof = roofline_bytes(model, b, k) / (bw * 1e9) * 1e3
-            r.update(batch=b, aggregation=agg, roofline_ms=roof, fraction=roof / r["ms_per_step"])
+            r.update(batch=b, aggregation=name, roofline_ms=roof, fraction=roof / r["ms_per_step"])
             summary["rows"].append(r)
-            say(f"B={b:4d} {agg:8s} {r['ms_per_step']:8.2f} ms/step {r['tok_s']:9,.0f} tok/s roofline "
+            say(f"B={b:4d} {name:15s} {r['ms_per_step']:8.2f} ms/step {r['tok_s']:9,.0f} tok/s roofline "
                 f"{roof:.2f} ms ({r['fraction']:.1%}) busy {r['gpu_busy']} replay {r['graph_replay_ms']} "
                 f"({r['gpu_ops_per_replay']} GPU ops) graphs {r['graphs']} eager {r['eager_steps']} capture "
                 f"{r['capture_s']:.1f} s; engine {r['engine_gib']:.1f} GiB, {r['left_gib']:.2f} GiB left after it")

@@ -104,8 +104,18 @@ class _Layer:
 
 
 class DecodeStep:
-    def __init__(self, model: MCGatedDeltaNetForCausalLM, decode_fn: DecodeFn, glue: Glue = TORCH_GLUE) -> None:
+    def __init__(self, model: MCGatedDeltaNetForCausalLM, decode_fn: DecodeFn, glue: Glue = TORCH_GLUE,
+                 small_batch_rows: int = 0) -> None:
+        """small_batch_rows: batches of at most this many rows (<= triton_gemv.MAX_ROWS) run their
+        matmuls as kernels/triton_gemv.py's weight-streaming kernel with the norms, residual adds
+        and SwiGLU folded in (experimental; Triton only)."""
         self.model, self.decode_fn, self.glue = model, decode_fn, glue
+        self.small_batch_rows = small_batch_rows
+        if small_batch_rows:
+            from mcserve.kernels import triton_gemv
+
+            assert small_batch_rows <= triton_gemv.MAX_ROWS, small_batch_rows
+            self._gemv = triton_gemv.gemv
         cfg = model.cfg
         self.layers = []
         for block in model.model.layers:
@@ -132,10 +142,13 @@ class DecodeStep:
         H, HV, dk, dv = cfg.num_heads, cfg.num_v_heads_, cfg.head_dim, cfg.head_v_dim
         kd, hv, a0, g0, u0, m2 = cfg.key_dim, cfg.num_v_heads_, self._a, self._g, self._u, 2 * cfg.mlp_size
         blocks = m.model.layers
-        x, h = glue.add_norm(m.model.embeddings(tokens), None, blocks[0].attn_norm)
+        small = B <= self.small_batch_rows  # fixed per graph bucket
+        x = m.model.embeddings(tokens)
+        h = None if small else glue.add_norm(x, None, blocks[0].attn_norm)[1]
         for li, (block, lw) in enumerate(zip(blocks, self.layers, strict=True)):
             attn = block.attn
-            p = F.linear(h, lw.w_in)  # [B, P]
+            n_in = block.attn_norm
+            p = self._gemv(x, lw.w_in, norm=(n_in.weight, n_in.eps)) if small else F.linear(h, lw.w_in)  # [B, P]
             qkv = p[:, :a0]
             qkv = glue.conv(qkv, states.conv[li], batch.slots, lw.w_conv, lw.b_conv, ckpts.conv[:, li],
                             batch.write_blocks) if lw.w_conv is not None else F.silu(qkv)
@@ -147,10 +160,18 @@ class DecodeStep:
                                attn.A_log, attn.dt_bias, spec=m.spec, batch=batch, memory=memory,
                                allow_neg_eigval=cfg.allow_neg_eigval, out_dtype=x.dtype)
             gate = p[:, g0:u0].view(B, HV, dv) if cfg.use_gate else None
-            o = glue.gated_norm(y, gate, attn.o_norm)
-            x, h = glue.add_norm(x, F.linear(o.reshape(B, -1), attn.o_proj.weight), block.mlp_norm)
-            act = glue.swiglu(F.linear(h, lw.w_gate_up)[:, :m2])  # the padding columns left out
+            o = glue.gated_norm(y, gate, attn.o_norm).reshape(B, -1)
             nxt = blocks[li + 1].attn_norm if li + 1 < len(blocks) else m.model.norm
+            if small:
+                x = self._gemv(o, attn.o_proj.weight, residual=x)
+                n = block.mlp_norm
+                act = self._gemv(x, lw.w_gate_up, norm=(n.weight, n.eps), swiglu=m2 // 2)
+                x = self._gemv(act, block.mlp.down_proj.weight, residual=x)
+                continue
+            x, h = glue.add_norm(x, F.linear(o, attn.o_proj.weight), block.mlp_norm)
+            act = glue.swiglu(F.linear(h, lw.w_gate_up)[:, :m2])  # the padding columns left out
             x, h = glue.add_norm(x, F.linear(act, block.mlp.down_proj.weight), nxt)
         w = m.model.embeddings.weight if m.lm_head is None else m.lm_head.weight
+        if small:
+            return self._gemv(x, w, norm=(m.model.norm.weight, m.model.norm.eps)).float()
         return F.linear(h, w).float()

@@ -62,10 +62,11 @@ class CudaModelRunner(ModelRunner):
     def __init__(self, model: MCGatedDeltaNetForCausalLM, config: EngineConfig, ckpt_dtype: torch.dtype | None = None,
                  seed: int | None = None, vocab_size: int | None = None, masks: TokenMasks | None = None,
                  enforce_eager: bool = False, cuda_graph_sizes: list[int] | None = None,
-                 decode_path: str | None = None, pad_eager: bool = False) -> None:
+                 decode_path: str | None = None, pad_eager: bool = False, small_batch_rows: int = 0) -> None:
         """decode_path: "triton" (default on CUDA; its fused glue too) or "torch" (default on CPU). CUDA
         graphs need CUDA and are off with `enforce_eager`; `cuda_graph_sizes` replaces the default batch
-        buckets. pad_eager: eager steps run padded to their bucket as a graph would (tests, on CPU)."""
+        buckets. pad_eager: eager steps run padded to their bucket as a graph would (tests, on CPU).
+        small_batch_rows: `DecodeStep`'s (the Triton path only)."""
         self.model, self.masks, self.config = model, masks, config
         self.device = model.device
         self.spec = spec = model.spec
@@ -87,7 +88,8 @@ class CudaModelRunner(ModelRunner):
         self.staging = Staging(self.device)
         path = decode_path or ("triton" if cuda else "torch")
         self.decode_path = path
-        self.step_fn = DecodeStep(model, get_decode_path(path), triton_glue() if path == "triton" else TORCH_GLUE)
+        self.step_fn = DecodeStep(model, get_decode_path(path), triton_glue() if path == "triton" else TORCH_GLUE,
+                                  small_batch_rows=small_batch_rows if path == "triton" else 0)
         self.prefill_kernels = select_kernels(self.device, spec, model.dtype)
         self.graphs = DecodeGraphs(self._forward, batch_buckets(config.max_num_seqs, cuda_graph_sizes),
                                    width_buckets(width), enabled=cuda and not enforce_eager, pad_eager=pad_eager)

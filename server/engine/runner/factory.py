@@ -29,11 +29,14 @@ class RunnerOptions:
         torch decode path without graphs: how its host logic is tested).
     enforce_eager: no CUDA graphs (every decode step launched op by op).
     cuda_graph_sizes: the batch sizes to capture graphs for (None: 1, 2, 4, 8, 16, 32, ..., max_num_seqs).
+    small_batch_gemv: decode steps of at most this many rows (<= 4) run their matmuls as the fused
+        weight-streaming Triton kernel (kernels/triton_gemv.py; experimental, CUDA runner on Triton).
     """
 
     kind: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
+    small_batch_gemv: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in RUNNERS:
@@ -42,6 +45,8 @@ class RunnerOptions:
         if sizes is not None and (not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
                                                    for s in sizes)):
             raise ConfigError(f"cuda_graph_sizes must be positive integers, got {sizes!r}")
+        if not 0 <= self.small_batch_gemv <= 4:
+            raise ConfigError(f"small_batch_gemv must be 0 to 4 rows, got {self.small_batch_gemv!r}")
 
 
 def make_runner(model: MCGatedDeltaNetForCausalLM, config: EngineConfig, *, ckpt_dtype: torch.dtype | None = None,
@@ -67,4 +72,5 @@ def make_runner(model: MCGatedDeltaNetForCausalLM, config: EngineConfig, *, ckpt
 
     sizes = list(options.cuda_graph_sizes) if options.cuda_graph_sizes is not None else None
     return CudaModelRunner(model, config, ckpt_dtype, seed=seed, vocab_size=vocab_size, masks=masks,
-                           enforce_eager=options.enforce_eager, cuda_graph_sizes=sizes)
+                           enforce_eager=options.enforce_eager, cuda_graph_sizes=sizes,
+                           small_batch_rows=options.small_batch_gemv)
