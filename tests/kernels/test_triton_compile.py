@@ -1,6 +1,7 @@
-"""The prefill's Triton kernels compile for the H200 (sm_90) at the served shapes, and ptxas spills no
-registers: the interpreter tests run their logic on CPU, but only the compiler checks loop-carried
-types, dot shapes and dtypes, and register use. Runs tests/kernels/triton_compile_check.py in a
+"""The prefill's Triton kernels and the decode step's glue (row gather, conv step, small-batch GEMV)
+compile for the H200 (sm_90) at the served shapes, and ptxas spills no registers: the interpreter
+tests run their logic on CPU, but only the compiler checks loop-carried types, dot shapes and
+dtypes, and register use. Runs tests/kernels/triton_compile_check.py in a
 fresh process without TRITON_INTERPRET, with Triton's bundled ptxas; no GPU needed."""
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def test_every_variant_was_compiled(report: dict[str, str]) -> None:
                                   "router agg=2 nmax=256", "readout bf16", "readout fp32",
                                   "conv heads copy32=False", "conv heads copy32=True", "piece sums",
                                   "grouped bf16", "grouped fp32",
-                                  "norm D=2048 gate=0", "norm D=512 gate=1", "norm D=512 gate=2"])
+                                  "norm D=2048 gate=0", "norm D=512 gate=1", "norm D=512 gate=2", "step glue",
+                                  *[f"gemv M={m} K={k} {mode}" for m in (1, 4) for k, mode in
+                                    [(2048, "norm"), (3072, "residual"), (2048, "swiglu"), (5632, "residual")]]])
 def test_compiles_without_spills(report: dict[str, str], name: str) -> None:
     assert report.get(name) == "ok", report.get(name)

@@ -1,4 +1,5 @@
-"""Compile the prefill's Triton kernels for the H200 (sm_90) at the served shapes, without a GPU.
+"""Compile the prefill's Triton kernels and the decode step's glue kernels for the H200 (sm_90) at the
+served shapes (the 1.3b preset's for the decode glue), without a GPU.
 
 Run by tests/kernels/test_triton_compile.py in a fresh process (the interpreter, which other tests
 switch on, replaces the kernels by interpreted functions that cannot be compiled). Prints one line
@@ -111,6 +112,35 @@ def norm_kernels(bd: int, gate: int) -> None:
     check(compile_kernel(_swiglu_kernel, {"gate": "*bf16", "up": "*bf16", "y": "*bf16", "N": "i32"}, dict(BN=1024)))
 
 
+def step_kernels() -> None:
+    """kernels/triton_step.py's row gather and conv step (with the checkpoint write) at the 1.3b
+    preset's conv dim."""
+    from mcserve.kernels.triton_step import _conv_step_kernel, _gather_kernel
+
+    types = {"x": "*bf16", "state": "*bf16", "slots": "*i64", "w": "*bf16", "bias": "*bf16", "y": "*bf16", "D": "i32",
+             "ckpt": "*bf16", "writes": "*i64", **strides("s_x", "s_sb", "s_y", "s_cb")}
+    check(compile_kernel(_conv_step_kernel, types, dict(W1=3, BD=1024, HAS_BIAS=False, HAS_CKPT=True)))
+    i64 = ("order", "positions", "tokens", "slots", "top_k", "table", "tok_o", "pos_o", "slot_o", "k_o", "table_o",
+           "write_o")
+    types = {**dict.fromkeys(i64, "*i64"), "utility": "*fp32", "s_t": "i32", "width": "i32", "C": "i32",
+             "last": "i32", "scratch": "i32"}
+    check(compile_kernel(_gather_kernel, types, dict(BW=8, HAS_UTIL=True), num_warps=1))
+
+
+def gemv_kernel(m: int, k: int, mode: str) -> None:
+    """kernels/triton_gemv.py at the 1.3b preset's matmuls (hidden 2048, value dim 3072, MLP 5632)."""
+    import triton as tr
+
+    from mcserve.kernels.triton_gemv import _gemv_kernel
+
+    types = {"x": "*bf16", "w": "*bf16", "y": "*bf16", "r": "*bf16", "nw": "*bf16", "M": "i32", "N": "i32",
+             "eps": "fp32", **strides("s_x", "s_w", "s_y", "s_r")}
+    bm = tr.next_power_of_2(m)
+    check(compile_kernel(_gemv_kernel, types, dict(K=k, BM=bm, BN=8 if mode == "swiglu" else 16,
+                                                   BK=min(512 // bm, tr.next_power_of_2(k)), NORM=mode == "norm",
+                                                   RESID=mode == "residual", SWIGLU=mode == "swiglu")))
+
+
 VARIANTS = {
     **{f"router agg={a} nmax={n}": (router_kernel, (a, n)) for a, n in [(2, 16), (1, 64), (0, 16), (2, 256)]},
     "readout bf16": (readout_kernel, ("bf16", False)),
@@ -120,6 +150,9 @@ VARIANTS = {
     "grouped bf16": (grouped_kernel, ("bf16", False)),
     "grouped fp32": (grouped_kernel, ("fp32", True)),
     **{f"norm D={d} gate={g}": (norm_kernels, (d, g)) for d, g in [(2048, 0), (512, 1), (512, 2)]},
+    "step glue": (step_kernels, ()),
+    **{f"gemv M={m} K={k} {mode}": (gemv_kernel, (m, k, mode))
+       for m in (1, 4) for k, mode in [(2048, "norm"), (3072, "residual"), (2048, "swiglu"), (5632, "residual")]},
 }
 
 
