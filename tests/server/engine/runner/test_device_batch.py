@@ -1,6 +1,7 @@
 """DeviceBatch.step_inputs: the fused Triton gather (one launch; Triton's interpreter on CPU) against
 the torch ops it replaces (gather, the write blocks' utility zeroed, positions advanced), on a
-persistent batch with padding rows, boundaries, tables of every length and widths below the full one."""
+persistent batch with padding rows, boundaries, tables of every length, and widths below and above
+the table's."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def _clone(b: DeviceBatch) -> DeviceBatch:
     return c
 
 
-@pytest.mark.parametrize(("rows", "width"), [(5, 9), (7, FULL), (1, 1), (3, 200)])
+# (5, 512): a CUDA graph's width bucket wider than the table (the torch ops clamp it to the table; the
+# fused gather must too: it failed every graph capture on the H200 when it asserted width <= table width)
+@pytest.mark.parametrize(("rows", "width"), [(5, 9), (7, FULL), (1, 1), (3, 200), (5, 512)])
 def test_fused_gather_equals_torch_ops(rows: int, width: int) -> None:
     ref = _batch(rows * 1000 + width)
     got = _clone(ref)
