@@ -27,7 +27,7 @@ from mcserve.server.api.protocol import (
     TokenizeResponse,
 )
 from mcserve.server.api.request_id import RequestIdMiddleware
-from mcserve.server.api.serving import ServingContext, parse_body
+from mcserve.server.api.serving import ServingContext, admitted, parse_body
 from mcserve.server.api.serving_chat import create_chat_completion
 from mcserve.server.api.serving_completion import create_completion
 from mcserve.server.api.sessions import install_session_routes
@@ -60,11 +60,11 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(ctx, request)
+        return await admitted(ctx, request, create_chat_completion)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await create_completion(ctx, request)
+        return await admitted(ctx, request, create_completion)
 
     def model_card() -> ModelCard:
         return ModelCard(

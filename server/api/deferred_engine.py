@@ -31,6 +31,10 @@ class DeferredEngine:
         return self.inner.max_model_len if self.inner is not None else self._max_model_len
 
     @property
+    def max_waiting(self) -> int:
+        return self._ready().max_waiting
+
+    @property
     def is_ready(self) -> bool:
         return self.inner is not None and self.inner.is_ready
 

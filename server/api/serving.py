@@ -1,7 +1,7 @@
 """What every generation endpoint shares: the engine, tokenizer, settings and metrics of one app, and
-the steps between the bytes of a request and a `GenerateRequest`: readiness, Content-Type, strict JSON
-(no duplicate keys), model name, prompt text -> token ids off the event loop within the context bound,
-context length, token ids."""
+the steps between the bytes of a request and a `GenerateRequest`: readiness, admission (admission.py),
+Content-Type, strict JSON (no duplicate keys), model name, prompt text -> token ids off the event loop
+within the context bound, context length, token ids."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from mcserve.server.api.admission import Admission, Ticket
 from mcserve.server.api.drain import Drain
 from mcserve.server.api.errors import (
     EngineNotReadyError,
@@ -66,6 +67,10 @@ class ServingContext:
     metrics: EngineMetrics
     drain: Drain = field(default_factory=Drain)
     text: TextWorker = field(default_factory=TextWorker)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "admission", Admission(self.engine))
 
     @property
     def model_name(self) -> str:
@@ -256,6 +261,16 @@ async def parse_body(ctx: ServingContext, http: Request, model: type[M]) -> M:
     return await ctx.text.run(parse_json, raw, model, ctx.engine.max_model_len)
 
 
+async def admitted(
+    ctx: ServingContext, http: Request, handle: Callable[[ServingContext, Request, Ticket], Awaitable[Response]]
+) -> Response:
+    """A generation endpoint: readiness, then `handle` under an admission ticket, given back however
+    it ends (`respond` gives it back earlier, once the engine has queued the request)."""
+    ctx.check_ready()
+    with ctx.admission.admit() as ticket:
+        return await handle(ctx, http, ticket)
+
+
 def usage_info(usages: Sequence[Usage]) -> UsageInfo:
     prompt = sum(u.prompt_tokens for u in usages)
     completion = sum(u.completion_tokens for u in usages)
@@ -293,18 +308,29 @@ async def respond(
     ctx: ServingContext,
     http: Request,
     run: EngineRun,
+    ticket: Ticket,
     *,
     stream: bool,
     writer: ChunkWriter,
     collect: Callable[[], Awaitable[BaseModel]],
 ) -> Response:
-    """Start `run`, then stream it as SSE or answer with `collect()`'s body. Either way the client
-    leaving aborts the run; errors before the first token propagate as HTTP errors."""
+    """Start `run` (then `ticket` is given back: the engine counts its sequences as waiting), then
+    stream it as SSE or answer with the body `collect()` makes of the started run. Either way the
+    client leaving aborts the run; errors before the first token propagate as HTTP errors."""
+
+    async def start() -> None:
+        await run.start()
+        ticket.release()
+
+    async def start_and_collect() -> BaseModel:
+        await start()
+        return await collect()
+
     try:
         if stream:
-            await unless_disconnected(http.receive, run.start())
+            await unless_disconnected(http.receive, start())
             return sse_response(run, writer, ctx.settings.sse_ping_s)
-        body = await unless_disconnected(http.receive, collect())
+        body = await unless_disconnected(http.receive, start_and_collect())
     except ClientDisconnected:
         await run.close("abort")
         return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"

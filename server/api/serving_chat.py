@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mcserve.server.api.admission import Ticket
 from mcserve.server.api.limits import check_messages, check_sampling_limits
 from mcserve.server.api.logprobs import TokenBytesFn, chat_logprobs, vllm_prompt_logprobs
 from mcserve.server.api.protocol import (
@@ -24,7 +26,7 @@ from mcserve.server.api.protocol import (
 )
 from mcserve.server.api.request_id import request_id as request_id_of
 from mcserve.server.api.serving import ServingContext, UsageCounter, parse_body, respond
-from mcserve.server.api.streaming import EngineRun, engine_error
+from mcserve.server.api.streaming import EngineRun, consume
 from mcserve.server.api.structured import structured_spec
 from mcserve.server.api.tool_calls import HermesToolParser
 from mcserve.server.api.tool_choice import forced_tool_spec, parses_tool_calls, rendered_tools
@@ -117,26 +119,20 @@ async def _collect(
     finish: list[Delta | None] = [None] * n
     scored: PromptLogprobs | None = None
     usage = UsageCounter([prompt_len])
-    reason = "abort"  # if cancelled: the client went away
-    try:
-        await run.start()
-        async for k, delta in run:
-            if delta.finish_reason == "error":
-                raise engine_error(delta)
-            usage.add(k, len(delta.token_ids), delta.usage)
-            texts[delta.index].append(delta.text)
-            if delta.logprobs is not None and logprobs[delta.index] is not None:
-                lp = chat_logprobs(delta.logprobs, token_bytes)
-                logprobs[delta.index].extend(lp.content)  # type: ignore[union-attr]
-            if delta.finish_reason is not None:
-                finish[delta.index] = delta
-            if delta.prompt_logprobs is not None and body.prompt_logprobs is not None and scored is None:
-                scored = vllm_prompt_logprobs(delta.prompt_logprobs, body.prompt_logprobs, token_bytes)
-    except Exception:
-        reason = "error"
-        raise
-    finally:
-        await run.close(reason)  # unfinished choices count as aborted (client gone) or failed
+
+    def on_delta(k: int, delta: Delta) -> None:
+        nonlocal scored
+        usage.add(k, len(delta.token_ids), delta.usage)
+        texts[delta.index].append(delta.text)
+        if delta.logprobs is not None and logprobs[delta.index] is not None:
+            lp = chat_logprobs(delta.logprobs, token_bytes)
+            logprobs[delta.index].extend(lp.content)  # type: ignore[union-attr]
+        if delta.finish_reason is not None:
+            finish[delta.index] = delta
+        if delta.prompt_logprobs is not None and body.prompt_logprobs is not None and scored is None:
+            scored = vllm_prompt_logprobs(delta.prompt_logprobs, body.prompt_logprobs, token_bytes)
+
+    await consume(run, on_delta)
     choices = []
     for i in range(n):
         message, parser = _message("".join(texts[i]), parse_tools)
@@ -152,12 +148,13 @@ async def _collect(
                                   prompt_logprobs=scored)
 
 
-async def create_chat_completion(ctx: ServingContext, http: Request) -> Response:
-    ctx.check_ready()
+async def create_chat_completion(ctx: ServingContext, http: Request, ticket: Ticket) -> Response:
+    """Under `ticket` (serving.py's `admitted`)."""
     body = await parse_body(ctx, http, ChatCompletionRequest)
     check_sampling_limits(body)
     check_messages(body.messages)
     ctx.check_model(body.model)
+    ticket.resize(body.n or 1)  # before the template and the tokenizer run
     ids = await ctx.chat_prompt_ids(
         body.messages,
         add_generation_prompt=body.add_generation_prompt is not False,
@@ -177,12 +174,5 @@ async def create_chat_completion(ctx: ServingContext, http: Request) -> Response
     run = ctx.engine_run(request_id, [prompt], [params], body, http)
     writer = ChatChunkWriter(request_id, ctx.model_name, params.n, len(ids), body.include_usage,
                              ctx.tokenizer.token_bytes, tool_calls=parse_tools, prompt_logprobs=body.prompt_logprobs)
-    return await respond(
-        ctx,
-        http,
-        run,
-        stream=bool(body.stream),
-        writer=writer,
-        collect=lambda: _collect(run, body, request_id, ctx.model_name, len(ids), parse_tools,
-                                 ctx.tokenizer.token_bytes),
-    )
+    collect = partial(_collect, run, body, request_id, ctx.model_name, len(ids), parse_tools, ctx.tokenizer.token_bytes)
+    return await respond(ctx, http, run, ticket, stream=bool(body.stream), writer=writer, collect=collect)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mcserve.server.api.admission import Ticket
 from mcserve.server.api.limits import check_sampling_limits
 from mcserve.server.api.logprobs import TextOffsets, TokenBytesFn, completion_logprobs, vllm_prompt_logprobs
 from mcserve.server.api.protocol import (
@@ -23,7 +25,7 @@ from mcserve.server.api.protocol import (
 )
 from mcserve.server.api.request_id import request_id as request_id_of
 from mcserve.server.api.serving import PreparedPrompt, ServingContext, UsageCounter, parse_body, respond
-from mcserve.server.api.streaming import EngineRun, engine_error
+from mcserve.server.api.streaming import EngineRun, consume
 from mcserve.server.api.structured import structured_spec
 from mcserve.server.engine.outputs import Delta, TokenLogprob
 from mcserve.server.text.token_bytes import display_token
@@ -118,29 +120,22 @@ async def _collect(
         for i in range(num_choices)
     ]
     texts: list[list[str]] = [[] for _ in range(num_choices)]
-    reason = "abort"  # if cancelled: the client went away
-    try:
-        await run.start()
-        async for k, delta in run:
-            if delta.finish_reason == "error":
-                raise engine_error(delta)
-            for chunk in writer.on_delta(k, delta):
-                assert isinstance(chunk, CompletionResponse)
-                for part in chunk.choices:
-                    merged = choices[part.index]
-                    texts[part.index].append(part.text)
-                    if part.logprobs is not None and merged.logprobs is not None:
-                        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                            getattr(merged.logprobs, name).extend(getattr(part.logprobs, name))
-                    if part.finish_reason is not None:
-                        merged.finish_reason, merged.stop_reason = part.finish_reason, part.stop_reason
-                    if part.prompt_logprobs is not None:
-                        merged.prompt_logprobs = part.prompt_logprobs
-    except Exception:
-        reason = "error"
-        raise
-    finally:
-        await run.close(reason)  # unfinished choices count as aborted (client gone) or failed
+
+    def on_delta(k: int, delta: Delta) -> None:
+        for chunk in writer.on_delta(k, delta):
+            assert isinstance(chunk, CompletionResponse)
+            for part in chunk.choices:
+                merged = choices[part.index]
+                texts[part.index].append(part.text)
+                if part.logprobs is not None and merged.logprobs is not None:
+                    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                        getattr(merged.logprobs, name).extend(getattr(part.logprobs, name))
+                if part.finish_reason is not None:
+                    merged.finish_reason, merged.stop_reason = part.finish_reason, part.stop_reason
+                if part.prompt_logprobs is not None:
+                    merged.prompt_logprobs = part.prompt_logprobs
+
+    await consume(run, on_delta)
     for choice, parts in zip(choices, texts, strict=True):
         choice.text = "".join(parts)
     return CompletionResponse(
@@ -148,12 +143,13 @@ async def _collect(
     )
 
 
-async def create_completion(ctx: ServingContext, http: Request) -> Response:
-    ctx.check_ready()
+async def create_completion(ctx: ServingContext, http: Request, ticket: Ticket) -> Response:
+    """Under `ticket` (serving.py's `admitted`)."""
     body = await parse_body(ctx, http, CompletionRequest)
     check_sampling_limits(body)
     ctx.check_model(body.model)
     items = body.prompts()
+    ticket.resize((body.n or 1) * len(items))  # before any prompt is tokenized
     prompts: list[PreparedPrompt] = []
     for k, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt[{k}]"
@@ -179,11 +175,5 @@ async def create_completion(ctx: ServingContext, http: Request) -> Response:
         ctx.tokenizer.token_bytes, special_ids=frozenset(getattr(ctx.tokenizer, "all_special_ids", ())),
         echo_logprobs=body.logprobs if body.echo else None, prompt_logprobs=body.prompt_logprobs,
     )
-    return await respond(
-        ctx,
-        http,
-        run,
-        stream=bool(body.stream),
-        writer=writer,
-        collect=lambda: _collect(run, writer, n * len(prompts), body.logprobs is not None),
-    )
+    collect = partial(_collect, run, writer, n * len(prompts), body.logprobs is not None)
+    return await respond(ctx, http, run, ticket, stream=bool(body.stream), writer=writer, collect=collect)

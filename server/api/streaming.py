@@ -5,8 +5,9 @@ per prompt) concurrently and yields `(request_index, Delta)` in arrival order. C
 reason (done, error, client gone), cancels the engine iterators and calls `engine.abort` for every
 request that has not finished, so the engine frees them within one step.
 
-`sse_events` turns a run into `data: <json>` events; an error mid-stream becomes an event with the
-OpenAI error body, and every stream that is not cut by the client ends with `data: [DONE]`.
+`consume` feeds a run's deltas to a function (the non-streaming bodies); `sse_events` turns a run
+into `data: <json>` events, where an error mid-stream becomes an event with the OpenAI error body,
+and every stream that is not cut by the client ends with `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -171,6 +172,24 @@ class ChunkWriter(Protocol):
 
 def engine_error(delta: Delta) -> MCServeError:
     return InternalServerError(f"generation failed: {delta.error or 'unknown engine error'}", code="engine_error")
+
+
+async def consume(run: EngineRun, on_delta: Callable[[int, Delta], None]) -> None:
+    """Hand every delta of a started run to `on_delta(request_index, delta)` until each choice has
+    finished, then close the run (a non-streaming response is built this way). A delta with finish
+    reason "error" raises `engine_error`; choices left unfinished count as "error" when anything
+    raised, as "abort" when the caller is cancelled (the client went away)."""
+    reason = "abort"
+    try:
+        async for k, delta in run:
+            if delta.finish_reason == "error":
+                raise engine_error(delta)
+            on_delta(k, delta)
+    except Exception:
+        reason = "error"
+        raise
+    finally:
+        await run.close(reason)
 
 
 async def sse_events(run: EngineRun, writer: ChunkWriter) -> AsyncIterator[bytes]:

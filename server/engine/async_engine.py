@@ -74,6 +74,7 @@ class AsyncEngine:
         self._last_slow_step_s: float | None = None
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        self.max_waiting = engine.config.max_waiting
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}

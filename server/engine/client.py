@@ -76,6 +76,7 @@ class EngineClient(Protocol):
 
     model_name: str
     max_model_len: int
+    max_waiting: int  # the waiting queue's bound, in sequences (a request of n choices takes n)
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]: ...
 

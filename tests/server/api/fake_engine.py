@@ -12,7 +12,8 @@ text switch behaviours:
   [[crash]]    raises RuntimeError before the first delta
   [[invalid]]  raises InvalidRequestError before the first delta (engine-side validation)
 
-More than `max_inflight` concurrent requests raise QueueFullError. Aborts and early closes are
+More than `max_inflight` concurrent requests raise QueueFullError. `max_waiting` is the bound the HTTP
+side admits against, with `num_waiting` (settable) as the engine's reported waiting count. Aborts and early closes are
 recorded for the tests to inspect.
 """
 
@@ -36,6 +37,7 @@ class FakeEngine:
         model_name: str = "fake-model",
         max_model_len: int = 512,
         max_inflight: int = 256,
+        max_waiting: int = 1024,
         step_s: float = 0.0,
         slow_step_s: float = 0.05,
         paced_step_s: float = 0.01,
@@ -44,6 +46,8 @@ class FakeEngine:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.max_inflight = max_inflight
+        self.max_waiting = max_waiting
+        self.num_waiting = 0
         self.step_s = step_s
         self.slow_step_s = slow_step_s
         self.paced_step_s = paced_step_s
@@ -63,7 +67,7 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.inflight),
-            num_waiting=0,
+            num_waiting=self.num_waiting,
             state_slots_running=len(self.inflight),
             state_slots_parked=0,
             state_slots_total=self.max_inflight,
