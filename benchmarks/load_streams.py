@@ -6,6 +6,9 @@ TTFT and end-to-end percentiles of the completed ones and the time to a 503.
     nice python benchmarks/load_streams.py --clients 1000
     nice python benchmarks/load_streams.py --clients 1000 --server-args "--max-num-seqs 8 --max-waiting 16"
 
+`--client raw` sends the same requests over bare sockets instead of httpx, whose connection pool costs
+the client seconds with a thousand connections on a small machine (so its times are partly the
+client's own); `--client both` runs the httpx wave, then the raw one, against one server.
 Exit status 0 when every request is accounted for (and, after the run, the server is idle with
 nothing held); 1 otherwise.
 """
@@ -23,10 +26,14 @@ import httpx
 from live_server import LiveServer, accounted_for, percentile
 
 
+def request_body(i: int, max_tokens: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"Client {i} says hello. Tell me a story."}],
+            "max_tokens": max_tokens, "stream": True, "temperature": 0.0}
+
+
 async def one(client: httpx.AsyncClient, url: str, headers: dict, i: int, max_tokens: int) -> tuple[str, float, float]:
     """(outcome, ttft_s, total_s); outcome "ok", "503", or a description of what went wrong."""
-    body = {"messages": [{"role": "user", "content": f"Client {i} says hello. Tell me a story."}],
-            "max_tokens": max_tokens, "stream": True, "temperature": 0.0}
+    body = request_body(i, max_tokens)
     start = time.monotonic()
     ttft = float("nan")
     try:
@@ -58,33 +65,77 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict, i: int, max_to
         return f"transport error {type(e).__name__}: {e}", ttft, time.monotonic() - start
 
 
-async def run(url: str, headers: dict, clients: int, max_tokens: int) -> list[tuple[str, float, float]]:
+async def one_raw(port: int, headers: dict, i: int, max_tokens: int) -> tuple[str, float, float]:
+    """`one` over a bare asyncio socket (HTTP/1.1 by hand, chunked SSE decoded here): next to no client
+    work per request, so with a thousand at once the times are the server's, not httpx's pool's."""
+    body = json.dumps(request_body(i, max_tokens)).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    start = time.monotonic()
+    ttft = float("nan")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as e:
+        return f"transport error {type(e).__name__}: {e}", ttft, time.monotonic() - start
+    try:
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}Content-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+        status = int((await reader.readline()).split()[1])
+        fields = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            fields[name.strip().lower()] = value.strip()
+        if status == 503:
+            err = json.loads(await reader.readexactly(int(fields["content-length"])))["error"]
+            ok = "retry-after" in fields and err["type"] and err["message"]
+            return ("503" if ok else f"503 without Retry-After/body: {err}"), ttft, time.monotonic() - start
+        if status != 200:
+            return f"status {status}", ttft, time.monotonic() - start
+        finished = done = False
+        pending = b""
+        while not done:
+            size = int((await reader.readline()).strip() or b"0", 16)  # chunked transfer encoding
+            if size == 0:
+                break
+            pending += (await reader.readexactly(size + 2))[:-2]
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                for line in event.decode().splitlines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            return f"error event: {chunk['error']}", ttft, time.monotonic() - start
+                        for c in chunk["choices"]:
+                            if c["delta"].get("content") and ttft != ttft:
+                                ttft = time.monotonic() - start
+                            finished = finished or c.get("finish_reason") is not None
+        if not (finished and done):
+            return f"stream ended early (finish={finished}, [DONE]={done})", ttft, time.monotonic() - start
+        return "ok", ttft, time.monotonic() - start
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+        return f"transport error {type(e).__name__}: {e}", ttft, time.monotonic() - start
+    finally:
+        writer.close()
+
+
+async def run(srv: LiveServer, client: str, clients: int, max_tokens: int) -> list[tuple[str, float, float]]:
+    if client == "raw":
+        return await asyncio.gather(*(one_raw(srv.port, srv.headers, i, max_tokens) for i in range(clients)))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=60)) as client:
-        return await asyncio.gather(*(one(client, url, headers, i, max_tokens) for i in range(clients)))
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=60)) as c:
+        return await asyncio.gather(*(one(c, srv.url, srv.headers, i, max_tokens) for i in range(clients)))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=1000)
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--model", help="model directory (default: the embedded model)")
-    ap.add_argument("--server-args", default="", help="extra `mcserve serve` flags, one string")
-    args = ap.parse_args()
-
-    with LiveServer(args.model, tuple(shlex.split(args.server_args))) as srv:
-        start = time.monotonic()
-        results = asyncio.run(run(srv.url, srv.headers, args.clients, args.max_tokens))
-        wall = time.monotonic() - start
-        idle = srv.wait_idle()
-        problems = accounted_for(idle)
+def report(label: str, results: list[tuple[str, float, float]], wall: float, problems: list[str]) -> bool:
+    """Prints the wave's figures; True when every request completed or got 503 and nothing is held."""
     outcomes = Counter(o for o, _, _ in results)
     ok = [r for r in results if r[0] == "ok"]
     refused = [r for r in results if r[0] == "503"]
     bad = {o: n for o, n in outcomes.items() if o not in ("ok", "503")}
     ttft = [t for _, t, _ in ok]
-    print(f"{args.clients} streaming clients, max_tokens {args.max_tokens}, server args '{args.server_args}': "
-          f"{len(ok)} completed, {len(refused)} got 503 + Retry-After, {sum(bad.values())} other; {wall:.1f} s")
+    print(f"{label}: {len(ok)} completed, {len(refused)} got 503 + Retry-After, {sum(bad.values())} other; "
+          f"{wall:.1f} s")
     if ok:
         e2e = [e for *_, e in ok]
         print(f"TTFT p50 {percentile(ttft, 50):.2f} s, p90 {percentile(ttft, 90):.2f} s, "
@@ -96,7 +147,29 @@ def main() -> int:
         print(f"  {n} x {outcome}")
     for p in problems:
         print(f"  after the run: {p}")
-    return 0 if not bad and not problems else 1
+    return not bad and not problems
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--model", help="model directory (default: the embedded model)")
+    ap.add_argument("--server-args", default="", help="extra `mcserve serve` flags, one string")
+    ap.add_argument("--client", choices=("httpx", "raw", "both"), default="httpx")
+    args = ap.parse_args()
+
+    good = True
+    with LiveServer(args.model, tuple(shlex.split(args.server_args))) as srv:
+        for client in ("httpx", "raw") if args.client == "both" else (args.client,):
+            start = time.monotonic()
+            results = asyncio.run(run(srv, client, args.clients, args.max_tokens))
+            wall = time.monotonic() - start
+            problems = accounted_for(srv.wait_idle())
+            label = (f"{args.clients} streaming clients ({client}), max_tokens {args.max_tokens}, "
+                     f"server args '{args.server_args}'")
+            good = report(label, results, wall, problems) and good
+    return 0 if good else 1
 
 
 if __name__ == "__main__":

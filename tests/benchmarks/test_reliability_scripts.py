@@ -23,9 +23,11 @@ def _run(script: str, *args: str, timeout_s: int = 600) -> str:
 
 
 def test_concurrent_streams_complete_or_get_503_with_retry_after() -> None:
-    out = _run("load_streams.py", "--clients", "40", "--max-tokens", "4",
+    out = _run("load_streams.py", "--clients", "40", "--max-tokens", "4", "--client", "both",
                "--server-args", "--max-num-seqs 4 --max-waiting 8")
-    assert "0 other" in out and "got 503 + Retry-After" in out
+    for client in ("httpx", "raw"):
+        line = next(x for x in out.splitlines() if x.startswith(f"40 streaming clients ({client})"))
+        assert "0 other" in line and "got 503 + Retry-After" in line, out
 
 
 def test_client_cuts_leave_nothing_allocated() -> None:

@@ -1,4 +1,4 @@
-"""Hardening of the HTTP front end, in-process: /health's four states, Content-Type, header size, API
+"""Hardening of the HTTP front end, in-process: /health's four states, Content-Type, header and body size, API
 keys (several, one 401 for every failure, WWW-Authenticate), CORS only when configured, no request
 text in the logs unless asked, and prompt preparation off the event loop."""
 
@@ -107,6 +107,34 @@ def test_oversized_headers_are_431() -> None:
     r = _call(app, "GET", "/v1/models", headers={"X-Big": "b" * 3000})
     assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
     assert _call(app, "GET", "/v1/models", headers={"X-Small": "s" * 100}).status_code == 200
+
+
+def test_a_body_without_length_is_refused_at_the_first_piece_past_the_limit() -> None:
+    """Through the whole middleware stack: nothing outside the size limit reads the body, and the 413
+    goes out as soon as the bytes received pass the limit, not after reading on (a 50 MB chunked body
+    costs the reading of 8 MiB and no more)."""
+    limit, piece = 64 * 1024, 4096
+    app, engine = _app(max_body_bytes=limit)
+    pulled, sent = 0, []
+
+    async def receive() -> dict:
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": b"x" * piece, "more_body": True}  # never ends
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                         (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 40000), "server": ("test", 80)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    assert pulled == limit // piece + 1  # the first piece that passes the limit, none after it
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert b"request_too_large" in b"".join(m.get("body", b"") for m in sent[1:])
+    assert not engine.seen
 
 
 def test_several_keys_one_401_for_every_failure() -> None:
