@@ -5,8 +5,11 @@ but it is reached only after the body has been parsed, the chat template rendere
 tokenized in the text worker (text_worker.py), where requests take turns. Under overload every
 refused request would first wait for its turn there (seconds with hundreds in line). So each
 generation request takes a `Ticket` first: the sequences admitted but not yet queued in the engine
-(`pending`), plus those waiting in it, must leave room for the request's own, else 503 with
-Retry-After at once. The engine's check stays; this one only answers sooner.
+(`pending`), plus those waiting in it, must leave room for the request's own in the waiting queue
+and the free running places (`max_num_seqs` less those running: the scheduler moves waiting sequences
+there at its next step), else 503 with Retry-After at once. The engine's check stays, exact; this one
+only answers sooner. When admitted requests reach the engine faster than it steps, the engine may
+still refuse some of them (after their templating, as before).
 
 A ticket counts 1 sequence until the body is parsed, then `resize` sets the request's real count (n
 per prompt, times the prompts), checked again before templating. It is given back once the engine
@@ -49,11 +52,12 @@ class Admission:
                 param="n",
             )
         others = self.pending - ticket.sequences
-        waiting = self._engine.stats().num_waiting
-        if waiting + others + sequences > limit:
+        stats = self._engine.stats()
+        waiting, free = stats.num_waiting, max(0, self._engine.max_num_seqs - stats.num_running)
+        if waiting + others + sequences > limit + free:
             raise QueueFullError(
-                f"the waiting queue holds {waiting} of {limit} sequences and {others} more are being prepared; "
-                f"no room for {sequences} more; retry later"
+                f"the waiting queue holds {waiting} of {limit} sequences, {free} running places are free and "
+                f"{others} more sequences are being prepared; no room for {sequences} more; retry later"
             )
 
     def _resize(self, ticket: Ticket, sequences: int) -> None:

@@ -35,6 +35,10 @@ class DeferredEngine:
         return self._ready().max_waiting
 
     @property
+    def max_num_seqs(self) -> int:
+        return self._ready().max_num_seqs
+
+    @property
     def is_ready(self) -> bool:
         return self.inner is not None and self.inner.is_ready
 

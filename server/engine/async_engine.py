@@ -75,6 +75,7 @@ class AsyncEngine:
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self.max_waiting = engine.config.max_waiting
+        self.max_num_seqs = engine.config.max_num_seqs
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}

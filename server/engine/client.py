@@ -77,6 +77,7 @@ class EngineClient(Protocol):
     model_name: str
     max_model_len: int
     max_waiting: int  # the waiting queue's bound, in sequences (a request of n choices takes n)
+    max_num_seqs: int  # sequences that run at once
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]: ...
 

@@ -12,8 +12,9 @@ text switch behaviours:
   [[crash]]    raises RuntimeError before the first delta
   [[invalid]]  raises InvalidRequestError before the first delta (engine-side validation)
 
-More than `max_inflight` concurrent requests raise QueueFullError. `max_waiting` is the bound the HTTP
-side admits against, with `num_waiting` (settable) as the engine's reported waiting count. Aborts and early closes are
+More than `max_inflight` concurrent requests raise QueueFullError. `max_waiting` and `max_num_seqs` are the
+bounds the HTTP side admits against, `num_waiting` (settable) the waiting count the fake reports; its
+running count is the requests in flight. Aborts and early closes are
 recorded for the tests to inspect.
 """
 
@@ -38,6 +39,7 @@ class FakeEngine:
         max_model_len: int = 512,
         max_inflight: int = 256,
         max_waiting: int = 1024,
+        max_num_seqs: int = 0,
         step_s: float = 0.0,
         slow_step_s: float = 0.05,
         paced_step_s: float = 0.01,
@@ -47,6 +49,7 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.max_inflight = max_inflight
         self.max_waiting = max_waiting
+        self.max_num_seqs = max_num_seqs
         self.num_waiting = 0
         self.step_s = step_s
         self.slow_step_s = slow_step_s

@@ -93,13 +93,33 @@ def test_full_queue_is_refused_while_the_text_worker_is_still_templating() -> No
             assert r.headers["retry-after"] == "1"
             err = r.json()["error"]
             assert err["type"] == "server_overloaded" and err["code"] == "queue_full"
-            assert "2 more are being prepared" in err["message"]
+            assert "2 more sequences are being prepared" in err["message"]
             r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
             assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
             tok.release.set()
             for f in held:
                 assert (await f).status_code == 200
         assert admission.pending == 0 and not engine.inflight
+
+    _run(test, tok)
+
+
+def test_free_running_places_count_as_room() -> None:
+    """An idle server with max_waiting=1 and one running place takes two requests at once."""
+    app, engine, tok, admission = _app(max_waiting=1)
+    engine.max_num_seqs = 1
+
+    async def test() -> None:
+        async with _client(app) as c:
+            held = [asyncio.ensure_future(c.post("/v1/chat/completions", json=_chat([HOLD])))
+                    for _ in range(2)]
+            await _until(lambda: admission.pending == 2, "two admitted")
+            r = await c.post("/v1/chat/completions", json=_chat([{"role": "user", "content": "hi"}]))
+            assert r.status_code == 503 and "1 running places are free" in r.json()["error"]["message"], r.text
+            tok.release.set()
+            for f in held:
+                assert (await f).status_code == 200
+        assert admission.pending == 0
 
     _run(test, tok)
 

@@ -88,6 +88,7 @@ def test_refusals_come_before_any_delta(model, tokenizer, engines) -> None:
     engine = AsyncEngine(make_engine(model, tokenizer, max_num_seqs=1, max_waiting=2, max_model_len=64),
                          start=False)
     engines.append(engine)
+    assert (engine.max_num_seqs, engine.max_waiting) == (1, 2)  # the bounds the HTTP side admits against
     prompts = random_prompts(32, [5, 6, 7])
 
     async def main():
