@@ -31,38 +31,65 @@ def request_body(i: int, max_tokens: int) -> dict:
             "max_tokens": max_tokens, "stream": True, "temperature": 0.0}
 
 
+class StreamCheck:
+    """One response from its start: the 503's shape, or what the stream's `data:` lines say (time to the
+    first content, a finish_reason, `[DONE]`, an error event). Its outcomes are `one`'s."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.ttft = float("nan")
+        self.finished = self.done = False
+        self.error: str | None = None
+
+    def result(self, outcome: str) -> tuple[str, float, float]:
+        return outcome, self.ttft, time.monotonic() - self.start
+
+    def refused(self, has_retry_after: bool, body: bytes) -> tuple[str, float, float]:
+        err = json.loads(body)["error"]
+        ok = has_retry_after and err["type"] and err["message"]
+        return self.result("503" if ok else f"503 without Retry-After/body: {err}")
+
+    def line(self, line: str) -> bool:
+        """Takes one line of the stream; False once it is over ([DONE] or an error event)."""
+        if line == "data: [DONE]":
+            self.done = True
+            return False
+        if not line.startswith("data: "):
+            return True
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            self.error = f"error event: {chunk['error']}"
+            return False
+        for c in chunk["choices"]:
+            if c["delta"].get("content") and self.ttft != self.ttft:
+                self.ttft = time.monotonic() - self.start
+            self.finished = self.finished or c.get("finish_reason") is not None
+        return True
+
+    def streamed(self) -> tuple[str, float, float]:
+        if self.error is not None:
+            return self.result(self.error)
+        if not (self.finished and self.done):
+            return self.result(f"stream ended early (finish={self.finished}, [DONE]={self.done})")
+        return self.result("ok")
+
+
 async def one(client: httpx.AsyncClient, url: str, headers: dict, i: int, max_tokens: int) -> tuple[str, float, float]:
     """(outcome, ttft_s, total_s); outcome "ok", "503", or a description of what went wrong."""
-    body = request_body(i, max_tokens)
-    start = time.monotonic()
-    ttft = float("nan")
+    check = StreamCheck()
     try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+        async with client.stream("POST", url + "/v1/chat/completions", json=request_body(i, max_tokens),
+                                 headers=headers) as r:
             if r.status_code == 503:
-                err = json.loads(await r.aread())["error"]
-                ok = "retry-after" in r.headers and err["type"] and err["message"]
-                return ("503" if ok else f"503 without Retry-After/body: {err}"), ttft, time.monotonic() - start
+                return check.refused("retry-after" in r.headers, await r.aread())
             if r.status_code != 200:
-                return f"status {r.status_code}: {(await r.aread())[:200]!r}", ttft, time.monotonic() - start
-            finished = done = False
+                return check.result(f"status {r.status_code}: {(await r.aread())[:200]!r}")
             async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
+                if not check.line(line):
                     break
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return f"error event: {chunk['error']}", ttft, time.monotonic() - start
-                for c in chunk["choices"]:
-                    if c["delta"].get("content") and ttft != ttft:
-                        ttft = time.monotonic() - start
-                    finished = finished or c.get("finish_reason") is not None
-            if not (finished and done):
-                return f"stream ended early (finish={finished}, [DONE]={done})", ttft, time.monotonic() - start
-            return "ok", ttft, time.monotonic() - start
+            return check.streamed()
     except httpx.HTTPError as e:
-        return f"transport error {type(e).__name__}: {e}", ttft, time.monotonic() - start
+        return check.result(f"transport error {type(e).__name__}: {e}")
 
 
 async def one_raw(port: int, headers: dict, i: int, max_tokens: int) -> tuple[str, float, float]:
@@ -70,12 +97,11 @@ async def one_raw(port: int, headers: dict, i: int, max_tokens: int) -> tuple[st
     work per request, so with a thousand at once the times are the server's, not httpx's pool's."""
     body = json.dumps(request_body(i, max_tokens)).encode()
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    start = time.monotonic()
-    ttft = float("nan")
+    check = StreamCheck()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError as e:
-        return f"transport error {type(e).__name__}: {e}", ttft, time.monotonic() - start
+        return check.result(f"transport error {type(e).__name__}: {e}")
     try:
         writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}Content-Length: {len(body)}\r\n"
                      f"Connection: close\r\n\r\n".encode() + body)
@@ -85,36 +111,21 @@ async def one_raw(port: int, headers: dict, i: int, max_tokens: int) -> tuple[st
             name, _, value = line.decode("latin-1").partition(":")
             fields[name.strip().lower()] = value.strip()
         if status == 503:
-            err = json.loads(await reader.readexactly(int(fields["content-length"])))["error"]
-            ok = "retry-after" in fields and err["type"] and err["message"]
-            return ("503" if ok else f"503 without Retry-After/body: {err}"), ttft, time.monotonic() - start
+            return check.refused("retry-after" in fields, await reader.readexactly(int(fields["content-length"])))
         if status != 200:
-            return f"status {status}", ttft, time.monotonic() - start
-        finished = done = False
-        pending = b""
-        while not done:
+            return check.result(f"status {status}")
+        pending, going = b"", True
+        while going:
             size = int((await reader.readline()).strip() or b"0", 16)  # chunked transfer encoding
             if size == 0:
                 break
             pending += (await reader.readexactly(size + 2))[:-2]
             *events, pending = pending.split(b"\n\n")
-            for event in events:
-                for line in event.decode().splitlines():
-                    if line == "data: [DONE]":
-                        done = True
-                    elif line.startswith("data: "):
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            return f"error event: {chunk['error']}", ttft, time.monotonic() - start
-                        for c in chunk["choices"]:
-                            if c["delta"].get("content") and ttft != ttft:
-                                ttft = time.monotonic() - start
-                            finished = finished or c.get("finish_reason") is not None
-        if not (finished and done):
-            return f"stream ended early (finish={finished}, [DONE]={done})", ttft, time.monotonic() - start
-        return "ok", ttft, time.monotonic() - start
+            for line in (x for event in events for x in event.decode().splitlines()):
+                going = going and check.line(line)
+        return check.streamed()
     except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
-        return f"transport error {type(e).__name__}: {e}", ttft, time.monotonic() - start
+        return check.result(f"transport error {type(e).__name__}: {e}")
     finally:
         writer.close()
 
