@@ -282,22 +282,15 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return t
 
 
-def triton_decode_step(
-    *inputs: torch.Tensor | None,
-    spec: MCSpec,
-    batch: DecodeBatch,
-    memory: LayerMemory,
-    allow_neg_eigval: bool = False,
-    out_dtype: torch.dtype | None = None,
-    config: KernelConfig | None = None,
-) -> torch.Tensor:
-    """The decode step of `contract.DecodeFn` on the Triton kernels; `inputs` are DecodeFn's eight
-    tensors in its order (q_raw, k_raw, v, a, b, u_raw, A_log, dt_bias)."""
+def triton_decode_step(*inputs: torch.Tensor | None, **step: object) -> torch.Tensor:
+    """The decode step of `contract.DecodeFn` on the Triton kernels: `inputs` are DecodeFn's eight
+    tensors in its order (q_raw, k_raw, v, a, b, u_raw, A_log, dt_bias), `step` its keyword arguments
+    (spec, batch, memory, allow_neg_eigval, out_dtype) and optionally `config`; `plan_decode` has
+    them typed and checks them."""
     if inputs[0].device.type != "cuda" and not _interpreting():
         raise ValueError(f"the Triton decode path runs on CUDA tensors (or under TRITON_INTERPRET=1), "
                          f"got {inputs[0].device}")
-    y, launches = plan_decode(inputs, spec=spec, batch=batch, memory=memory, allow_neg_eigval=allow_neg_eigval,
-                              out_dtype=out_dtype, config=config)
+    y, launches = plan_decode(inputs, **step)
     for launch in launches:
         launch.kernel[launch.grid](*launch.args, **launch.options)
     return y
