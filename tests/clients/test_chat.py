@@ -119,6 +119,9 @@ def test_ctrl_c_aborts_the_answer_and_keeps_the_conversation(server: LiveServer)
         stderr=subprocess.STDOUT,
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # as from a terminal: a suite started in the background (`cmd &` without job control) has
+        # SIGINT ignored, a child inherits that, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
     buf = bytearray()
