@@ -9,8 +9,9 @@
 #     EVAL_PAIRS=2,4,8 PER_COUNT=2 CHAT_SIZE=tiny CHAT_BATCH=4 CHAT_SEQ=128 TRAIN_SECONDS=40 \
 #     EVAL_ARGS="--arith 4 --max-windows 1 --max-tokens 8" OUT=/tmp/dry bash scripts/gpu_train_all.sh  # CPU dry run
 #
-# Time line (TRAIN_SECONDS=380): ~15 s start-up; the three trainings (each captures its whole step in a
-# CUDA graph after a checked warm-up, scripts/mctrain/train_step.py); the recall trainings stop at 3,000
+# Time line (TRAIN_SECONDS=380): ~15 s start-up; the chat training starts once both recall runs have
+# logged their graph capture (at most GRAPH_WAIT_SECONDS=120 later; skipped on CPU); the three trainings
+# (each captures its whole step in a CUDA graph after a checked warm-up, scripts/mctrain/train_step.py); the recall trainings stop at 3,000
 # steps or TRAIN_SECONDS, then their evaluation runs while the chat model still trains (at most
 # RECALL_EVAL_SECONDS); the chat training plans its steps for TRAIN_SECONDS (cut at +20 s); then the
 # chat evaluation (at most CHAT_EVAL_SECONDS, shortened by EVAL_ARGS) and packing: 15 + 400 + 120 + 10.
@@ -70,8 +71,21 @@ recall_job() {
 }
 
 say "start: recall grm + recall none + chat, TRAIN_SECONDS=$TRAIN_SECONDS"
+wait_for_recall_graphs() {  # the recall runs capture their CUDA graphs before the chat job starts: in the first
+    # H200 run the chat job already held 127.7 GiB when grm captured, and grm's capture ran out of memory
+    local deadline=$(( $(date +%s) + ${GRAPH_WAIT_SECONDS:-120} )) n agg
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        n=0
+        for agg in grm none; do grep -qs '"event": "graph"' "$RUNS/$agg/log.jsonl" && n=$((n + 1)); done
+        [ "$n" = 2 ] && { say "recall graphs captured (or refused): starting the chat training"; return 0; }
+        sleep 2
+    done
+    say "no graph event from the recall runs within ${GRAPH_WAIT_SECONDS:-120} s: starting the chat training"
+}
+
 recall_job &
 RECALL_PID=$!
+[ "$DEVICE" = cpu ] || wait_for_recall_graphs
 chat_train "$OUT/chat_console.log" > /dev/null || say "chat training FAILED"
 say "chat training done"
 chat_pack || say "chat packing FAILED"
