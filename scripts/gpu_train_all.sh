@@ -11,8 +11,8 @@
 #
 # Time line (TRAIN_SECONDS=380): ~15 s start-up; the chat training starts once both recall runs have
 # logged their graph capture (at most GRAPH_WAIT_SECONDS=120 later; skipped on CPU); the three trainings
-# (each captures its whole step in a CUDA graph after a checked warm-up, scripts/mctrain/train_step.py); the recall trainings stop at 3,000
-# steps or TRAIN_SECONDS, then their evaluation runs while the chat model still trains (at most
+# (each captures its whole step in a CUDA graph after a checked warm-up, scripts/mctrain/train_step.py);
+# the recall trainings stop at 3,000 steps or TRAIN_SECONDS, then their evaluation runs while the chat model still trains (at most
 # RECALL_EVAL_SECONDS); the chat training plans its steps for TRAIN_SECONDS (cut at +20 s); then the
 # chat evaluation (at most CHAT_EVAL_SECONDS, shortened by EVAL_ARGS) and packing: 15 + 400 + 120 + 10.
 #
