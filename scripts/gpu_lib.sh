@@ -1,4 +1,4 @@
-# Shared by scripts/run_recall.sh, scripts/gpu_train_chat.sh and scripts/gpu_train_all.sh (sourced, from
+# Shared by scripts/run_recall.sh, gpu_train_chat.sh, gpu_train_all.sh and gpu_train_both.sh (sourced, from
 # the repo root): the package mapping of the device image, and each job's train / pack / eval steps.
 # Every knob is an environment variable with the default shown; the callers set OUT and RUNS.
 

@@ -30,9 +30,9 @@ mkdir -p "$OUT" runs
 
 [ -f .train_data/meta.json ] || { echo "no .train_data/meta.json: carry .train_data"; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-mkdir -p /tmp/mcpkg/mcserve
-for d in server kernels clients; do ln -sfn "$PWD/$d" "/tmp/mcpkg/mcserve/$d"; done
-export PYTHONPATH=/tmp/mcpkg:/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+. scripts/gpu_lib.sh
+map_package
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 COMMON=(--data-dir .train_data --size "$SIZE" --segment-size "$SEG" --top-k "$TOPK" --seq-len "$SEQ"
