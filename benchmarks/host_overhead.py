@@ -1,12 +1,13 @@
 """Host time of one decode step with the device taken out (issue 11): scheduler + CUDA-runner
-bookkeeping on CPU, for batch x cached checkpoints per row.
+bookkeeping and the per-row output processing on CPU, for batch x cached checkpoints per row.
 
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py [--batches 64,256,512] [--ckpts 16,64,256]
 
 The real `LLMEngine` with the CUDA runner's code (`RunnerOptions("cuda")`) on a microscopic model
 (1 layer, 1 head, dk 8) on CPU. What the device would do is replaced by fakes that cost what a
 launch costs the host: the decode step's graph replay returns a fixed logits tensor, the sampler a
-fixed token per row (its one device->host copy is still made). Every row is put straight into
+token per row from a fixed table of word tokens that changes every step (its one device->host copy
+is still made). Every row is put straight into
 decoding at `n * C + (i % C)` tokens, i.e. n checkpoints (segment C = 16) with the rows' boundaries
 spread over the steps, as in a server (a row crosses a boundary every 16 steps and allocates a block).
 
@@ -14,7 +15,9 @@ Per configuration, 48 steady steps after 4 warm-up steps (the first step sends e
 `sched+runner` = `Scheduler.schedule` + `runner.execute` + `Scheduler.update` (the issue's target:
 <= 1 ms at B=256 with 64 checkpoints per row, flat in the checkpoints), `alone` = the same three calls
 in a bare loop afterwards (no engine work in between), and `engine step` = the whole
-`LLMEngine.step` (adds the stop rules, detokenization and the deltas, O(1) per row). Median and
+`LLMEngine.step` (adds the stop rules, incremental detokenization with the requests' two stop strings
+and the deltas, O(1) per row), `+ dispatch` = the engine step plus `AsyncEngine`'s hand-off of its
+deltas to the requests' streams (what the server's engine thread does between steps). Median and
 fastest step in ms: on a shared machine the median carries the other jobs' preemptions, the fastest
 step is what the code costs; the load average is printed with the table.
 """
@@ -22,6 +25,7 @@ step is what the code costs; the load average is printed with the table.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 from common import machine, start_decoding
 
+from mcserve.server.engine.async_engine import AsyncEngine, _Stream
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.llm_engine import LLMEngine
 from mcserve.server.engine.runner.device_sampler import DeviceSample
@@ -51,18 +56,33 @@ def micro_model(vocab: int) -> MCGatedDeltaNetForCausalLM:
     return MCGatedDeltaNetForCausalLM(cfg).eval()
 
 
-def fake_device(engine: LLMEngine, batch: int, token_id: int) -> None:
+def fake_device(engine: LLMEngine, batch: int, token_ids: list[int]) -> None:
     """The runner's device work becomes O(1) host calls: what a CUDA graph replay and the sampler's
-    launches cost the host, not what the CPU would take to compute them. Every row samples `token_id`."""
+    launches cost the host, not what the CPU would take to compute them. Row i samples
+    token_ids[(i + step) % len] at the step-th call: text that changes every step."""
     runner = engine.runner
     logits = torch.zeros(batch, runner.sampler.vocab_size)
     runner.graphs.run = lambda rows, width: logits
-    token = torch.full((batch + 1,), token_id, dtype=torch.int64)
+    n = len(token_ids)
+    table = torch.tensor([[token_ids[(i + j) % n] for i in range(batch + 1)] for j in range(n)], dtype=torch.int64)
+    calls = [0]
 
     def sample(lg: torch.Tensor, rows: torch.Tensor, allowed=None) -> DeviceSample:
-        return DeviceSample(token[:lg.shape[0]], None, 0)
+        calls[0] += 1
+        return DeviceSample(table[calls[0] % n, :lg.shape[0]], None, 0)
 
     runner.sampler = sample
+
+
+def streams(engine: LLMEngine, request_ids: list[str]) -> tuple[AsyncEngine, asyncio.AbstractEventLoop]:
+    """An AsyncEngine around `engine` (its thread not started) with a stream per request, so that its
+    `_dispatch` hands each step's deltas over as in the server (to an event loop that is not run)."""
+    loop = asyncio.new_event_loop()
+    front = AsyncEngine(engine, start=False)
+    for rid in request_ids:
+        front._streams[rid] = _Stream(loop, 1)
+        front._open[rid] = {0}
+    return front, loop
 
 
 def timed(engine: LLMEngine) -> dict[str, float]:
@@ -93,22 +113,26 @@ def run(tokenizer: Tokenizer, model, batch: int, ckpts: int) -> dict:
                        enable_prefix_caching=False)
     engine = LLMEngine(model, tokenizer, cfg, ckpt_dtype=torch.float32, seed=0, runner=RunnerOptions("cuda"))
     # text tokens, so that the detokenizer takes its usual path (a random id is often a partial character)
-    words = tokenizer.encode(" one two three four five six seven eight nine ten")
-    fake_device(engine, batch, words[0])
-    params = SamplingParams(temperature=0.0, max_tokens=2 * STEPS + WARMUP + 4, ignore_eos=True)
+    words = tokenizer.encode(" one two three four five six seven eight nine ten, and then: more words.")
+    fake_device(engine, batch, words)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * STEPS + WARMUP + 4, ignore_eos=True,
+                            stop=("\n\n", "User:"))  # never in the text: checked, never hit
     prompts = [[words[j % len(words)] for j in range(ckpts * C + i % C + 1)] for i in range(batch)]
-    start_decoding(engine, prompts, params)
+    front, loop = streams(engine, start_decoding(engine, prompts, params))
     for _ in range(WARMUP):
         engine.step()
     spent = timed(engine)
-    engine_ms, host_ms = [], []
+    engine_ms, host_ms, dispatch_ms = [], [], []
     for _ in range(STEPS):
         spent["sched+runner"] = 0.0
         t = time.perf_counter()
         deltas = engine.step()
         engine_ms.append((time.perf_counter() - t) * 1e3)
+        front._dispatch(deltas)
+        dispatch_ms.append((time.perf_counter() - t) * 1e3)
         host_ms.append(spent["sched+runner"] * 1e3)
-        assert len(deltas) == batch, len(deltas)
+        assert len(deltas) == batch and all(d.text and d.finish_reason is None for d in deltas), deltas[:2]
+    loop.close()
     assert engine.runner.staging.num_sends <= WARMUP + STEPS
     # the same three calls in a bare loop, without the engine's per-token work in between (whose
     # allocations and cache traffic slow them down inside the engine's step)
@@ -120,7 +144,8 @@ def run(tokenizer: Tokenizer, model, batch: int, ckpts: int) -> dict:
         alone.append((time.perf_counter() - t) * 1e3)
     return {"batch": batch, "ckpts_per_row": ckpts, "sched_runner_ms": statistics.median(host_ms),
             "sched_runner_ms_min": min(host_ms), "engine_step_ms": statistics.median(engine_ms),
-            "engine_step_ms_min": min(engine_ms), "alone_ms": statistics.median(alone), "alone_ms_min": min(alone)}
+            "engine_step_ms_min": min(engine_ms), "dispatch_ms": statistics.median(dispatch_ms),
+            "dispatch_ms_min": min(dispatch_ms), "alone_ms": statistics.median(alone), "alone_ms_min": min(alone)}
 
 
 def main() -> None:
@@ -134,8 +159,8 @@ def main() -> None:
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start")
     print(f"segment {C}, {STEPS} steps after {WARMUP} warm-up steps, ms per decode step\n")
     print("| batch | ckpts per row | sched+runner ms, median | fastest | alone, median | fastest "
-          "| engine step ms, median | fastest |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| engine step ms, median | fastest | + dispatch, median | fastest |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
         for n in (int(x) for x in args.ckpts.split(",")):
@@ -143,7 +168,8 @@ def main() -> None:
             rows.append(r)
             print(f"| {b} | {n} | {r['sched_runner_ms']:.2f} | {r['sched_runner_ms_min']:.2f} | "
                   f"{r['alone_ms']:.2f} | {r['alone_ms_min']:.2f} | "
-                  f"{r['engine_step_ms']:.2f} | {r['engine_step_ms_min']:.2f} |", flush=True)
+                  f"{r['engine_step_ms']:.2f} | {r['engine_step_ms_min']:.2f} | "
+                  f"{r['dispatch_ms']:.2f} | {r['dispatch_ms_min']:.2f} |", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
