@@ -46,7 +46,7 @@ from mcserve.server.engine.sampler import SamplingRow
 from mcserve.server.engine.scheduler import Scheduler
 from mcserve.server.engine.sequence import Sequence, SequenceStatus
 from mcserve.server.engine.sessions.book import SessionBook, engine_identity, owner_of
-from mcserve.server.engine.stop_rules import check_stop
+from mcserve.server.engine.stop_rules import StopRules
 from mcserve.server.engine.structured.grammars import GrammarError, GrammarStatus, load_grammars, unavailable_error
 from mcserve.server.errors import (
     ConfigError,
@@ -56,7 +56,6 @@ from mcserve.server.errors import (
     check_context_length,
 )
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
-from mcserve.server.text.detokenizer import IncrementalDetokenizer
 from mcserve.server.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -76,7 +75,7 @@ WEIGHTS_EVERY = 32
 class _Choice:
     seq: Sequence
     index: int
-    detok: IncrementalDetokenizer
+    rules: StopRules  # holds the choice's detokenizer
     scheduled: bool = False
     finished: bool = False
     prompt_lps: dict[int, TokenLogprob] | None = None  # position -> entry, when prompt logprobs are asked
@@ -246,7 +245,8 @@ class LLMEngine:
             detok = self.tokenizer.detokenizer(request.prompt_token_ids, sp.skip_special_tokens, stop=sp.stop,
                                                include_stop_str_in_output=sp.include_stop_str_in_output)
             seq.reuse_prefix = sp.prompt_logprobs is None
-            req.choices.append(_Choice(seq, i, detok, prompt_lps={} if sp.prompt_logprobs is not None else None))
+            req.choices.append(_Choice(seq, i, StopRules(sp, self.eos_token_ids, detok),
+                                       prompt_lps={} if sp.prompt_logprobs is not None else None))
         added: list[_Choice] = []
         try:
             for c in req.choices:
@@ -359,7 +359,7 @@ class LLMEngine:
         """The delta of each sequence that got a token; one whose stop rules raise fails alone. The
         grammars take the step's tokens first, in one parallel call."""
         grammar = {} if self.masks is None else self.masks.accept([(seq.seq_id, seq.token_ids[-1]) for seq in seqs])
-        for seq in seqs:
+        for seq in seqs:  # per-row work of every step: nothing here looks at a row's params
             try:
                 self._advance(seq, logprobs.get(seq.seq_id), grammar.get(seq.seq_id))
             except Exception as e:  # its detokenizer or stop strings: this sequence only
@@ -371,18 +371,20 @@ class LLMEngine:
         state after the token (None: no grammar)."""
         req, c = self._by_seq[seq.seq_id]
         tok = seq.token_ids[-1]
-        if isinstance(grammar, GrammarError):
+        if grammar is not None and isinstance(grammar, GrammarError):
             self._finish(req, c, "error", tokens=(tok,), error=f"structured output: {grammar}")
             return
-        check = check_stop(tok, seq.num_output_tokens, req.request.params, self.eos_token_ids, c.detok,
-                           seq.finish_reason, grammar_done=grammar == "done")
+        rules = c.rules
+        # the scheduler's finish reason, if it just ended the sequence (at max_model_len)
+        ended = None if seq.status is SequenceStatus.RUNNING else seq.finish_reason
+        text = rules.check(tok, len(seq.token_ids) - seq.num_prompt_tokens, ended, grammar == "done")
         logprobs = None if lp is None else (self._logprob(tok, lp),)
-        prompt_lps = self._prompt_logprobs(seq, c)
-        if check.finish_reason is None:
-            self._out.append(Delta(req.request.request_id, c.index, (tok,), check.text, logprobs,
-                                   prompt_logprobs=prompt_lps))
+        prompt_lps = None if c.prompt_lps is None else self._prompt_logprobs(seq, c)
+        if rules.finish_reason is None:
+            self._out.append(Delta(req.request.request_id, c.index, (tok,), text, logprobs, None, None, None, None,
+                                   prompt_lps))
         else:
-            self._finish(req, c, check.finish_reason, check.stop_reason, (tok,), check.text, logprobs,
+            self._finish(req, c, rules.finish_reason, rules.stop_reason, (tok,), text, logprobs,
                          prompt_logprobs=prompt_lps)
 
     def _prompt_logprobs(self, seq: Sequence, c: _Choice) -> tuple[TokenLogprob | None, ...] | None:

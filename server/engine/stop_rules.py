@@ -15,46 +15,53 @@ while fewer than `min_tokens` tokens exist, so rules 1 and 2 cannot fire before 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Set
-from dataclasses import dataclass
 
 from mcserve.server.engine.sampling_params import SamplingParams
 from mcserve.server.text.detokenizer import IncrementalDetokenizer
 
 
-@dataclass(frozen=True, slots=True)
-class StopCheck:
-    """finish_reason: None while the choice goes on, else "stop" or "length". text: what the token adds
-    (with the detokenizer's held-back tail when the choice finishes for another reason than a stop
-    string)."""
+class StopRules:
+    """One choice's rules and its detokenizer, built once per choice: `check` runs for each of its
+    tokens, so it allocates nothing and looks at the params only through what __init__ kept.
+    `finish_reason` / `stop_reason`: None while the choice goes on; set by the `check` that stops it."""
 
-    finish_reason: str | None
-    stop_reason: str | int | None
-    text: str
+    __slots__ = ("detok", "finish_reason", "stop_reason", "_stop_ids", "_eos", "_min_tokens", "_max_tokens")
 
+    def __init__(self, params: SamplingParams, eos_token_ids: Set[int], detok: IncrementalDetokenizer) -> None:
+        self.detok = detok
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self._stop_ids = frozenset(params.stop_token_ids)
+        self._eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
+        self._min_tokens = params.min_tokens
+        self._max_tokens = sys.maxsize if params.max_tokens is None else params.max_tokens
 
-def check_stop(token: int, num_output_tokens: int, params: SamplingParams, eos_token_ids: Set[int],
-               detok: IncrementalDetokenizer, ended_by_scheduler: str | None = None, *,
-               grammar_done: bool = False) -> StopCheck:
-    """Apply the rules to the choice's newest `token` (already counted in `num_output_tokens`);
-    `detok` is the choice's detokenizer, which this pushes the token to unless rule 1 or 2 stops it.
-    `ended_by_scheduler`: the finish reason the scheduler gave the sequence this step, if any;
-    `grammar_done`: the token completed the sequence's grammar."""
-    reason, stop_reason, text = None, None, ""
-    if token in params.stop_token_ids:
-        reason, stop_reason = "stop", token
-    elif token in eos_token_ids and not params.ignore_eos:
-        reason = "stop"
-    else:
-        text = detok.push(token, check_stop=num_output_tokens >= params.min_tokens)
-        if detok.stopped:
-            reason, stop_reason = "stop", detok.stop_reason
-    if reason is None and grammar_done:
-        reason = "stop"
-    if reason is None and params.max_tokens is not None and num_output_tokens >= params.max_tokens:
-        reason = "length"
-    if reason is None:
-        reason = ended_by_scheduler
-    if reason is not None and not detok.stopped:
-        text += detok.flush()
-    return StopCheck(reason, stop_reason, text)
+    def check(self, token: int, num_output_tokens: int, ended_by_scheduler: str | None = None,
+              grammar_done: bool = False) -> str:
+        """Apply the rules to the choice's newest `token` (already counted in `num_output_tokens`);
+        returns the text it adds (with the detokenizer's held-back tail when the choice finishes for
+        another reason than a stop string). The detokenizer gets the token unless rule 1 or 2 stops it.
+        `ended_by_scheduler`: the finish reason the scheduler gave the sequence this step, if any;
+        `grammar_done`: the token completed the sequence's grammar."""
+        detok, reason = self.detok, None
+        if token in self._stop_ids:
+            reason, self.stop_reason, text = "stop", token, ""
+        elif token in self._eos:
+            reason, text = "stop", ""
+        else:
+            text = detok.push(token, num_output_tokens >= self._min_tokens)
+            if detok.stopped:
+                self.finish_reason, self.stop_reason = "stop", detok.stop_reason
+                return text
+            if grammar_done:
+                reason = "stop"
+            elif num_output_tokens >= self._max_tokens:
+                reason = "length"
+            elif ended_by_scheduler is None:
+                return text  # goes on: the usual case
+            else:
+                reason = ended_by_scheduler
+        self.finish_reason = reason
+        return text + detok.flush()

@@ -15,6 +15,13 @@ forever, and has no flush, so text would be lost. So the tokens it holds are tra
 MAX_PENDING of them, and at `flush`, they are decoded by the window rule above (emitting their
 U+FFFD) and a fresh stream starts from the last CONTEXT_TOKENS. Both paths give the text of
 decoding everything at once (tests/server/text/test_detokenizer.py checks them against each other).
+
+Fastest path, for a decoder that maps each token to its bytes and concatenates them (byte-level BPE):
+`texts[id]`, the text of a token whose bytes are whole characters on their own (None for the others
+and for added tokens). Pushed while nothing is pending and the stream's text ends on a whole
+character, such a token adds exactly its own text, so it is emitted without the Rust call (about a
+microsecond per token and step). The stream does not see it, which changes nothing it emits later:
+with such a decoder the text after a whole character does not depend on the tokens before it.
 """
 
 from __future__ import annotations
@@ -57,8 +64,11 @@ class IncrementalDetokenizer:
         stop: Iterable[str] = (),
         include_stop_str_in_output: bool = False,
         stream: Callable[[list[int]], Step] | None = None,
+        texts: Sequence[str | None] | None = None,
     ) -> None:
-        """`stream(context_ids)`: a fresh DecodeStream step function seeded with context (fast path)."""
+        """`stream(context_ids)`: a fresh DecodeStream step function seeded with context (fast path);
+        `texts`: each token's own text where it is whole characters, else None (only for a decoder that
+        concatenates per-token bytes; needs `stream`)."""
         self._stops = tuple(stop)
         for s in self._stops:
             if not isinstance(s, str) or not s:
@@ -69,6 +79,7 @@ class IncrementalDetokenizer:
         self._read = len(self._tokens)
         self._stream = stream
         self._step: Step | None = None
+        self._texts = texts if stream is not None else None
         self._context_text = decode(self._tokens) if self._tokens else ""  # window path: decode of _tokens[:_read]
         self._start_stream()
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
@@ -88,18 +99,29 @@ class IncrementalDetokenizer:
         in such text and ends after it is not matched."""
         if self.stopped:
             return ""
-        ids = [ids] if isinstance(ids, int) else list(ids)
+        if self._texts is not None and type(ids) is int and self._step is not None \
+                and self._read == len(self._tokens) and (delta := self._texts[ids]) is not None:
+            tokens = self._tokens  # nothing pending and a whole character before: the token's own text
+            tokens.append(ids)
+            if len(tokens) > CONTEXT_TOKENS:
+                del tokens[0]
+            self._read = len(tokens)
+        else:
+            delta = self._push_ids([ids] if isinstance(ids, int) else list(ids))
+        if not check_stop:
+            out = delta if self._include_stop else self._tail + delta  # with include_stop the tail was sent
+            self._tail = ""
+            return out
+        return self._match_stops(delta, final=False)
+
+    def _push_ids(self, ids: list[int]) -> str:
         if self._step is not None:
             delta = self._read_stream(ids)
         else:
             self._tokens.extend(ids)
             delta = self._read_text(final=False)
             self._start_stream()
-        if not check_stop:
-            out = delta if self._include_stop else self._tail + delta  # with include_stop the tail was sent
-            self._tail = ""
-            return out
-        return self._match_stops(delta, final=False)
+        return delta
 
     def flush(self) -> str:
         """Returns all held-back text; call once when the sequence ended for a reason other than a stop."""
@@ -179,7 +201,10 @@ class IncrementalDetokenizer:
     def _match_stops(self, delta: str, final: bool) -> str:
         if not self._stops:
             return delta
-        buf = self._tail + delta
+        buf = self._tail + delta if self._tail else delta
+        if self._stop_first_chars.isdisjoint(buf):  # the usual case: no stop string starts in buf
+            self._tail = ""
+            return delta if self._include_stop else buf
         hit = self._find_stop(buf)
         if hit is not None:
             start, stop = hit
@@ -191,7 +216,7 @@ class IncrementalDetokenizer:
             self._tail = ""
             return buf[:start]
         if self._include_stop:
-            self._tail = buf[len(buf) - (self._max_stop_len - 1) :] if self._max_stop_len > 1 else ""
+            self._tail = buf[max(0, len(buf) - (self._max_stop_len - 1)) :] if self._max_stop_len > 1 else ""
             return delta
         if final:
             self._tail = ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers.decoders import DecodeStream
 
 from mcserve.server.errors import ModelLoadError
-from mcserve.server.text.detokenizer import IncrementalDetokenizer
+from mcserve.server.text.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from mcserve.server.text.templates import DEFAULT_CHAT_TEMPLATE
 from mcserve.server.text.token_bytes import TokenBytes
 
@@ -210,8 +210,21 @@ class Tokenizer:
 
         return IncrementalDetokenizer(
             decode, prompt_ids=prompt_ids, stop=stop, include_stop_str_in_output=include_stop_str_in_output,
-            stream=stream,
+            stream=stream, texts=self._whole_texts,
         )
+
+    @cached_property
+    def _whole_texts(self) -> list[str | None] | None:
+        """Each token's own text where its bytes are whole UTF-8 characters (None for the others and
+        for added tokens), when the decoder maps each token to its bytes and concatenates them (a lone
+        `ByteLevel`): then such a token's text never depends on its neighbours. None for any other
+        decoder (Metaspace's first-space rule, Fuse, Strip ... do)."""
+        decoder = json.loads(self._backend.to_str()).get("decoder")
+        if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
+            return None
+        added = self._backend.get_added_tokens_decoder()
+        texts = self._backend.decode_batch([[i] for i in range(self._vocab_size)], skip_special_tokens=False)
+        return [t if t and REPLACEMENT_CHAR not in t and i not in added else None for i, t in enumerate(texts)]
 
     def apply_chat_template(
         self,

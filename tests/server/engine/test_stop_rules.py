@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mcserve.server.engine.sampling_params import SamplingParams
-from mcserve.server.engine.stop_rules import check_stop
+from mcserve.server.engine.stop_rules import StopRules
 from mcserve.server.text.detokenizer import IncrementalDetokenizer
 
 EOS = frozenset({0})
@@ -19,14 +19,13 @@ def _ids(text: str) -> list[int]:
 
 def run(params: SamplingParams, tokens: list[int], ended_at: int | None = None) -> tuple[str, list]:
     """Feed tokens until a rule fires: (all text, [(index, finish_reason, stop_reason)])."""
-    detok = IncrementalDetokenizer(_decode, stop=params.stop,
-                                   include_stop_str_in_output=params.include_stop_str_in_output)
+    rules = StopRules(params, EOS, IncrementalDetokenizer(_decode, stop=params.stop,
+                                                          include_stop_str_in_output=params.include_stop_str_in_output))
     text, events = "", []
     for i, t in enumerate(tokens):
-        check = check_stop(t, i + 1, params, EOS, detok, "length" if i == ended_at else None)
-        text += check.text
-        if check.finish_reason is not None:
-            events.append((i, check.finish_reason, check.stop_reason))
+        text += rules.check(t, i + 1, "length" if i == ended_at else None)
+        if rules.finish_reason is not None:
+            events.append((i, rules.finish_reason, rules.stop_reason))
             break
     return text, events
 
@@ -71,11 +70,21 @@ def test_earlier_rules_win() -> None:
 
 
 def test_a_completed_grammar_stops_after_stop_strings_before_length() -> None:
-    detok = IncrementalDetokenizer(_decode, stop=("bc",))
     p = SamplingParams(max_tokens=2, stop=("bc",))
-    assert check_stop(1, 1, p, EOS, detok, grammar_done=False).finish_reason is None
-    check = check_stop(2, 2, p, EOS, detok, grammar_done=True)  # stop string, grammar and length at once
-    assert (check.finish_reason, check.stop_reason) == ("stop", "bc")
-    detok = IncrementalDetokenizer(_decode)
-    check = check_stop(1, 2, SamplingParams(max_tokens=2), EOS, detok, grammar_done=True)
-    assert (check.finish_reason, check.stop_reason, check.text) == ("stop", None, "b")
+    rules = StopRules(p, EOS, IncrementalDetokenizer(_decode, stop=("bc",)))
+    assert rules.check(1, 1, grammar_done=False) == "" and rules.finish_reason is None  # "b" held back
+    rules.check(2, 2, grammar_done=True)  # stop string, grammar and length at once
+    assert (rules.finish_reason, rules.stop_reason) == ("stop", "bc")
+    rules = StopRules(SamplingParams(max_tokens=2), EOS, IncrementalDetokenizer(_decode))
+    text = rules.check(1, 2, grammar_done=True)
+    assert (rules.finish_reason, rules.stop_reason, text) == ("stop", None, "b")
+
+
+def test_a_kept_stop_string_is_matched_across_one_letter_pushes_from_the_start() -> None:
+    # With include_stop_str_in_output the text before a possible stop string is emitted at once, and only
+    # the last len(stop) - 1 characters are kept to match across pushes: all of them, also while the text
+    # is shorter than that (a slice from a negative start kept one character of "xy", and "xyzw" was missed).
+    kept = SamplingParams(max_tokens=None, stop=("xyzw",), include_stop_str_in_output=True)
+    assert run(kept, _ids("xyzwq")) == ("xyzw", [(3, "stop", "xyzw")])
+    assert run(kept, _ids("qxyzwq")) == ("qxyzw", [(4, "stop", "xyzw")])
+    assert run(SamplingParams(max_tokens=None, stop=("xyzw",)), _ids("xyzwq")) == ("", [(3, "stop", "xyzw")])

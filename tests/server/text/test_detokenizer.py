@@ -74,3 +74,48 @@ def test_bytes_that_form_no_character_are_emitted_not_held_forever(tok: Tokenize
     texts = [detok.push(lead) for _ in range(40)]
     assert "".join(texts).count("\ufffd") >= 40 - MAX_PENDING - 1, "bounded hold"
     assert "".join(texts) + detok.flush() == tok.backend.decode([lead] * 40)
+
+
+def _no_table(tok: Tokenizer, skip: bool, **kw) -> IncrementalDetokenizer:
+    """The DecodeStream path without the per-token text table."""
+    def stream(context: list[int]):
+        return partial(DecodeStream(ids=context, skip_special_tokens=skip).step, tok.backend)
+
+    return IncrementalDetokenizer(partial(tok.backend.decode, skip_special_tokens=skip), stream=stream, **kw)
+
+
+def test_the_token_text_table_is_each_whole_token_alone(tok: Tokenizer) -> None:
+    texts = tok._whole_texts
+    assert texts is not None and len(texts) == tok.vocab_size  # both are byte-level BPE
+    added = tok.backend.get_added_tokens_decoder()
+    whole = [i for i, t in enumerate(texts) if t is not None]
+    assert len(whole) > tok.vocab_size // 2 and not set(whole) & set(added)
+    assert all(texts[i] == tok.backend.decode([i]) and "\ufffd" not in texts[i] for i in whole)
+    partial_char = [i for i in range(tok.vocab_size) if i not in added and tok.token_bytes(i) in (b"\xe6", b"\xe3")]
+    assert partial_char and all(texts[i] is None for i in partial_char)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_one_token_pushes_with_the_table_equal_the_stream_and_the_window(tok: Tokenizer, skip: bool) -> None:
+    """The engine's path (one id per push, stop strings on and off by min_tokens): the table's shortcut
+    against the stream alone and the window, over multi-byte text, junk and special tokens in between."""
+    rng = random.Random(2)
+    specials = sorted(tok.backend.get_added_tokens_decoder())
+    for n, ids in enumerate(_streams(tok, rng)):
+        ids = list(ids)
+        for _ in range(rng.randint(0, 3)):
+            ids.insert(rng.randrange(len(ids) + 1), rng.choice(specials))
+        prompt = [rng.randrange(3, tok.vocab_size) for _ in range(rng.randint(0, 6))] or None
+        whole = tok.backend.decode(ids, skip_special_tokens=skip)
+        stops = [whole[len(whole) // 3 : len(whole) // 3 + 2] or "x", "never"] if n % 2 else []
+        kw = dict(prompt_ids=prompt, stop=stops, include_stop_str_in_output=n % 4 == 3)
+        dets = [tok.detokenizer(skip_special_tokens=skip, **kw), _no_table(tok, skip, **kw),
+                IncrementalDetokenizer(partial(tok.backend.decode, skip_special_tokens=skip), **kw)]
+        min_tokens = rng.choice((0, 0, 2, 5))
+        outs = []
+        for d in dets:
+            pieces = [d.push(t, check_stop=i + 1 >= min_tokens) for i, t in enumerate(ids)]
+            outs.append(("".join(pieces) + d.flush(), d.stop_reason))
+        assert outs[0] == outs[1] == outs[2], (n, ids)
+        if prompt is None and not stops:
+            assert outs[0][0] == whole
