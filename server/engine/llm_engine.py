@@ -47,7 +47,7 @@ from mcserve.server.engine.scheduler import Scheduler
 from mcserve.server.engine.sequence import Sequence, SequenceStatus
 from mcserve.server.engine.sessions.book import SessionBook, engine_identity, owner_of
 from mcserve.server.engine.stop_rules import StopRules
-from mcserve.server.engine.structured.grammars import GrammarError, GrammarStatus, load_grammars, unavailable_error
+from mcserve.server.engine.structured.grammars import GrammarError, load_grammars, unavailable_error
 from mcserve.server.errors import (
     ConfigError,
     EngineDeadError,
@@ -356,36 +356,35 @@ class LLMEngine:
         self.engine_counters["decode_tokens"] += len(plan.decode)
 
     def _stop_checks(self, seqs: list[Sequence], logprobs: Logprobs) -> None:
-        """The delta of each sequence that got a token; one whose stop rules raise fails alone. The
-        grammars take the step's tokens first, in one parallel call."""
-        grammar = {} if self.masks is None else self.masks.accept([(seq.seq_id, seq.token_ids[-1]) for seq in seqs])
-        for seq in seqs:  # per-row work of every step: nothing here looks at a row's params
+        """The delta of each sequence that got a token, after its stop rules; one whose stop rules
+        raise fails alone. The grammars take the step's tokens first, in one parallel call."""
+        masks = self.masks  # empty (falsy) while no sequence has a grammar: nothing per row then
+        grammar = masks.accept([(seq.seq_id, seq.token_ids[-1]) for seq in seqs]) if masks else {}
+        by_seq, out, running = self._by_seq, self._out, SequenceStatus.RUNNING
+        for seq in seqs:  # per-row work of every step: nothing here reads a row's params
+            sid = seq.seq_id
             try:
-                self._advance(seq, logprobs.get(seq.seq_id), grammar.get(seq.seq_id))
+                req, c = by_seq[sid]
+                tok = seq.token_ids[-1]
+                state = grammar.get(sid)  # its grammar after the token (None: no grammar)
+                if state is not None and isinstance(state, GrammarError):
+                    self._finish(req, c, "error", tokens=(tok,), error=f"structured output: {state}")
+                    continue
+                rules = c.rules
+                # the scheduler's finish reason, if it just ended the sequence (at max_model_len)
+                ended = None if seq.status is running else seq.finish_reason
+                text = rules.check(tok, len(seq.token_ids) - seq.num_prompt_tokens, ended, state == "done")
+                lp = logprobs.get(sid)
+                lps = None if lp is None else (self._logprob(tok, lp),)
+                prompt_lps = None if c.prompt_lps is None else self._prompt_logprobs(seq, c)
+                if rules.finish_reason is None:
+                    out.append(Delta(req.request.request_id, c.index, (tok,), text, lps, None, None, None, None,
+                                     prompt_lps))
+                else:
+                    self._finish(req, c, rules.finish_reason, rules.stop_reason, (tok,), text, lps,
+                                 prompt_logprobs=prompt_lps)
             except Exception as e:  # its detokenizer or stop strings: this sequence only
-                self._fail([seq.seq_id], e)
-
-    def _advance(self, seq: Sequence, lp: tuple[float, list[tuple[int, float]]] | None,
-                 grammar: GrammarStatus | GrammarError | None) -> None:
-        """The delta for the token `seq` just got, after the stop rules; `grammar`: its grammar's
-        state after the token (None: no grammar)."""
-        req, c = self._by_seq[seq.seq_id]
-        tok = seq.token_ids[-1]
-        if grammar is not None and isinstance(grammar, GrammarError):
-            self._finish(req, c, "error", tokens=(tok,), error=f"structured output: {grammar}")
-            return
-        rules = c.rules
-        # the scheduler's finish reason, if it just ended the sequence (at max_model_len)
-        ended = None if seq.status is SequenceStatus.RUNNING else seq.finish_reason
-        text = rules.check(tok, len(seq.token_ids) - seq.num_prompt_tokens, ended, grammar == "done")
-        logprobs = None if lp is None else (self._logprob(tok, lp),)
-        prompt_lps = None if c.prompt_lps is None else self._prompt_logprobs(seq, c)
-        if rules.finish_reason is None:
-            self._out.append(Delta(req.request.request_id, c.index, (tok,), text, logprobs, None, None, None, None,
-                                   prompt_lps))
-        else:
-            self._finish(req, c, rules.finish_reason, rules.stop_reason, (tok,), text, logprobs,
-                         prompt_logprobs=prompt_lps)
+                self._fail([sid], e)
 
     def _prompt_logprobs(self, seq: Sequence, c: _Choice) -> tuple[TokenLogprob | None, ...] | None:
         """On the first token (after the prefill) of a choice that asks: one entry per prompt token."""

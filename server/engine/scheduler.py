@@ -142,9 +142,19 @@ class Scheduler:
         prefilling: list[Sequence] = []
         for s in self.running:  # one pass: this is per-row work of every step
             (prefilling if s.num_computed_tokens < s.num_prefill_tokens else decoding).append(s)
-        for seq in decoding:
-            if seq.status is RUNNING:
+        C, max_len, may_onload = cfg.segment_size, cfg.max_model_len, self.cache.may_onload
+        rows, scheduled = st.decode, st.scheduled
+        for seq in decoding:  # a row in the middle of a segment with nothing to onload: inline
+            if seq.status is not RUNNING:
+                continue
+            pos = seq.num_computed_tokens
+            if pos % C == C - 1 or may_onload(seq.seq_id):
                 self._schedule_decode(seq, st)
+            else:
+                assert pos == len(seq.token_ids) - 1 and pos < max_len, seq
+                rows.append(seq)
+                st.budget -= 1
+                scheduled.add(seq.seq_id)
         for seq in prefilling:
             if seq.status is RUNNING and st.budget > 0:
                 self._schedule_prefill(seq, st)
@@ -329,12 +339,13 @@ class Scheduler:
     def _build(self, st: _Step) -> StepPlan:
         # Built last: evictions while planning may have moved checkpoints of rows planned earlier.
         C, ids, tables = self.config.segment_size, self.cache.block_ids, self.decode_tables
+        has_hole = self.cache.has_hole if self.config.reads_checkpoints else None
         decode = []
-        for seq in st.decode:
+        for seq in st.decode:  # per-row work of every step
             p, sid = seq.num_computed_tokens, seq.seq_id
             write = ids(sid, p // C, p // C + 1)[0] if p % C == C - 1 else -1
             # O(1) unless the table has a hole: its reads are table[:p // C] (the rest is the pinned write)
-            if seq.inexact_from is None and self.config.reads_checkpoints and self.cache.has_hole(sid):
+            if has_hole is not None and seq.inexact_from is None and has_hole(sid):
                 self._check_holes(seq, ids(sid, 0, p // C), p)
             decode.append(DecodeRow(sid, seq.slot, p, seq.token_ids[p], ids(sid, 0, p // C) if tables else (), write))
         prefill = []

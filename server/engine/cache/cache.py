@@ -166,6 +166,10 @@ class CheckpointCache:
         self._held_gpu += 1
         return True
 
+    def may_onload(self, seq_id: int) -> bool:
+        """Whether `onload_holes(seq_id)` may have something to do (else it returns at once). O(1)."""
+        return seq_id in self._maybe_holes
+
     def onload_holes(self, seq_id: int) -> None:
         """Bring a scheduled sequence's offloaded checkpoints back, evicting idle blocks only. O(1)
         unless the table may hold some (`_maybe_holes`)."""

@@ -93,6 +93,8 @@ class TokenMasks:
     def bitmask(self, seq_ids: list[int]) -> torch.Tensor | None:
         """`[len(seq_ids), width]` int32 for one step's sampled rows, in that order; None when none
         of them has a grammar (the sampler then skips the mask)."""
+        if not self._states:  # no guided sequence: nothing per row
+            return None
         rows = [self._states[s].row if s in self._states else 0 for s in seq_ids]
         if not any(rows):
             return None
