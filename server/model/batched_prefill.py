@@ -228,27 +228,29 @@ def _fused_layer(model: MCGatedDeltaNetForCausalLM, li: int, block: GatedDeltaNe
     attn, cfg, sd, spec = block.attn, block.attn.cfg, model.state_dtype, model.spec
     T, H, dk, HV, dv, kd = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.num_v_heads_, cfg.head_v_dim, cfg.key_dim
     lay = batch.memo(("conv", cfg.conv_width), lambda: _conv_layout(batch, cfg.conv_width))
-    p = F.linear(h, fuse_linears(attn.in_linears()))  # [T, P]: q k v | a b | gate | u
-    a0 = 2 * kd + cfg.value_dim
-    g0 = a0 + 2 * HV
-    u0 = g0 + (cfg.value_dim if cfg.use_gate else 0)
+    # [T, P]: q k v | gate | u | a b | pad; P a multiple of FUSED_ROWS_ALIGN, so the rows and every
+    # wide block's columns are 16-byte aligned (cuBLAS's sm90 kernels, vectorised loads in the conv)
+    p = F.linear(h, fuse_linears(attn.in_linears()))
+    cols = attn.in_columns()
     prev = states.conv[li, batch.slots]
     convs = attn._convs()
     wc = torch.cat([c.weight[:, 0, :] for c in convs])  # [conv_dim, W]
     bc = torch.cat([c.bias for c in convs]) if convs[0].bias is not None else None
-    q, k, v, q32, k32 = kernels.conv_heads(p[:, :a0], prev, lay.tok_seq, lay.tok_off, wc, bc, H, dk,
+    q, k, v, q32, k32 = kernels.conv_heads(p[:, :cols.g], prev, lay.tok_seq, lay.tok_off, wc, bc, H, dk,
                                            spec.reads_cache)
-    g, beta = gdn_gates(p[:, a0:a0 + HV], p[:, a0 + HV:g0], attn.A_log, attn.dt_bias, cfg.allow_neg_eigval, sd)
-    u = q32 if attn.u_proj is None else p[:, u0:u0 + kd].view(T, H, dk).to(sd)  # the query router reads q
+    g, beta = gdn_gates(p[:, cols.a:cols.b], p[:, cols.b:cols.b + HV], attn.A_log, attn.dt_bias,
+                        cfg.allow_neg_eigval, sd)
+    u = q32 if attn.u_proj is None else p[:, cols.u:cols.u + kd].view(T, H, dk).to(sd)  # the query router reads q
     y = batched_mc_gdn(q, k, v.view(T, HV, dv), g, beta, u, spec, batch, states.ssm[li], states.key_sum[li],
                        ckpts.ssm[:, li], ckpts.key[:, li], kernels, w, k_keys=k32)
-    _keep_conv(li, _conv_windows(p[:, :a0], prev, lay), batch.slots, lay, states, ckpts)
-    gate = p[:, g0:u0].view(T, HV, dv) if cfg.use_gate else None
+    _keep_conv(li, _conv_windows(p[:, :cols.g], prev, lay), batch.slots, lay, states, ckpts)
+    gate = p[:, cols.g:cols.u].view(T, HV, dv) if cfg.use_gate else None
     y = y.to(x.dtype)
     o = kernels.gated_rmsnorm(y, gate, attn.o_norm.weight, attn.o_norm.eps, attn.o_norm.activation) \
         if gate is not None else kernels.rmsnorm(y, attn.o_norm.weight, attn.o_norm.eps)
     x, h = kernels.add_rmsnorm(x, attn.o_proj(o.reshape(T, -1)), block.mlp_norm.weight, block.mlp_norm.eps)
-    act = kernels.swiglu_fused(F.linear(h, fuse_linears([block.mlp.gate_proj, block.mlp.up_proj])))
+    gu = F.linear(h, fuse_linears([block.mlp.gate_proj, block.mlp.up_proj]))
+    act = kernels.swiglu_fused(gu[:, :2 * block.mlp.gate_proj.out_features])  # the padding columns left out
     dx = block.mlp.down_proj(act)
     if nxt is None:
         return x + dx, None

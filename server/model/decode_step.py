@@ -9,10 +9,10 @@ kernels on CUDA (kernels/triton_step.py, kernels/triton_norms.py; the model's to
 padded rows (slot -1) touch no slot, router weights go straight into the per-block utility tensor,
 and a boundary row's conv state goes into its checkpoint block from the conv step itself (before, a
 gather and a scatter of every row's conv state per step: two kernels of ~120 us each at B=64 on the
-H200). The fused weights span a multiple of ALIGN_ROWS rows (their padding outputs never read): the
-1.3b preset's projection row of 9,228 bf16 is not 16-byte aligned, and its B=64 profile has one extra
-copy kernel per layer and another cuBLAS kernel for that GEMM (that the padding removes them is still
-to be measured).
+H200). The fused weights span a multiple of `layers.FUSED_ROWS_ALIGN` rows (their padding outputs
+never read; the same tensors the packed prefill uses): the 1.3b preset's projection row of 9,228 bf16
+is not 16-byte aligned, and its B=64 profile had one extra copy kernel per layer and an sm80 cuBLAS
+kernel for that GEMM.
 """
 
 from __future__ import annotations
@@ -92,12 +92,9 @@ def triton_glue() -> Glue:
                 triton_step.conv_step, gated, triton_step.swiglu_fused)
 
 
-ALIGN_ROWS = 8  # fused weights span a multiple of this many rows: output rows of 16 bytes (bf16) or more
-
-
 @dataclass(frozen=True, slots=True)
 class _Layer:
-    w_in: torch.Tensor  # [conv_dim + 2 HV (+ value_dim) (+ key_dim) + pad, hidden]: q k v | a b | g | u | pad
+    w_in: torch.Tensor  # [conv_dim (+ value_dim) (+ key_dim) + 2 HV + pad, hidden]: q k v | g | u | a b | pad
     w_gate_up: torch.Tensor  # [2 M + pad, hidden]
     w_conv: torch.Tensor | None  # [conv_dim, W]
     b_conv: torch.Tensor | None
@@ -125,12 +122,9 @@ class DecodeStep:
                 convs: list[ShortConv] = [a.q_conv1d, a.k_conv1d, a.v_conv1d]
                 w_conv = torch.cat([c.weight[:, 0, :].detach() for c in convs]).contiguous()
                 b_conv = torch.cat([c.bias.detach() for c in convs]) if convs[0].bias is not None else None
-            w_gate_up = fuse_linears([block.mlp.gate_proj, block.mlp.up_proj], align=ALIGN_ROWS)
-            self.layers.append(_Layer(fuse_linears(a.in_linears(), align=ALIGN_ROWS), w_gate_up, w_conv, b_conv))
-        kd, vd, hv = cfg.key_dim, cfg.value_dim, cfg.num_v_heads_
-        self._a = 2 * kd + vd  # offsets into a layer's projection row
-        self._g = self._a + 2 * hv
-        self._u = self._g + (vd if cfg.use_gate else 0)
+            w_gate_up = fuse_linears([block.mlp.gate_proj, block.mlp.up_proj])
+            self.layers.append(_Layer(fuse_linears(a.in_linears()), w_gate_up, w_conv, b_conv))
+        self._cols = model.model.layers[0].attn.in_columns()  # offsets into a layer's projection row
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, batch: DecodeBatch, states: StateSlots, ckpts: CheckpointBlocks,
@@ -140,7 +134,7 @@ class DecodeStep:
         m, cfg, glue = self.model, self.model.cfg, self.glue
         B = tokens.shape[0]
         H, HV, dk, dv = cfg.num_heads, cfg.num_v_heads_, cfg.head_dim, cfg.head_v_dim
-        kd, hv, a0, g0, u0, m2 = cfg.key_dim, cfg.num_v_heads_, self._a, self._g, self._u, 2 * cfg.mlp_size
+        kd, hv, cols, m2 = cfg.key_dim, cfg.num_v_heads_, self._cols, 2 * cfg.mlp_size
         blocks = m.model.layers
         small = B <= self.small_batch_rows  # fixed per graph bucket
         x = m.model.embeddings(tokens)
@@ -149,17 +143,17 @@ class DecodeStep:
             attn = block.attn
             n_in = block.attn_norm
             p = self._gemv(x, lw.w_in, norm=(n_in.weight, n_in.eps)) if small else F.linear(h, lw.w_in)  # [B, P]
-            qkv = p[:, :a0]
+            qkv = p[:, :cols.g]
             qkv = glue.conv(qkv, states.conv[li], batch.slots, lw.w_conv, lw.b_conv, ckpts.conv[:, li],
                             batch.write_blocks) if lw.w_conv is not None else F.silu(qkv)
-            u = p[:, u0:u0 + kd].view(B, H, dk) if attn.u_proj is not None else None
+            u = p[:, cols.u:cols.u + kd].view(B, H, dk) if attn.u_proj is not None else None
             memory = LayerMemory(states.ssm[li], states.key_sum[li], ckpts.ssm[:, li], ckpts.key[:, li],
                                  None if ckpt_sum is None else ckpt_sum[li], utility)
             y = self.decode_fn(qkv[:, :kd].view(B, H, dk), qkv[:, kd:2 * kd].view(B, H, dk),
-                               qkv[:, 2 * kd:].view(B, HV, dv), p[:, a0:a0 + hv], p[:, a0 + hv:g0], u,
+                               qkv[:, 2 * kd:].view(B, HV, dv), p[:, cols.a:cols.b], p[:, cols.b:cols.b + hv], u,
                                attn.A_log, attn.dt_bias, spec=m.spec, batch=batch, memory=memory,
                                allow_neg_eigval=cfg.allow_neg_eigval, out_dtype=x.dtype)
-            gate = p[:, g0:u0].view(B, HV, dv) if cfg.use_gate else None
+            gate = p[:, cols.g:cols.u].view(B, HV, dv) if cfg.use_gate else None
             o = glue.gated_norm(y, gate, attn.o_norm).reshape(B, -1)
             nxt = blocks[li + 1].attn_norm if li + 1 < len(blocks) else m.model.norm
             if small:
