@@ -17,40 +17,49 @@ import triton.language as tl
 
 
 @triton.jit
+def _conv_tile(raw, s_r, prev, s_pn, s_pd, w, b, D, t, tm, seq, off, col, dm, W: tl.constexpr, BT: tl.constexpr,
+               BD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """silu(conv) [BT, BD] fp32 (rounded through raw's dtype) of tokens t at columns col."""
+    m = tm[:, None] & dm[None, :]
+    t64 = t.to(tl.int64)
+    # only a block with a chunk's first W-1 tokens reads conv states: the others skip those loads
+    at_start = tl.min(tl.where(tm, off, W - 1), axis=0) < W - 1
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for j in tl.static_range(W):
+        src = off - (W - 1) + j  # the tap's input, as an offset inside the chunk (< 0: the conv state)
+        inside = (src >= 0)[:, None]
+        x = tl.load(raw + (t64 - (W - 1) + j)[:, None] * s_r + col[None, :], mask=m & inside, other=0.0)
+        x = x.to(tl.float32)
+        if at_start:  # exactly one of the two loads is unmasked, the other adds 0
+            x += tl.load(prev + seq[:, None] * s_pn + col[None, :] * s_pd + (W - 1 + src)[:, None],
+                         mask=m & ~inside, other=0.0).to(tl.float32)
+        acc += x * tl.load(w + j * D + col, mask=dm, other=0.0)[None, :]  # w [W, D]: a tap's row contiguous
+    if HAS_BIAS:
+        acc += tl.load(b + col, mask=dm, other=0.0)[None, :]
+    return (acc / (1.0 + tl.exp(-acc))).to(raw.dtype.element_ty).to(tl.float32)  # the model's dtype
+
+
+@triton.jit
 def _conv_heads_kernel(raw, s_r, prev, s_pn, s_pd, tok_seq, tok_off, w, b, q, k, v, q32, k32, T, KD, VD,
                        W: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                        HAS_BIAS: tl.constexpr, COPY32: tl.constexpr):
+    """Program (token block, c): c < H q head c, c < 2 H k head c - H, else v columns (c - 2 H) * BD ..
+    Each branch computes its own column offsets (no value shared between them), so that the compiler
+    keeps their contiguity and the loads and stores stay vectorised."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     c = tl.program_id(1)
     tm = t < T
     seq = tl.load(tok_seq + t, mask=tm, other=0).to(tl.int64)
     off = tl.load(tok_off + t, mask=tm, other=0)
     d = tl.arange(0, BD)
-    if c < 2 * H:  # one q or k head: columns c * DK ..
-        col = c * DK + d
-        dm = d < DK
-    else:  # a block of v columns
-        col = 2 * KD + (c - 2 * H) * BD + d
-        dm = (c - 2 * H) * BD + d < VD
-    m = tm[:, None] & dm[None, :]
+    D = 2 * KD + VD
     t64 = t.to(tl.int64)
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in tl.static_range(W):
-        src = off - (W - 1) + j  # the tap's input, as an offset inside the chunk (< 0: the conv state)
-        inside = (src >= 0)[:, None]
-        xr = tl.load(raw + (t64 - (W - 1) + j)[:, None] * s_r + col[None, :], mask=m & inside, other=0.0)
-        xp = tl.load(prev + seq[:, None] * s_pn + col[None, :] * s_pd + (W - 1 + src)[:, None], mask=m & ~inside,
-                     other=0.0)
-        x = tl.where(inside, xr, xp).to(tl.float32)
-        acc += x * tl.load(w + col * W + j, mask=dm, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b + col, mask=dm, other=0.0)[None, :]
-    y = (acc / (1.0 + tl.exp(-acc))).to(raw.dtype.element_ty)  # the conv output in the model's dtype
-    if c < 2 * H:
-        yf = y.to(tl.float32)
-        n = yf * (1.0 / tl.sqrt(tl.sum(yf * yf, axis=1) + 1e-6))[:, None]
-        h = c % H
-        dst = t64[:, None] * (H * DK) + h * DK + d[None, :]
+    if c < 2 * H:  # one q or k head: columns c * DK .., L2-normalised over the head in fp32
+        dm = d < DK
+        y = _conv_tile(raw, s_r, prev, s_pn, s_pd, w, b, D, t, tm, seq, off, c * DK + d, dm, W, BT, BD, HAS_BIAS)
+        n = y * (1.0 / tl.sqrt(tl.sum(y * y, axis=1) + 1e-6))[:, None]
+        m = tm[:, None] & dm[None, :]
+        dst = t64[:, None] * (H * DK) + (c % H) * DK + d[None, :]
         if c < H:
             tl.store(q + dst, n.to(q.dtype.element_ty), mask=m)
             if COPY32:
@@ -59,15 +68,19 @@ def _conv_heads_kernel(raw, s_r, prev, s_pn, s_pd, tok_seq, tok_off, w, b, q, k,
             tl.store(k + dst, n.to(k.dtype.element_ty), mask=m)
             if COPY32:
                 tl.store(k32 + dst, n, mask=m)
-    else:
-        tl.store(v + t64[:, None] * VD + (col - 2 * KD)[None, :], y, mask=m)
+    else:  # a block of v columns
+        vc = (c - 2 * H) * BD + d
+        dm = vc < VD
+        y = _conv_tile(raw, s_r, prev, s_pn, s_pd, w, b, D, t, tm, seq, off, 2 * KD + vc, dm, W, BT, BD, HAS_BIAS)
+        tl.store(v + t64[:, None] * VD + vc[None, :], y.to(v.dtype.element_ty), mask=tm[:, None] & dm[None, :])
 
 
 def launch_config(head_dim: int) -> dict[str, int]:
-    """Tokens per program, columns per program (one head; v in blocks as wide) and warps.
+    """Tokens per program, columns per program (one head; v in blocks as wide) and warps: 32 tokens of
+    a 256-wide head per 8 warps (32 fp32 per thread), each tap one 16-byte load per 8 columns.
     tests/kernels/test_triton_compile.py compiles these for sm_90 and checks that nothing spills."""
     bd = triton.next_power_of_2(head_dim)
-    return dict(BT=max(4, min(64, 4096 // bd)), BD=bd, num_warps=8 if bd >= 128 else 4)
+    return dict(BT=max(4, min(32, 8192 // bd)), BD=bd, num_warps=8 if bd >= 128 else 4)
 
 
 def conv_heads_triton(raw: torch.Tensor, prev: torch.Tensor, tok_seq: torch.Tensor, tok_off: torch.Tensor,
@@ -93,7 +106,7 @@ def conv_heads_triton(raw: torch.Tensor, prev: torch.Tensor, tok_seq: torch.Tens
     k32 = torch.empty_like(q32) if copy32 else k
     if T == 0:
         return q, k, v, q32, k32
-    w = weight.float().contiguous()
+    w = weight.float().t().contiguous()  # [W, D]
     cfg = launch_config(DK)
     bt, bd = cfg["BT"], cfg["BD"]
     grid = (triton.cdiv(T, bt), 2 * H + triton.cdiv(VD, bd))

@@ -121,13 +121,15 @@ def _conv_heads_ref(raw, prev, lengths, weight, bias, H, dk):
                                           (4, True, torch.bfloat16)])
 def test_conv_heads_matches_torch(W: int, bias: bool, dtype: torch.dtype) -> None:
     """Chunks shorter than the conv window (taps reach back into the state), a one-token chunk, rows of
-    the input strided (columns of a wider projection), head widths that are not powers of two."""
-    from mcserve.kernels.prefill.triton_conv import conv_heads_triton
+    the input strided (columns of a wider projection), head widths that are not powers of two; token
+    blocks (launch_config's BT) with no chunk start (no state loads) and with starts inside them."""
+    from mcserve.kernels.prefill.triton_conv import conv_heads_triton, launch_config
 
     g = torch.Generator().manual_seed(W)
     H, dk, vd = 3, 12, 40
     D = 2 * H * dk + vd
-    lengths = [5, 1, 2, 17, 3]
+    lengths = [5, 1, 2, 70, 3, 33]
+    assert launch_config(dk)["BT"] < 70 - 2 * W  # a block of the long chunk reads no state
     T, n = sum(lengths), len(lengths)
     wide = torch.randn(T, D + 7, generator=g).to(dtype)
     raw = wide[:, 3:3 + D]  # row stride D + 7

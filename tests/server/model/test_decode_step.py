@@ -15,6 +15,7 @@ from mcserve.kernels.decode import DecodeBatch, get_decode_path
 from mcserve.kernels.decode.residual import rebuild_ckpt_sum
 from mcserve.server.model.decode_step import TORCH_GLUE, DecodeStep, triton_glue
 from mcserve.server.model.init_model import build_config, init_weights
+from mcserve.server.model.layers import FUSED_ROWS_ALIGN
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
 C = 8
@@ -151,7 +152,15 @@ def test_fused_weights_are_views_and_leave_model_decode_unchanged() -> None:
     assert sum(p.numel() for p in model.parameters()) == params
     attn = model.model.layers[0].attn
     assert attn.k_proj.weight.data_ptr() == step.layers[0].w_in.data_ptr() + attn.q_proj.weight.numel() * 4
-    # rows padded to ALIGN_ROWS with zeros (tiny + learned router: 228 rows -> 232)
+    # rows padded to FUSED_ROWS_ALIGN with zeros (tiny + learned router: 228 rows -> 256), b last
     w_in = step.layers[0].w_in
-    assert w_in.shape[0] == 232 and not w_in[228:].any()
-    assert attn.u_proj.weight.data_ptr() + attn.u_proj.weight.numel() * 4 == w_in[228:].data_ptr()
+    assert w_in.shape[0] == 256 == FUSED_ROWS_ALIGN * 4 and not w_in[228:].any()
+    assert attn.b_proj.weight.data_ptr() + attn.b_proj.weight.numel() * 4 == w_in[228:].data_ptr()
+    # every projection's columns of the fused output where in_columns says, q k v | g | u | a b
+    x = torch.randn(5, attn.cfg.hidden_size, dtype=w_in.dtype)
+    p, cols, kd, vd, hv = x @ w_in.T, attn.in_columns(), attn.cfg.key_dim, attn.cfg.value_dim, attn.cfg.num_v_heads_
+    assert cols.g % 16 == cols.u % 16 == 0
+    for lin, a in [(attn.q_proj, 0), (attn.k_proj, kd), (attn.v_proj, 2 * kd), (attn.g_proj, cols.g),
+                   (attn.u_proj, cols.u), (attn.a_proj, cols.a), (attn.b_proj, cols.b)]:
+        assert torch.allclose(p[:, a:a + lin.out_features], lin(x), atol=1e-6)
+    assert cols.b + hv == 228 and cols.u == cols.g + vd
