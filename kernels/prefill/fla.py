@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.prefill.triton_rows import copy_rows
 from mcserve.kernels.prefill.varlen import VarlenBatch, to_device
 
 REQUIRED = (0, 6)  # fla-core 0.6.x: the internal functions above have these names and layouts
@@ -181,10 +182,9 @@ def core_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     if spec.reset:
         lay = batch.memo("fla_reset", lambda: _reset_layout(batch))
         h0 = state_pool.new_zeros(len(batch.pieces), *state_pool.shape[1:])
-        h0[lay.first] = state_pool[batch.slots]
+        copy_rows(h0, lay.first, state_pool, batch.slots)
         o, final = chunk_final(qf[None], kf[None], vf[None], gf[None], bf[None], scale, h0, lay.cu, lay.cu_cpu)
-        if lay.ends.numel():
-            ckpt_pool[lay.end_blocks] = final[lay.ends].to(ckpt_pool.dtype)
+        copy_rows(ckpt_pool, lay.end_blocks, final, lay.ends)
         state_pool[batch.slots] = torch.where(lay.last_ends[:, None, None, None], 0.0, final[lay.last]).to(
             state_pool.dtype)
         return o[0]
@@ -195,11 +195,9 @@ def core_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     h0 = state_pool[batch.slots]  # [n, HV, dv, dk], contiguous (fp32 on the GPU)
     o, h, final = chunk_with_states(qf[None], kf[None], vf[None], gf[None], bf[None], scale, h0, lay.cu,
                                     lay.cu_cpu, bt)
-    if lay.inner_h.numel():
-        ckpt_pool[lay.inner_blocks] = h[0, lay.inner_h].to(ckpt_pool.dtype)
-    if lay.end_seqs.numel():
-        ckpt_pool[lay.end_blocks] = final[lay.end_seqs].to(ckpt_pool.dtype)
-    state_pool[batch.slots] = final.to(state_pool.dtype)
+    copy_rows(ckpt_pool, lay.inner_blocks, h[0], lay.inner_h)  # one pass each, no gathered temporary
+    copy_rows(ckpt_pool, lay.end_blocks, final, lay.end_seqs)
+    copy_rows(state_pool, batch.slots, final)
     return o[0] if lay.dest is None else o[0, lay.dest]
 
 

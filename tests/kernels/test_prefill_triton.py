@@ -180,3 +180,29 @@ def test_grouped_readout_for_many_memories(holes: bool) -> None:
     ref, w_ref, got, w = both(case, ins, ckpt, keys, block_t=16)
     assert torch.allclose(got, ref, atol=2e-5, rtol=1e-4), float((got - ref).abs().max())
     assert torch.allclose(w, w_ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_rows_equals_indexing(dtype: torch.dtype) -> None:
+    """Into a layer's view of a [blocks, L, ...] pool (first-dim stride spans the layers) from chosen
+    rows and from every row, cast to the pool's dtype; rows longer than one program's block, empty.
+    Exact, except fp32 -> bf16 under the interpreter (it truncates; the GPU rounds to nearest as torch)."""
+    from mcserve.kernels.prefill.triton_rows import BLOCK, copy_rows
+
+    def same(a, b):
+        exact = dtype == torch.float32 or DEV == "cuda"
+        return torch.equal(a, b) if exact else torch.allclose(a.float(), b.float(), rtol=1e-2, atol=0)
+
+    g = torch.Generator().manual_seed(3)
+    pool = torch.randn(7, 3, 2, 3, BLOCK // 4 + 5, generator=g).to(dtype).to(DEV)  # [blocks, L, HV, dv, dk]
+    want = pool.clone()
+    src = torch.randn(5, 2, 3, BLOCK // 4 + 5, generator=g).to(DEV)  # fp32, as fla's states
+    rows, picks = torch.tensor([6, 0, 3], device=DEV), torch.tensor([4, 4, 1], device=DEV)
+    copy_rows(pool[:, 1], rows, src, picks)
+    want[:, 1][rows] = src[picks].to(dtype)
+    assert same(pool, want)
+    every = torch.tensor([2, 5, 1, 0, 6], device=DEV)
+    copy_rows(pool[:, 2], every, src)
+    want[:, 2][every] = src.to(dtype)
+    copy_rows(pool[:, 0], every[:0], src[:0])
+    assert same(pool, want)
