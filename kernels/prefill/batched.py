@@ -49,6 +49,10 @@ class PrefillKernels:
     swiglu_fused: Callable[..., torch.Tensor] | None = None
     # piece_sums(k [T, H, dk], batch) -> [pieces, H, dk] fp32 (triton_keys.py); None: index_add in torch
     piece_sums: Callable[..., torch.Tensor] | None = None
+    # keep_windows(raw, prev, win_tok, win_row, win_col, win_seq, slots, blocks, slot_conv, block_conv):
+    # the conv states after each chunk and each boundary into the pools in one launch (triton_conv.py);
+    # None: gathers and index_puts in torch
+    keep_windows: Callable[..., None] | None = None
 
 
 TORCH_KERNELS = PrefillKernels("torch", core_rounds, readout_rounds, short_conv_rows)
@@ -70,7 +74,7 @@ def select_kernels(device: torch.device | str, spec: MCSpec, dtype: torch.dtype)
     try:
         from mcserve.kernels import triton_norms, triton_step
         from mcserve.kernels.prefill.triton import readout_triton
-        from mcserve.kernels.prefill.triton_conv import conv_heads_triton
+        from mcserve.kernels.prefill.triton_conv import conv_heads_triton, keep_windows_triton
         from mcserve.kernels.prefill.triton_keys import piece_sums_triton
     except ImportError as e:
         log.warning("prefill: Triton is not importable (%s); the MC readout, conv and norms run in torch", e)
@@ -79,7 +83,7 @@ def select_kernels(device: torch.device | str, spec: MCSpec, dtype: torch.dtype)
     log.info("prefill path: %s core, triton readout, conv and norms", core_name)
     return PrefillKernels(f"{core_name}+triton", core, readout_triton, short_conv_rows, triton_norms.rmsnorm,
                           triton_norms.gated_rmsnorm, triton_norms.swiglu, conv_heads_triton,
-                          triton_step.add_rmsnorm, triton_step.swiglu_fused, piece_sums_triton)
+                          triton_step.add_rmsnorm, triton_step.swiglu_fused, piece_sums_triton, keep_windows_triton)
 
 
 def segment_keys(

@@ -115,3 +115,46 @@ def conv_heads_triton(raw: torch.Tensor, prev: torch.Tensor, tok_seq: torch.Tens
                              W=W, H=H, DK=DK, BT=bt, BD=bd, HAS_BIAS=bias is not None, COPY32=copy32,
                              num_warps=cfg["num_warps"])
     return q, k, v, q32, k32
+
+
+@triton.jit
+def _keep_windows_kernel(raw, s_r, prev, s_pn, s_pd, win_tok, win_row, win_col, win_seq, slots, blocks, st, s_sn,
+                         s_sd, ck, s_cn, s_cd, n, D, W1: tl.constexpr, BD: tl.constexpr):
+    """Window m (< n: chunk m's last W-1 inputs, into its slot; else a boundary's, into its block),
+    columns of one program: each entry a token row of raw or a column of the chunk's state before it."""
+    m = tl.program_id(0)
+    col = tl.program_id(1) * BD + tl.arange(0, BD)
+    cm = col < D
+    seq = tl.load(win_seq + m)
+    for j in tl.static_range(W1):
+        tok = tl.load(win_tok + m * W1 + j) != 0
+        xr = tl.load(raw + tl.load(win_row + m * W1 + j) * s_r + col, mask=cm & tok, other=0.0)
+        xp = tl.load(prev + seq * s_pn + col * s_pd + tl.load(win_col + m * W1 + j), mask=cm & ~tok, other=0.0)
+        x = tl.where(tok, xr, xp.to(raw.dtype.element_ty))  # the window in raw's dtype, as the torch path
+        if m < n:  # the pools may differ in dtype: a store per branch
+            tl.store(st + tl.load(slots + m) * s_sn + col * s_sd + j, x.to(st.dtype.element_ty), mask=cm)
+        else:
+            tl.store(ck + tl.load(blocks + m - n) * s_cn + col * s_cd + j, x.to(ck.dtype.element_ty), mask=cm)
+
+
+def keep_windows_triton(raw: torch.Tensor, prev: torch.Tensor, win_tok: torch.Tensor, win_row: torch.Tensor,
+                        win_col: torch.Tensor, win_seq: torch.Tensor, slots: torch.Tensor, blocks: torch.Tensor,
+                        slot_conv: torch.Tensor, block_conv: torch.Tensor) -> None:
+    """The conv states to keep, in one launch: windows [M, W-1] of entries (win_tok: raw's row win_row,
+    else column win_col of prev[win_seq]; batched_prefill's `_ConvLayout`), window m < n = len(slots)
+    into slot_conv[slots[m]], the others into block_conv[blocks[m - n]]. raw [T, D] (last dim
+    contiguous), prev [n, D, W-1], slot_conv [slots, D, W-1], block_conv [blocks, D, W-1] (strided
+    views of the pools, last dim contiguous)."""
+    M, W1 = win_tok.shape
+    D = raw.shape[1]
+    n = slots.numel()
+    assert raw.stride(1) == prev.stride(2) == slot_conv.stride(2) == block_conv.stride(2) == 1, (
+        raw.stride(), prev.stride(), slot_conv.stride(), block_conv.stride())
+    assert M == n + blocks.numel() and prev.shape[1:] == slot_conv.shape[1:] == block_conv.shape[1:] == (D, W1)
+    if M == 0 or W1 == 0:
+        return
+    bd = min(1024, triton.next_power_of_2(D))
+    _keep_windows_kernel[(M, triton.cdiv(D, bd))](
+        raw, raw.stride(0), prev, prev.stride(0), prev.stride(1), win_tok, win_row, win_col, win_seq, slots,
+        blocks, slot_conv, slot_conv.stride(0), slot_conv.stride(1), block_conv, block_conv.stride(0),
+        block_conv.stride(1), n, D, W1=W1, BD=bd, num_warps=4)

@@ -243,7 +243,11 @@ def _fused_layer(model: MCGatedDeltaNetForCausalLM, li: int, block: GatedDeltaNe
     u = q32 if attn.u_proj is None else p[:, cols.u:cols.u + kd].view(T, H, dk).to(sd)  # the query router reads q
     y = batched_mc_gdn(q, k, v.view(T, HV, dv), g, beta, u, spec, batch, states.ssm[li], states.key_sum[li],
                        ckpts.ssm[:, li], ckpts.key[:, li], kernels, w, k_keys=k32)
-    _keep_conv(li, _conv_windows(p[:, :cols.g], prev, lay), batch.slots, lay, states, ckpts)
+    if kernels.keep_windows is not None and ckpts.conv.device == p.device:
+        kernels.keep_windows(p[:, :cols.g], prev, lay.win_tok, lay.win_row, lay.win_col, lay.win_seq, batch.slots,
+                             lay.bound_blocks, states.conv[li], ckpts.conv[:, li])
+    else:
+        _keep_conv(li, _conv_windows(p[:, :cols.g], prev, lay), batch.slots, lay, states, ckpts)
     gate = p[:, cols.g:cols.u].view(T, HV, dv) if cfg.use_gate else None
     y = y.to(x.dtype)
     o = kernels.gated_rmsnorm(y, gate, attn.o_norm.weight, attn.o_norm.eps, attn.o_norm.activation) \

@@ -85,6 +85,25 @@ def conv_heads_kernel(copy32: bool) -> None:
                                                          COPY32=copy32), cfg["num_warps"]))
 
 
+def keep_windows_kernel() -> None:
+    """The conv windows into the pools at the 1.3b preset's conv_dim (6,144), W-1 = 3."""
+    from mcserve.kernels.prefill.triton_conv import _keep_windows_kernel
+
+    types = {"raw": "*bf16", "prev": "*bf16", "win_tok": "*i1", "win_row": "*i64", "win_col": "*i64",
+             "win_seq": "*i64", "slots": "*i64", "blocks": "*i64", "st": "*bf16", "ck": "*bf16", "n": "i32", "D": "i32",
+             **strides("s_r", "s_pn", "s_pd", "s_sn", "s_sd", "s_cn", "s_cd")}
+    check(compile_kernel(_keep_windows_kernel, types, dict(W1=3, BD=1024)))
+
+
+def copy_rows_kernel(src: str, dst: str) -> None:
+    """fla's states (fp32) and per-chunk states (bf16) into the pools."""
+    from mcserve.kernels.prefill.triton_rows import BLOCK, _copy_rows_kernel
+
+    types = {"dst": f"*{dst}", "dst_rows": "*i64", "src": f"*{src}", "src_rows": "*i64", "N": "i32",
+             **strides("s_d", "s_s", t="i64")}
+    check(compile_kernel(_copy_rows_kernel, types, dict(BLOCK=BLOCK, SRC_ROWS=True), 8))
+
+
 def grouped_kernel(ckpt: str, ieee: bool) -> None:
     from mcserve.kernels.prefill.triton_grouped import _grouped_kernel
 
@@ -147,6 +166,9 @@ VARIANTS = {
     "readout fp32": (readout_kernel, ("fp32", True)),
     **{f"conv heads copy32={c}": (conv_heads_kernel, (c,)) for c in (False, True)},
     "piece sums": (piece_sums_kernel, ()),
+    "keep windows": (keep_windows_kernel, ()),
+    **{f"copy rows {a}->{b}": (copy_rows_kernel, (a, b)) for a, b in [("fp32", "fp32"), ("bf16", "bf16"),
+                                                                      ("fp32", "bf16")]},
     "grouped bf16": (grouped_kernel, ("bf16", False)),
     "grouped fp32": (grouped_kernel, ("fp32", True)),
     **{f"norm D={d} gate={g}": (norm_kernels, (d, g)) for d, g in [(2048, 0), (512, 1), (512, 2)]},

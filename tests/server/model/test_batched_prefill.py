@@ -140,8 +140,9 @@ def test_logits_only_where_asked_and_weights_per_table_entry() -> None:
 
 
 def _interpreted_kernels():
-    """The CUDA path's kernels (Triton readout, fused conv + q/k norms, segment-key sums, norms, residual
-    add + norm, SwiGLU; the core stays torch: fla needs a GPU), run by Triton's interpreter on CPU."""
+    """The CUDA path's kernels (Triton readout, fused conv + q/k norms, conv windows, segment-key sums,
+    norms, residual add + norm, SwiGLU; the core stays torch: fla needs a GPU), run by Triton's
+    interpreter on CPU."""
     import os
 
     if not torch.cuda.is_available():
@@ -150,12 +151,12 @@ def _interpreted_kernels():
     from mcserve.kernels import triton_step
     from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels
     from mcserve.kernels.prefill.triton import readout_triton
-    from mcserve.kernels.prefill.triton_conv import conv_heads_triton
+    from mcserve.kernels.prefill.triton_conv import conv_heads_triton, keep_windows_triton
     from mcserve.kernels.prefill.triton_keys import piece_sums_triton
 
     return PrefillKernels("interpreted", TORCH_KERNELS.core, readout_triton, TORCH_KERNELS.conv, norms.rmsnorm,
                           norms.gated_rmsnorm, norms.swiglu, conv_heads_triton, triton_step.add_rmsnorm,
-                          triton_step.swiglu_fused, piece_sums_triton)
+                          triton_step.swiglu_fused, piece_sums_triton, keep_windows_triton)
 
 
 @pytest.mark.parametrize("mc", [{"aggregation": "ssc", "top_k": 2}, {"aggregation": "none"},
