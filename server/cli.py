@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import re
 import sys
@@ -248,7 +249,13 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> ApiSettings
 def load_engine(model_dir: Path, kwargs: dict[str, Any], metrics: Any) -> Any:
     from mcserve.server.engine.async_engine import AsyncEngine
 
-    return AsyncEngine.from_model_dir(model_dir, metrics=metrics, **kwargs)
+    engine = AsyncEngine.from_model_dir(model_dir, metrics=metrics, **kwargs)
+    # What is loaded now (torch, the model's modules, the tokenizer's tables) lives as long as the
+    # server: out of the collector's sight, a full collection, which holds the GIL and so the engine
+    # thread, walks only what serving made (~175k objects at start-up took 0.15 s per collection).
+    gc.collect()
+    gc.freeze()
+    return engine
 
 
 def set_interop_threads() -> None:

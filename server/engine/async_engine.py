@@ -273,8 +273,12 @@ class AsyncEngine:
         if not deltas:
             return
         by_request: dict[str, list[Delta]] = {}
-        for d in deltas:
-            by_request.setdefault(d.request_id, []).append(d)
+        for d in deltas:  # per row of every step: no list made for nothing (setdefault's default)
+            batch = by_request.get(d.request_id)
+            if batch is None:
+                by_request[d.request_id] = [d]
+            else:
+                batch.append(d)
             if d.finish_reason is not None:
                 left = self._open.get(d.request_id)
                 if left is not None:

@@ -112,6 +112,8 @@ class IncrementalDetokenizer:
             out = delta if self._include_stop else self._tail + delta  # with include_stop the tail was sent
             self._tail = ""
             return out
+        if not self._stops or (not self._tail and self._stop_first_chars.isdisjoint(delta)):
+            return delta  # _match_stops' first two cases, without the call
         return self._match_stops(delta, final=False)
 
     def _push_ids(self, ids: list[int]) -> str:
