@@ -161,7 +161,7 @@ def gemv_kernel(m: int, k: int, mode: str) -> None:
 
 
 VARIANTS = {
-    **{f"router agg={a} nmax={n}": (router_kernel, (a, n)) for a, n in [(2, 16), (1, 64), (0, 16), (2, 256)]},
+    **{f"router agg={a} nmax={n}": (router_kernel, (a, n)) for a, n in [(2, 16), (2, 32), (1, 64), (0, 16), (2, 256)]},
     "readout bf16": (readout_kernel, ("bf16", False)),
     "readout fp32": (readout_kernel, ("fp32", True)),
     **{f"conv heads copy32={c}": (conv_heads_kernel, (c,)) for c in (False, True)},
