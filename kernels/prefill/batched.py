@@ -47,8 +47,9 @@ class PrefillKernels:
     conv_heads: Callable[..., tuple[torch.Tensor, ...]] | None = None
     add_rmsnorm: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     swiglu_fused: Callable[..., torch.Tensor] | None = None
-    # piece_sums(k [T, H, dk], batch) -> [pieces, H, dk] fp32 (triton_keys.py); None: index_add in torch
-    piece_sums: Callable[..., torch.Tensor] | None = None
+    # segment_keys(k, batch, key_sum_pool, ckpt_key_pool) -> key_sum0, `segment_keys`' contract in one
+    # launch (triton_keys.py); None: index_add and the bookkeeping in torch
+    segment_keys: Callable[..., torch.Tensor] | None = None
     # keep_windows(raw, prev, win_tok, win_row, win_col, win_seq, slots, blocks, slot_conv, block_conv):
     # the conv states after each chunk and each boundary into the pools in one launch (triton_conv.py);
     # None: gathers and index_puts in torch
@@ -75,7 +76,7 @@ def select_kernels(device: torch.device | str, spec: MCSpec, dtype: torch.dtype)
         from mcserve.kernels import triton_norms, triton_step
         from mcserve.kernels.prefill.triton import readout_triton
         from mcserve.kernels.prefill.triton_conv import conv_heads_triton, keep_windows_triton
-        from mcserve.kernels.prefill.triton_keys import piece_sums_triton
+        from mcserve.kernels.prefill.triton_keys import segment_keys_triton
     except ImportError as e:
         log.warning("prefill: Triton is not importable (%s); the MC readout, conv and norms run in torch", e)
         log.info("prefill path: %s core, torch readout", core_name)
@@ -83,7 +84,8 @@ def select_kernels(device: torch.device | str, spec: MCSpec, dtype: torch.dtype)
     log.info("prefill path: %s core, triton readout, conv and norms", core_name)
     return PrefillKernels(f"{core_name}+triton", core, readout_triton, short_conv_rows, triton_norms.rmsnorm,
                           triton_norms.gated_rmsnorm, triton_norms.swiglu, conv_heads_triton,
-                          triton_step.add_rmsnorm, triton_step.swiglu_fused, piece_sums_triton, keep_windows_triton)
+                          triton_step.add_rmsnorm, triton_step.swiglu_fused, segment_keys_triton,
+                          keep_windows_triton)
 
 
 def segment_keys(
@@ -91,7 +93,6 @@ def segment_keys(
     batch: VarlenBatch,
     key_sum_pool: torch.Tensor,  # [slots, H, dk] running key sum of the current segment, updated
     ckpt_key_pool: torch.Tensor,  # [blocks, H, dk], written at the boundaries' blocks
-    piece_sums: Callable[..., torch.Tensor] | None = None,  # PrefillKernels.piece_sums
 ) -> torch.Tensor:
     """Segment keys (mean of a segment's keys) of every boundary in the batch and the slots' new running
     sums. Returns each chunk's running key sum before the chunk [n, H, dk]."""
@@ -99,10 +100,7 @@ def segment_keys(
     dt = key_sum_pool.dtype
     lay = batch.memo("segment_keys", lambda: _key_layout(batch))
     key_sum0 = key_sum_pool[batch.slots]  # a copy, taken before the write below
-    if piece_sums is not None:
-        sums = piece_sums(k, batch).to(dt)
-    else:
-        sums = k.new_zeros(len(batch.pieces), H, dk, dtype=dt).index_add_(0, batch.tok_piece, k.to(dt))
+    sums = k.new_zeros(len(batch.pieces), H, dk, dtype=dt).index_add_(0, batch.tok_piece, k.to(dt))
     sums[lay.first] += torch.where(lay.mid[:, None, None], key_sum0, 0.0)  # chunk starts are distinct pieces
     if lay.end_blocks.numel():
         ckpt_key_pool[lay.end_blocks] = (sums[lay.ends] / batch.segment_size).to(ckpt_key_pool.dtype)
@@ -159,7 +157,7 @@ def batched_mc_gdn(
     slot holds its chunk's final state, key sum, and every boundary's block its checkpoint and key.
     The core reads q, k as given; the segment keys and the router read `k_keys` (default k)."""
     k_keys = k if k_keys is None else k_keys
-    key_sum0 = segment_keys(k_keys, batch, key_sum_pool, ckpt_key_pool, kernels.piece_sums)
+    key_sum0 = (kernels.segment_keys or segment_keys)(k_keys, batch, key_sum_pool, ckpt_key_pool)
     o = kernels.core(q, k, v, g, beta, batch, spec, state_pool, ckpt_pool)
     if not spec.reads_cache or batch.table_width == 0:
         return o

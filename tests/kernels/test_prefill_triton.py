@@ -150,20 +150,30 @@ def test_conv_heads_matches_torch(W: int, bias: bool, dtype: torch.dtype) -> Non
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_piece_sums_match_index_add(dtype: torch.dtype) -> None:
-    """Pieces of a segment's full length, of one token, chunks starting mid-segment; k rows strided."""
-    from mcserve.kernels.prefill.triton_keys import piece_sums_triton
+def test_segment_keys_match_torch(dtype: torch.dtype) -> None:
+    """Pieces of a segment's full length, of one token, chunks starting mid-segment (the slot's running
+    sum added), ending on a boundary (the slot's sum reset) and inside a segment; k rows strided; pools
+    as layer views: the returned sums, the slots' sums and every segment key equal batched.py's."""
+    from mcserve.kernels.prefill.triton_keys import segment_keys_triton
 
     spec = MCSpec("ssc", 7, top_k=2)
     case = make_case(spec, [(0, 15), (3, 4), (9, 30), (6, 7)], H=2, HV=2, dk=10, dv=3, seed=12)
+    assert any(p.first and case.batch.chunks[p.seq].start_pos % 7 for p in case.batch.pieces)
     k = case.x[1].to(dtype)
     wide = torch.zeros(k.shape[0], 3, 10, dtype=dtype)
     wide[:, 1:] = k
     strided = wide[:, 1:]
-    want = torch.zeros(len(case.batch.pieces), 2, 10, dtype=torch.float64).index_add_(0, case.batch.tok_piece,
-                                                                                       k.double())
-    got = piece_sums_triton(strided.to(DEV), VarlenBatch(case.batch.chunks, 7, DEV))
-    assert got.dtype == torch.float32 and torch.allclose(got.cpu().double(), want, atol=1e-5)
+    g = torch.Generator().manual_seed(5)
+    slots0 = torch.randn(3, case.pools[1].shape[0], 2, 10, generator=g)  # [L, slots, H, dk]
+    keys0 = torch.randn(case.pools[3].shape[0], 3, 2, 10, generator=g)  # [blocks, L, H, dk]
+    slots_ref, keys_ref = slots0.clone(), keys0.clone()
+    want = segment_keys(k.double(), case.batch, slots_ref[1], keys_ref[:, 1])
+    slots_got, keys_got = slots0.clone().to(DEV), keys0.clone().to(DEV)
+    got = segment_keys_triton(strided.to(DEV), VarlenBatch(case.batch.chunks, 7, DEV), slots_got[1],
+                              keys_got[:, 1])
+    assert torch.allclose(got.cpu(), want.float())
+    assert torch.allclose(slots_got.cpu(), slots_ref, atol=1e-5) and torch.allclose(keys_got.cpu(), keys_ref, atol=1e-5)
+    assert not torch.equal(keys_ref, keys0) and not torch.equal(slots_ref, slots0)
 
 
 @pytest.mark.parametrize("holes", [False, True])

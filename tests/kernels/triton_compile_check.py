@@ -114,12 +114,14 @@ def grouped_kernel(ckpt: str, ieee: bool) -> None:
                                                        IEEE=ieee), 8 if ieee else 4))
 
 
-def piece_sums_kernel() -> None:
-    from mcserve.kernels.prefill.triton_keys import _piece_sums_kernel
+def segment_keys_kernel() -> None:
+    """k in bf16 at dk 256, fp32 pools (the state dtype on the GPU), 256-token segments."""
+    from mcserve.kernels.prefill.triton_keys import _segment_keys_kernel
 
-    types = {"k": "*bf16", "s_kt": "i32", "s_kh": "i32", "pieces": "*i32", "n_pieces": "i32", "out": "*fp32",
-             "s_op": "i32", "s_oh": "i32"}
-    check(compile_kernel(_piece_sums_kernel, types, dict(DK=256, MAXLEN=256, BT=32, BK=256), 8))
+    types = {"k": "*bf16", "meta": "*i32", "n_pieces": "i32", "key_sum0": "*fp32", "slot_keys": "*fp32",
+             "ckpt_keys": "*fp32", "C": "i32",
+             **strides("s_kt", "s_kh", "s_0n", "s_0h", "s_sn", "s_sh", "s_cb", "s_ch")}
+    check(compile_kernel(_segment_keys_kernel, types, dict(DK=256, MAXLEN=256, BT=32, BK=256), 8))
 
 
 def norm_kernels(bd: int, gate: int) -> None:
@@ -165,7 +167,7 @@ VARIANTS = {
     "readout bf16": (readout_kernel, ("bf16", False)),
     "readout fp32": (readout_kernel, ("fp32", True)),
     **{f"conv heads copy32={c}": (conv_heads_kernel, (c,)) for c in (False, True)},
-    "piece sums": (piece_sums_kernel, ()),
+    "segment keys": (segment_keys_kernel, ()),
     "keep windows": (keep_windows_kernel, ()),
     **{f"copy rows {a}->{b}": (copy_rows_kernel, (a, b)) for a, b in [("fp32", "fp32"), ("bf16", "bf16"),
                                                                       ("fp32", "bf16")]},

@@ -152,11 +152,11 @@ def _interpreted_kernels():
     from mcserve.kernels.prefill.batched import TORCH_KERNELS, PrefillKernels
     from mcserve.kernels.prefill.triton import readout_triton
     from mcserve.kernels.prefill.triton_conv import conv_heads_triton, keep_windows_triton
-    from mcserve.kernels.prefill.triton_keys import piece_sums_triton
+    from mcserve.kernels.prefill.triton_keys import segment_keys_triton
 
     return PrefillKernels("interpreted", TORCH_KERNELS.core, readout_triton, TORCH_KERNELS.conv, norms.rmsnorm,
                           norms.gated_rmsnorm, norms.swiglu, conv_heads_triton, triton_step.add_rmsnorm,
-                          triton_step.swiglu_fused, piece_sums_triton, keep_windows_triton)
+                          triton_step.swiglu_fused, segment_keys_triton, keep_windows_triton)
 
 
 @pytest.mark.parametrize("mc", [{"aggregation": "ssc", "top_k": 2}, {"aggregation": "none"},
