@@ -105,6 +105,7 @@ class LLMEngine:
         self.num_threads: int | None = None  # intra-op threads the driving thread sets (None: leave torch's)
         self.vocab_size = min(model.cfg.vocab_size, tokenizer.vocab_size)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.cfg.eos_token_ids)
+        tokenizer.prepare_detokenizers()
         grammars = load_grammars(tokenizer.backend.to_str(), self.eos_token_ids)
         self.grammars, self.masks = grammars if grammars is not None else (None, None)  # None: no llguidance
         self.runner = make_runner(model, config, ckpt_dtype=ckpt_dtype, seed=seed, vocab_size=self.vocab_size,

@@ -213,6 +213,11 @@ class Tokenizer:
             stream=stream, texts=self._whole_texts,
         )
 
+    def prepare_detokenizers(self) -> None:
+        """Build what `detokenizer` shares between choices now (the per-token text table: one decode of
+        the whole vocabulary), so that the first request does not wait for it."""
+        self._whole_texts  # noqa: B018 -- the cached property's side effect
+
     @cached_property
     def _whole_texts(self) -> list[str | None] | None:
         """Each token's own text where its bytes are whole UTF-8 characters (None for the others and
