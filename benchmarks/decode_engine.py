@@ -129,19 +129,45 @@ def measure(engine: LLMEngine, batch: int, steps: int, profile_steps: int, label
             in_runner[0] += time.perf_counter() - t
 
     runner.execute = execute
+    # the host phases outside the runner (where the step's host time goes on the card)
+    phases = {"schedule": (engine.scheduler, "schedule"), "update": (engine.scheduler, "update"),
+              "outputs": (engine, "_stop_checks")}
+    in_phase = {name: [] for name in phases}
+    spent: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return call
+
+    for name, (obj, attr) in phases.items():
+        setattr(obj, attr, timed(name, getattr(obj, attr)))
     times, runner_times = [], []
     try:
         for _ in range(steps):
             in_runner[0] = 0.0
+            spent.clear()
             t = time.perf_counter()
             n = len(engine.step())
             times.append(time.perf_counter() - t)
             runner_times.append(in_runner[0])
+            for name in phases:
+                in_phase[name].append(spent.get(name, 0.0))
             assert n == batch, (n, batch)
     finally:
-        del runner.execute  # the instance attribute: the closure held the runner (a cycle)
+        del runner.execute  # the instance attributes: the closures held the runner and engine (cycles)
+        for obj, attr in phases.values():
+            delattr(obj, attr)
     ms = statistics.median(times) * 1e3
+    host_ms = {name: statistics.median(v) * 1e3 for name, v in in_phase.items()}
+    say(f"{label}: host outside the runner, ms per step (median): "
+        + ", ".join(f"{name} {v:.2f}" for name, v in host_ms.items()))
     out = {"ms_per_step": ms, "ms_min": min(times) * 1e3, "runner_ms": statistics.median(runner_times) * 1e3,
+           "host_phases_ms": host_ms,
            "tok_s": batch / (ms * 1e-3), "gpu_busy": None, "gpu_ops_per_step": None, "graph_replay_ms": None,
            "gpu_ops_per_replay": None}
     if profile_steps:
