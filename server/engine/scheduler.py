@@ -144,17 +144,16 @@ class Scheduler:
             (prefilling if s.num_computed_tokens < s.num_prefill_tokens else decoding).append(s)
         C, max_len, may_onload = cfg.segment_size, cfg.max_model_len, self.cache.may_onload
         rows, scheduled = st.decode, st.scheduled
-        for seq in decoding:  # a row in the middle of a segment with nothing to onload: inline
+        for seq in decoding:  # per-row work of every step: a mid-segment row with nothing to onload makes no call
             if seq.status is not RUNNING:
                 continue
             pos = seq.num_computed_tokens
-            if pos % C == C - 1 or may_onload(seq.seq_id):
-                self._schedule_decode(seq, st)
-            else:
-                assert pos == len(seq.token_ids) - 1 and pos < max_len, seq
-                rows.append(seq)
-                st.budget -= 1
-                scheduled.add(seq.seq_id)
+            assert pos == len(seq.token_ids) - 1 and pos < max_len, seq
+            if (pos % C == C - 1 or may_onload(seq.seq_id)) and not self._prepare_decode(seq, pos, st):
+                continue
+            rows.append(seq)
+            st.budget -= 1
+            scheduled.add(seq.seq_id)
         for seq in prefilling:
             if seq.status is RUNNING and st.budget > 0:
                 self._schedule_prefill(seq, st)
@@ -197,15 +196,14 @@ class Scheduler:
                 self.finish(seq.seq_id, "length")
         return updated
 
-    def _schedule_decode(self, seq: Sequence, st: _Step) -> None:
-        C, pos = self.config.segment_size, seq.num_computed_tokens
-        assert pos == len(seq.token_ids) - 1 and pos < self.config.max_model_len, seq
+    def _prepare_decode(self, seq: Sequence, pos: int, st: _Step) -> bool:
+        """A decode row's blocks: its write block at a boundary, its offloaded checkpoints back.
+        False: no block for the boundary (the row waits)."""
+        C = self.config.segment_size
         if pos % C == C - 1 and self._grow(seq, pos // C + 1, pos // C + 1, st) is None:
-            return
+            return False
         self.cache.onload_holes(seq.seq_id)
-        st.decode.append(seq)
-        st.budget -= 1
-        st.scheduled.add(seq.seq_id)
+        return True
 
     def _schedule_prefill(self, seq: Sequence, st: _Step) -> None:
         C, start = self.config.segment_size, seq.num_computed_tokens

@@ -24,7 +24,8 @@ def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
     """One [sum out + pad, in] weight whose row blocks the linears' weights are views of, in order: the
     weights are re-pointed to it once (one matmul instead of several, no extra memory), and later calls
     return the same tensor without copying. The values do not change. It spans a multiple of
-    FUSED_ROWS_ALIGN rows; the rows past the linears' (zeros) give output columns nobody reads."""
+    FUSED_ROWS_ALIGN rows; the rows past the linears' (zeros when this call fused them; whatever follows
+    in the storage when it is returned as a view) give output columns nobody reads."""
     ws = [lin.weight for lin in linears]
     rows = sum(w.shape[0] for w in ws)
     padded = rows + (-rows % FUSED_ROWS_ALIGN)
