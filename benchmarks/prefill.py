@@ -305,6 +305,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default=None)
     ap.add_argument("--profile-batch", type=int, default=16)
     ap.add_argument("--budget-s", type=float, default=270.0, help="start no section after this many seconds")
+    ap.add_argument("--batches-only", action="store_true", help="only section 2 (and 3 at --profile-batch)")
     args = ap.parse_args()
     preset, C, T, sizes, long_T, turns = SIZES["tiny" if args.tiny else "full"]
     if args.batch_sizes:
@@ -372,6 +373,11 @@ def main() -> None:
                 (Path(args.out) / "profile_fla.txt").write_text(text + "\n")
         free()
 
+    if args.batches_only:
+        rep.data["skipped"] += ["long prompt", "chat TTFT", "prefill + decode rows (--batches-only)"]
+        rep.write()
+        print("\n" + rep.table())
+        return
     prompt = torch.randint(3, model.cfg.vocab_size, (1, long_T), generator=g)
     paths = [(name, spec) for name, spec in specs.items()] + ([("fla", None)] if fla_model is not None else [])
     for name, spec in paths:
