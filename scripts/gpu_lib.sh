@@ -61,13 +61,17 @@ chat_defaults() {
     CHAT_LR=${CHAT_LR:-${LR:-2e-3}}
     CHAT_WARMUP=${CHAT_WARMUP:-100}
     DATA=${DATA:-.chat_data}
+    # torch: the torch core (no wheels needed). auto: fla's chunk kernel with mctrain.fla_backward's
+    # chunk_bwd_dqkwg where fla refuses its own (#640), if it passes train.py's check, else the torch
+    # core (carry .whl: fla + einops); tests/gpu/fla_backward_check.py measures which is faster
+    CHAT_BACKEND=${CHAT_BACKEND:-torch}
     [ -f "$DATA/chat_meta.json" ] || { echo "no $DATA/chat_meta.json: carry $DATA (scripts/build_chat_data.py)"; exit 2; }
 }
 
 chat_train() {  # $1 = console log; trains RUNS/chat for TRAIN_SECONDS (steps planned from a probe)
     python3 scripts/train.py --data-dir "$DATA" --size "$CHAT_SIZE" --aggregation ssc --segment-size "$CHAT_SEG" \
         --top-k "$TOPK" --seq-len "$CHAT_SEQ" --batch-size "$CHAT_BATCH" --lr "$CHAT_LR" --warmup "$CHAT_WARMUP" \
-        --decay-init slow --backend torch --chat-frac "$CHAT_FRAC" --recall-frac "$RECALL_FRAC" \
+        --decay-init slow --backend "$CHAT_BACKEND" --chat-frac "$CHAT_FRAC" --recall-frac "$RECALL_FRAC" \
         --recall-max-pairs 32 --evals 4 --log-every 25 --seed 0 --time-budget "$TRAIN_SECONDS" ${CHAT_REPLAN:+--replan} \
         --max-seconds $((TRAIN_SECONDS + 20)) --out "$RUNS/chat" ${EXTRA_CHAT_ARGS:-${EXTRA_TRAIN_ARGS:-}} 2>&1 \
         | tee "$1"

@@ -2,7 +2,8 @@
 # GPU job of issue 13: train the chat default model (ssc, learned router, slow decay init) for a fixed
 # wall-clock budget, then evaluate it. Runs on the lent GPU machine from the repo root with
 # `.chat_data` carried (scripts/build_chat_data.py: tokenizer + uint16 text and chat arrays). No
-# wheels are needed: fla's chunk backward refuses Triton 3.6 on Hopper, so the torch core runs.
+# wheels are needed with the default CHAT_BACKEND=torch (the torch core); CHAT_BACKEND=auto (carry
+# .whl) trains on fla's chunk kernel, with our chunk_bwd_dqkwg for the one fla refuses on Hopper (#640).
 #
 #   bash scripts/gpu_train_chat.sh                      # ~5.5 min training + ~1.5 min evaluation
 #   SIZE=tiny BATCH=4 SEQ=128 TRAIN_SECONDS=20 EVAL_ARGS="--arith 8 --max-windows 2" OUT=/tmp/dry \

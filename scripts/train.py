@@ -40,6 +40,7 @@ from mctrain.checkpoint import (  # noqa: E402
 )
 from mctrain.corpus import EOT, KV_TOKEN, QUERY_TOKEN, read_corpus  # noqa: E402
 from mctrain.evaluation import heldout_nll, masked_nll, quick_recall_acc, token_bytes  # noqa: E402
+from mctrain.fla_backward import FLA_BACKWARDS, use_fla_backward  # noqa: E402
 from mctrain.mc_forward import check_backend, default_backend  # noqa: E402
 from mctrain.recall import RecallTask  # noqa: E402
 from mctrain.schedule import CosineSchedule, plan_total_steps  # noqa: E402
@@ -97,6 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"])
+    ap.add_argument("--fla-backward", default="ours", choices=list(FLA_BACKWARDS), help="where fla refuses its "
+                    "gated chunk backward (fla #640: Hopper + Triton < 3.7.1): `ours` runs mctrain.fla_backward's "
+                    "chunk_bwd_dqkwg in its place, `lifted` lifts fla's guard (its own kernel); either only if "
+                    "it then passes the check against the torch core")
     ap.add_argument("--save-dtype", default="bf16", choices=["bf16", "fp32"])
     add_step_args(ap)
     add_state_args(ap)
@@ -128,25 +133,30 @@ class Logger:
         self.file.flush()
 
 
-def pick_backend(choice: str, device: torch.device, args: argparse.Namespace) -> str:
-    """`auto` on CUDA is fla's kernel if it agrees with the torch core on random inputs (outputs and
-    gradients, bf16 tolerance), else the torch core, so that a broken install costs speed, not the run."""
+def pick_backend(choice: str, device: torch.device, args: argparse.Namespace) -> tuple[str, str]:
+    """`auto` on CUDA is fla's kernel if it agrees with the torch core on random inputs at this model's
+    head shapes and segment (outputs and gradients, bf16 tolerance), else the torch core, so that a
+    broken install costs speed, not the run. Where fla refuses its own backward (#640), --fla-backward
+    picks what runs in its place first (mctrain.fla_backward), and the check proves that combination.
+    Returns (backend, what runs, in words)."""
     backend = default_backend(device) if choice == "auto" else choice
     if backend != "fla":
-        return backend
+        return backend, "torch core"
     spec = MCSpec(args.aggregation, args.segment_size, args.top_k, args.state_init)
     size = MODEL_SIZES[args.size]
     hv = size.get("num_v_heads") or size["num_heads"]
+    how = "fla"
     try:
+        how = use_fla_backward(args.fla_backward)
         err = check_backend("fla", spec, size["num_heads"], hv, size["head_dim"],
                             round(size["head_dim"] * size["expand_v"]), device)
     except Exception as e:  # noqa: BLE001 - any failure of the optional kernel means: use the torch core
         err = dict(error=f"{type(e).__name__}: {e}")
     ok = "error" not in err and err["out"] < 3e-2 and err["grad"] < 6e-2
-    print(f"fla core check vs torch core: {err} -> {'fla' if ok else 'torch (fallback)'}", flush=True)
+    print(f"fla core check vs torch core ({how}): {err} -> {'fla' if ok else 'torch (fallback)'}", flush=True)
     if not ok and choice == "fla":
         raise SystemExit("--backend fla was asked for but fails the check")
-    return "fla" if ok else "torch"
+    return ("fla", how) if ok else ("torch", f"torch core (fallback: {how} failed the check)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_start = time.time()  # the budget covers the kernel check and autotuning too
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    backend = pick_backend(args.backend, device, args)
+    backend, core = pick_backend(args.backend, device, args)
     amp = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -195,11 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
     check = args.graph_check if args.graph_check is not None else (8 if graph else 0)
     step_fn = TrainStep(model, opt, lm_loss(backend, amp, args.recall_weight, sampler.chat_rows), args.grad_clip, 4,
                         device, graph, check, report)
-    settings = dict(vars(args), params=n_params, device=str(device), backend=backend,
+    settings = dict(vars(args), params=n_params, device=str(device), backend=backend, core=core,
                     gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     tokens_per_step=args.batch_size * args.seq_len)
     log.write(event="resume" if args.resume else "start", **settings)
-    print(f"{args.aggregation}: {n_params / 1e6:.2f}M parameters on {settings['gpu'] or device} ({backend} core, "
+    print(f"{args.aggregation}: {n_params / 1e6:.2f}M parameters on {settings['gpu'] or device} ({core}, "
           f"cuda graph {'on' if graph else 'off'})")
 
     total = args.steps if args.steps is not None else 10**9  # a --time-budget run plans it at PROBE_END

@@ -69,7 +69,7 @@ def chunk_bwd_dqkwg_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do:
     if g is None or g_gamma is not None:
         raise NotImplementedError("only the gated form (g given, no g_gamma) is replaced")
     B, T, H, K = k.shape
-    HV, V = v.shape[2], v.shape[3]
+    HV = v.shape[2]
     G = HV // H
     scale = K**-0.5 if scale is None else scale
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32

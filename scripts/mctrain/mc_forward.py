@@ -153,7 +153,8 @@ def _mix(o: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, u: torch.Tensor, ca
 def check_backend(backend: str, spec: MCSpec, heads: int, v_heads: int, dk: int, dv: int, device: torch.device,
                   B: int = 2, T: int = 200) -> dict:
     """Relative error of `mc_core` on `backend` (under bf16 autocast on CUDA) against the fp32 torch
-    core, for outputs and input gradients, on random inputs: a 1-second guard before a long run."""
+    core, for outputs and input gradients, on random inputs: a 1-second guard before a long run.
+    {out, grad: the largest over the inputs, grads: per input (q, k, v, g, beta, u)}."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape, fn=lambda x: x):
@@ -178,5 +179,5 @@ def check_backend(backend: str, spec: MCSpec, heads: int, v_heads: int, dk: int,
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
-    return dict(out=rel(y, y_ref), grad=max(rel(a, b) for a, b in zip(grads, grads_ref, strict=True)
-                                            if b.norm() > 0))
+    per_input = {name: rel(a, b) for name, a, b in zip(inputs, grads, grads_ref, strict=True) if b.norm() > 0}
+    return dict(out=rel(y, y_ref), grad=max(per_input.values()), grads=per_input)

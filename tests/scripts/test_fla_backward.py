@@ -16,7 +16,7 @@ from tests.server.model.helpers import rel_err
 def chunk_ranges(B, T, L, cu_seqlens):
     """(start, end) flat token ranges of the chunks, in fla's h order."""
     seqs = [(b * T, b * T + T) for b in range(B)] if cu_seqlens is None else list(zip(cu_seqlens[:-1],
-                                                                                          cu_seqlens[1:]))
+                                                                                          cu_seqlens[1:], strict=True))
     return [(s, min(s + L, e)) for s0, e in seqs for s in range(s0, e, L)]
 
 
@@ -95,8 +95,8 @@ def test_matches_fp64_autograd(case):
 def test_varlen_chunk_indices_given_equal_derived():
     B, T, H, HV, K, V, L, vf, cu = CASES["varlen-gva"]
     q, k, v, do, h, dh, w, dv, g = inputs(B, T, H, HV, K, V, L, vf, cu, torch.float64, seed=7)
-    idx = torch.tensor([[i, c] for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])) for c in range(-(-(b - a) // L))],
-                       dtype=torch.int32)
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    idx = torch.tensor([[i, c] for i, n in enumerate(lens) for c in range(-(-n // L))], dtype=torch.int32)
     kw = dict(w=w, g=g, dv=dv, scale=0.3, state_v_first=vf, cu_seqlens=torch.tensor(cu), chunk_size=L)
     for a, b in zip(chunk_bwd_dqkwg_torch(q, k, v, do, h, dh, **kw),
                     chunk_bwd_dqkwg_torch(q, k, v, do, h, dh, chunk_indices=idx, **kw), strict=True):
