@@ -9,7 +9,8 @@ beta = 0 and k = 0, which leave the state unchanged, and are dropped from every 
 - `core_rounds`: the online gated delta rule (torch.py's `delta_rule_chunk` over chunks x heads),
   states in and out of their slots, checkpoints written to their blocks at boundaries.
 - `readout_rounds`: the MC readout of every token from the memory tables, after the core has written
-  this step's checkpoints; reads only the checkpoints that some token of the round selects.
+  this step's checkpoints; reads only the checkpoints that some token of the round selects (the
+  union of a row's choices, or each token's own k when the choices spread: `reads_per_token`).
 - `short_conv_rows`: the short causal conv + SiLU of every token (the model's, before the core).
 """
 
@@ -172,15 +173,67 @@ def readout_rounds(
         g_c = g_c * m[..., None, None]  # padding rows read nothing
         if weights is not None:
             weights.index_add_(0, rd.seqs, g_c.sum((1, 2)))
-        s_m, w_m = (chosen & rd.real[..., None, None]).any(2).any(1).nonzero(as_tuple=True)  # pairs read
-        mem = ckpt_pool[tab[s_m, w_m]].to(dt)  # [M, HV, dv, dk]: only what some token reads
-        qs = (q[rd.rows].to(dt) * scale).repeat_interleave(G, dim=2)  # [S, L, HV, dk]
-        cq = torch.einsum("mvdk,mlvk->mlvd", mem, qs[s_m])  # [M, L, HV, dv]
-        gw = g_c[s_m, :, :, w_m].repeat_interleave(G, dim=2)  # [M, L, HV]
-        mixed = torch.zeros(S, L, HV, dv, dtype=dt, device=o.device).index_add_(0, s_m, gw[..., None] * cq)
+        read = chosen & rd.real[..., None, None]
+        s_m, w_m = read.any(2).any(1).nonzero(as_tuple=True)  # (row, entry) pairs some token reads
+        k_max = batch.max_top_k if spec.aggregation == "ssc" else W
+        if reads_per_token(S, k_max, s_m.numel()):
+            mixed = _mix_per_token(ckpt_pool, tab, read, g_c, q[rd.rows].to(dt) * scale, k_max, G)
+        else:
+            mem = ckpt_pool[tab[s_m, w_m]].to(dt)  # [M, HV, dv, dk]: only what some token reads
+            qs = (q[rd.rows].to(dt) * scale).repeat_interleave(G, dim=2)  # [S, L, HV, dk]
+            cq = torch.einsum("mvdk,mlvk->mlvd", mem, qs[s_m])  # [M, L, HV, dv]
+            gw = g_c[s_m, :, :, w_m].repeat_interleave(G, dim=2)  # [M, L, HV]
+            mixed = torch.zeros(S, L, HV, dv, dtype=dt, device=o.device).index_add_(0, s_m, gw[..., None] * cq)
         y_r = g_on.repeat_interleave(G, dim=2)[..., None] * o[rd.rows].to(dt) + mixed
         y[rd.dest] = y_r.reshape(S * L, HV, dv)[rd.src]
     return y
+
+
+def reads_per_token(rows: int, k_max: int, pairs: int) -> bool:
+    """Which of the two readouts is cheaper on a CPU. The union readout multiplies every token of a row
+    by every memory some token of that row reads (`pairs` (row, memory) pairs: matmuls over the row's
+    tokens, up to tokens x k memories each when the choices spread over many cached checkpoints); the
+    per-token one gathers each token's own k_max checkpoints (matrix-vector products, bound by the
+    gather's memory traffic). The factor is measured (benchmarks/prefill_scaling.py, small preset,
+    one thread): the union is faster up to ~64 distinct memories per row at k=4, the per-token one beyond."""
+    return pairs > _UNION_FACTOR * rows * k_max
+
+
+_UNION_FACTOR = 24
+_GATHER_ELEMENTS = 1 << 24  # per slice of tokens in _mix_per_token: 64 MB of fp32 checkpoints
+
+
+def _mix_per_token(
+    ckpt_pool: torch.Tensor,  # [blocks, HV, dv, dk]
+    tab: torch.Tensor,  # [S, W] the rows' tables
+    read: torch.Tensor,  # [S, L, H, W] bool: the entries each real token reads (at most k_max per head)
+    g_c: torch.Tensor,  # [S, L, H, W] their router weights, zero elsewhere
+    qs: torch.Tensor,  # [S, L, H, dk] scaled queries
+    k_max: int,
+    G: int,
+) -> torch.Tensor:
+    """sum_w g_c[s, l, h, w] * C[tab[s, w], v-heads of h] @ qs[s, l, h] -> [S, L, HV, dv], reading for each
+    token only its own chosen checkpoints (cost follows tokens x k, not the union of the row's choices).
+    A token's unused slots repeat its first choice with weight 0, and a token that reads nothing gets 0
+    whatever its gather read: holes and blocks no token reads (possibly garbage) contribute nothing."""
+    S, L, H, W = read.shape
+    _, HV, dv, dk = ckpt_pool.shape
+    k_max = min(k_max, W)
+    pick = torch.topk(read.to(torch.uint8), k_max, dim=-1)  # every read entry; ones not read pad k_max
+    on = pick.values.bool()  # [S, L, H, k]
+    idx = torch.where(on, pick.indices, pick.indices[..., :1])
+    blocks = tab[:, None, None, :].expand(S, L, H, W).gather(-1, idx).clamp_min(0)
+    qg = torch.where(on, g_c.gather(-1, idx), 0.0)[..., None] * qs[:, :, :, None, :]  # [S, L, H, k, dk]
+    pool = ckpt_pool.view(-1, H, G, dv, dk)
+    heads = torch.arange(H, device=tab.device)[None, None, :, None]
+    out = torch.empty(S, L, H, G, dv, dtype=qs.dtype, device=qs.device)
+    step = max(1, _GATHER_ELEMENTS // max(1, S * H * k_max * G * dv * dk))
+    for l0 in range(0, L, step):
+        sl = slice(l0, l0 + step)
+        mem = pool[blocks[:, sl], heads].to(qs.dtype)  # [S, l, H, k, G, dv, dk]
+        out[:, sl] = torch.einsum("slhjgdk,slhjk->slhgd", mem, qg[:, sl])
+    out = torch.where(on[..., :1, None], out, 0.0)  # on[..., :1]: the token reads something
+    return out.view(S, L, HV, dv)
 
 
 def short_conv_rows(ext: torch.Tensor, tok_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.prefill import packed
 from mcserve.kernels.prefill.batched import batched_mc_gdn
 from mcserve.kernels.reference import reference_mc_gdn
 from tests.kernels.inputs import zero_state
@@ -88,3 +89,26 @@ def test_unread_pool_entries_stay_unread() -> None:
     fine = make_case(MCSpec("grm", 4, top_k=2), [(9, 23), (4, 5)], seed=5, holes=[{1}, set()])
     y, pools, w = run(fine)
     assert torch.isfinite(y).all() and torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_union_and_per_token_readouts_equal_the_per_sequence_path(per_token: bool, monkeypatch) -> None:
+    """SSC's two readouts (kernels/prefill/packed.py: the union of a row's choices, or each token's own
+    k), forced one way, with holes, per-chunk k and poisoned checkpoints that no token may read."""
+    monkeypatch.setattr(packed, "reads_per_token", lambda rows, k_max, pairs: per_token)
+    spans = [(12, 30), (25, 26), (17, 40), (0, 9), (33, 47)]
+    case = make_case(MCSpec("ssc", 4, top_k=2), spans, seed=5, holes=[{0}, {1, 4}, set(), set(), {2, 3, 7}],
+                     top_k=[1, 3, 2, 2, 4])
+    used = set(case.batch.table.flatten().tolist()) | {b for c in case.batch.chunks for b in c.write_blocks}
+    unused = [b for b in range(case.pools[2].shape[0]) if b not in used]
+    assert unused
+    case.pools[2][unused] = float("nan")
+    exp = oracle(case)
+    got = run(case, chunk_size=5)
+    assert torch.isfinite(got[0]).all()
+    check(case, got, exp)
+
+
+def test_per_token_readout_is_taken_when_choices_spread() -> None:
+    f = packed._UNION_FACTOR
+    assert packed.reads_per_token(rows=2, k_max=4, pairs=8 * f + 1) and not packed.reads_per_token(2, 4, 8 * f)
