@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eng.add_argument("--enforce-eager", action="store_const", const=True,
                      help="no CUDA graphs for the decode step (each step launched op by op)")
+    eng.add_argument("--async-scheduling", action="store_const", const=True,
+                     help="launch each steady decode step before the previous one's outputs are processed, so "
+                     "the GPU does not wait for the host's bookkeeping (CUDA runner only; docs/RUNNER.md)")
     eng.add_argument("--cuda-graph-sizes", type=parse_sizes,
                      help="batch sizes to capture decode CUDA graphs for, e.g. 1,8,64 (default 1, 2, 4, 8, 16, "
                      "then multiples of 16 up to --max-num-seqs)")
@@ -205,6 +208,7 @@ ENGINE_FLAGS = (
     "enable_prefix_caching",
     "seed",
     "enforce_eager",
+    "async_scheduling",
     "cuda_graph_sizes",
     "tensor_parallel_size",
 )

@@ -63,6 +63,8 @@ class EngineArgs:
     enforce_eager: no CUDA graphs for the decode step; cuda_graph_sizes: the batch sizes to capture
         (None: 1, 2, 4, 8, 16, then multiples of 16 up to max_num_seqs). runner: "auto" (the CUDA
         runner on CUDA, the torch runner on CPU), "torch" or "cuda" (runner/factory.py).
+    async_scheduling: launch each steady decode step before the previous one's outputs are
+        processed (server/engine/pipeline.py); the CUDA runner only, ignored with a warning otherwise.
     tensor_parallel_size: processes (one per device) the model is sharded over by head
         (docs/PARALLELISM.md); memory budgets are then per device. tensor_parallel_timeout_s: the
         longest a collective may wait for a rank before the engine is declared dead.
@@ -89,6 +91,7 @@ class EngineArgs:
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
     runner: str = "auto"
+    async_scheduling: bool = False
     tensor_parallel_size: int = 1
     tensor_parallel_timeout_s: float = 600.0
 
@@ -121,7 +124,8 @@ class EngineArgs:
 
     def runner_options(self) -> RunnerOptions:
         sizes = self.cuda_graph_sizes
-        return RunnerOptions(self.runner, self.enforce_eager, tuple(sizes) if sizes is not None else None)
+        return RunnerOptions(self.runner, self.enforce_eager, tuple(sizes) if sizes is not None else None,
+                             async_scheduling=self.async_scheduling)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -18,6 +18,10 @@ fails, those still waiting carry over. The engine is dead (`step` raises EngineD
 the device fails a trivial probe after a failed step. A sequence the scheduler cannot make progress
 on for `STALL_STEPS` empty plans in a row fails alone ("unschedulable"). A sequence with a grammar
 (`params.structured`) fails ("error") if the grammar cannot accept its token.
+
+Async scheduling (`RunnerOptions.async_scheduling`, a runner that `overlaps`): pipeline.py launches a
+decode-only step before the previous one is collected, so `step` then returns the deltas of the step
+launched by the call before.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.failures import Unschedulable, describe, device_usable, failure_reason
 from mcserve.server.engine.metrics_publisher import MetricsPublisher
 from mcserve.server.engine.outputs import Delta, TokenLogprob, Usage
+from mcserve.server.engine.pipeline import StepPipeline
 from mcserve.server.engine.plan import StepPlan
 from mcserve.server.engine.prefix_index import engine_root, namespace_root, state_top_k
-from mcserve.server.engine.runner.base import Logprobs, TransferError
+from mcserve.server.engine.runner.base import Logprobs, RunnerOutput, TransferError
 from mcserve.server.engine.runner.factory import RunnerOptions, make_runner
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.sampler import SamplingRow
@@ -76,6 +81,7 @@ class _Choice:
     seq: Sequence
     index: int
     rules: StopRules  # holds the choice's detokenizer
+    last: int  # len(seq.token_ids) at which it surely ends (max_tokens or max_model_len)
     scheduled: bool = False
     finished: bool = False
     prompt_lps: dict[int, TokenLogprob] | None = None  # position -> entry, when prompt logprobs are asked
@@ -123,6 +129,14 @@ class LLMEngine:
         self._token_text: dict[int, str] = {}
         self._stalled_steps = 0
         self._out: list[Delta] = []  # deltas of the current step or abort, in order
+        self.pipeline: StepPipeline | None = None
+        if runner is not None and runner.async_scheduling:
+            if self.runner.overlaps:
+                self.pipeline = StepPipeline(self)
+                log.info("async scheduling: a decode step is launched before the previous one's outputs are processed")
+            else:
+                log.warning("async scheduling ignored: the %s runs each step to its end (only the CUDA runner"
+                            " overlaps steps)", type(self.runner).__name__)
         if metrics is not None and model.spec.reads_cache:
             metrics.declare_layers(model.cfg.num_hidden_layers)  # per-layer SSC counters exist at zero
 
@@ -203,7 +217,8 @@ class LLMEngine:
         return self.scheduler.stats()
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        """Requests unfinished, or a launched step not collected yet (async scheduling)."""
+        return bool(self._requests) or (self.pipeline is not None and self.pipeline.pending is not None)
 
     def validate(self, request: GenerateRequest) -> None:
         """What a request can get wrong, independent of the engine's state (safe from any thread)."""
@@ -246,7 +261,8 @@ class LLMEngine:
             detok = self.tokenizer.detokenizer(request.prompt_token_ids, sp.skip_special_tokens, stop=sp.stop,
                                                include_stop_str_in_output=sp.include_stop_str_in_output)
             seq.reuse_prefix = sp.prompt_logprobs is None
-            req.choices.append(_Choice(seq, i, StopRules(sp, self.eos_token_ids, detok),
+            last = min(len(seq.token_ids) + (sp.max_tokens or self.config.max_model_len), self.config.max_model_len)
+            req.choices.append(_Choice(seq, i, StopRules(sp, self.eos_token_ids, detok), last,
                                        prompt_lps={} if sp.prompt_logprobs is not None else None))
         added: list[_Choice] = []
         try:
@@ -284,29 +300,41 @@ class LLMEngine:
     def step(self) -> list[Delta]:
         """One step, then its deltas. A failure fails the sequences it concerns (module docstring);
         EngineDeadError when the device is unusable."""
-        plan: StepPlan | None = None
-        try:
-            plan = self.scheduler.schedule()
-            self._check_progress(plan)
-            self._on_scheduled(plan)
-            if self.masks is not None:
-                self.masks.launch()  # next masks of the guided sequences, computed while the model runs
-            out = self.runner.execute(plan, self._sampling_rows(plan))
-            self._fail_rows(out.failed)
-            self._record_prompt_logprobs(out.prompt_logprobs)
-            seqs = self.scheduler.update(plan, out.step)
-            if self.runner.keeps_tables and plan.step % WEIGHTS_EVERY == 0:
-                self.scheduler.cache.add_weights(self.runner.take_block_weights(plan.step))
-            self._stop_checks(seqs, out.logprobs)
-        except EngineDeadError:
-            raise
-        except Exception as e:  # a failed step fails its sequences, not the engine
-            self._step_failed(plan, e)
+        if self.pipeline is not None:
+            self.pipeline.step()
+        else:
+            plan: StepPlan | None = None
+            try:
+                plan = self.schedule()
+                self.apply(plan, self.runner.execute(plan, self._sampling_rows(plan)))
+            except EngineDeadError:
+                raise
+            except Exception as e:  # a failed step fails its sequences, not the engine
+                self.step_failed(plan, e)
         try:
             self.publisher.publish(self.engine_counters["steps"])
         except Exception:  # a metrics bug must neither fail requests nor stop the engine: logged
             log.exception("publishing the metrics of step %d failed", self.engine_counters["steps"])
         return self._take_deltas()
+
+    def schedule(self, hold: set[int] | frozenset[int] = frozenset()) -> StepPlan:
+        """The next plan (`hold`: decode rows to leave out, Scheduler.schedule), counted."""
+        plan = self.scheduler.schedule(hold)
+        self._check_progress(plan)
+        self._on_scheduled(plan)
+        if self.masks is not None:
+            self.masks.launch()  # next masks of the guided sequences, computed while the model runs
+        return plan
+
+    def apply(self, plan: StepPlan, out: RunnerOutput, advanced: bool = False) -> None:
+        """A step's outputs: failed rows, the scheduler's update, the stop rules and deltas.
+        advanced: the plan went through `Scheduler.advance` (async scheduling)."""
+        self._fail_rows(out.failed)
+        self._record_prompt_logprobs(out.prompt_logprobs)
+        seqs = self.scheduler.update(plan, out.step, advanced)
+        if self.runner.keeps_tables and plan.step % WEIGHTS_EVERY == 0:
+            self.scheduler.cache.add_weights(self.runner.take_block_weights(self.scheduler.cache.now))
+        self._stop_checks(seqs, out.logprobs)
 
     def _new_scheduler(self, counters: Counter[str] | None = None) -> Scheduler:
         keeps = self.runner.keeps_tables
@@ -360,13 +388,15 @@ class LLMEngine:
         """The delta of each sequence that got a token, after its stop rules; one whose stop rules
         raise fails alone. The grammars take the step's tokens first, in one parallel call."""
         masks = self.masks  # empty (falsy) while no sequence has a grammar: nothing per row then
-        grammar = masks.accept([(seq.seq_id, seq.token_ids[-1]) for seq in seqs]) if masks else {}
+        # a token of the step is the last but its placeholders (pending: async scheduling)
+        grammar = masks.accept([(seq.seq_id, seq.token_ids[-1 - seq.num_pending]) for seq in seqs]) if masks else {}
         by_seq, out, running = self._by_seq, self._out, SequenceStatus.RUNNING
         for seq in seqs:  # per-row work of every step: nothing here reads a row's params
             sid = seq.seq_id
             try:
                 req, c = by_seq[sid]
-                tok = seq.token_ids[-1]
+                n = len(seq.token_ids) - seq.num_pending
+                tok = seq.token_ids[n - 1]
                 state = grammar.get(sid)  # its grammar after the token (None: no grammar)
                 if state is not None and isinstance(state, GrammarError):
                     self._finish(req, c, "error", tokens=(tok,), error=f"structured output: {state}")
@@ -374,7 +404,7 @@ class LLMEngine:
                 rules = c.rules
                 # the scheduler's finish reason, if it just ended the sequence (at max_model_len)
                 ended = None if seq.status is running else seq.finish_reason
-                text = rules.check(tok, len(seq.token_ids) - seq.num_prompt_tokens, ended, state == "done")
+                text = rules.check(tok, n - seq.num_prompt_tokens, ended, state == "done")
                 lp = logprobs.get(sid)
                 lps = None if lp is None else (self._logprob(tok, lp),)
                 prompt_lps = None if c.prompt_lps is None else self._prompt_logprobs(seq, c)
@@ -401,6 +431,7 @@ class LLMEngine:
         """The choice's last delta; frees what its sequence holds (unless it already finished)."""
         if not c.seq.is_finished:
             self.scheduler.finish(c.seq.seq_id, reason)
+        c.seq.drop_pending()  # a step still in flight computed its last token (async scheduling)
         sid, seq = req.request.session_id, c.seq
         if sid is not None and c.index == 0 and reason in ("stop", "length"):  # the session's last turn
             self.sessions.record((owner_of(req.request.api_key), sid), seq.prefix_hashes(self.config.segment_size)[0],
@@ -435,7 +466,7 @@ class LLMEngine:
             for seq_id, e in failed.items():
                 self._fail([seq_id], e)
 
-    def _step_failed(self, plan: StepPlan | None, error: Exception) -> None:
+    def step_failed(self, plan: StepPlan | None, error: Exception) -> None:
         """A step raised: fail what it concerned (module docstring), then check the bookkeeping."""
         log.error("step %d failed", self.engine_counters["steps"], exc_info=error)
         self._check_device(error)

@@ -65,9 +65,10 @@ def chain_hash(parent: bytes, segment_tokens: Sequence[int]) -> bytes:
     return hashlib.sha256(parent + array("q", segment_tokens).tobytes()).digest()
 
 
-def extend_chain(hashes: list[bytes], token_ids: Sequence[int], segment_size: int) -> list[bytes]:
-    """Extend `hashes` ([h_0..h_n]) in place to cover every whole segment of `token_ids`."""
+def extend_chain(hashes: list[bytes], token_ids: Sequence[int], segment_size: int, end: int | None = None
+                 ) -> list[bytes]:
+    """Extend `hashes` ([h_0..h_n]) in place to cover every whole segment of `token_ids[:end]`."""
     C = segment_size
-    for i in range(len(hashes) - 1, len(token_ids) // C):
+    for i in range(len(hashes) - 1, (len(token_ids) if end is None else end) // C):
         hashes.append(chain_hash(hashes[i], token_ids[i * C:(i + 1) * C]))
     return hashes

@@ -31,6 +31,16 @@ neither. When the first chunk after the cached prefix cannot get a block, admiss
 cached segment less, down to a cold start (the hits it holds are not idle, so nothing else could
 free a block for it). A sequence reaching max_model_len finishes with "length".
 
+Async scheduling: `advance(plan)` right after a decode-only plan is launched counts its rows'
+tokens as computed and appends a `PENDING` placeholder for each sampled token, so the next
+`schedule` plans the next positions (they do not depend on the token values); `update(plan, out,
+advanced=True)` fills the placeholders in when the step is collected. `schedule(hold=...)` leaves
+out rows the engine knows end with the step in flight (max_tokens, max_model_len). A sequence
+preempted while its token is still pending waits with the placeholder; no sequence with one is
+admitted (its prompt would not be known). `finish` drops a sequence's placeholders (their tokens
+are never collected): a sequence that finishes with one step still in flight keeps the state of
+that step, one token more, and parks it under the tokens it consumed.
+
 Exactness: a row or chunk planned with a hole in its read list (a checkpoint of an earlier segment
 offloaded or dropped; only aggregations that read checkpoints care) computes a state a cold run
 would not. From its first position (`Sequence.inexact_from`) on, the sequence registers no
@@ -47,7 +57,7 @@ from mcserve.server.engine.cache.cache import CheckpointCache
 from mcserve.server.engine.client import EngineStats
 from mcserve.server.engine.config import EngineConfig
 from mcserve.server.engine.plan import DecodeRow, PrefillChunk, SlotRestore, StepOutput, StepPlan
-from mcserve.server.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
+from mcserve.server.engine.sequence import FINISH_REASONS, PENDING, Sequence, SequenceStatus
 from mcserve.server.engine.state_pool import StatePool
 from mcserve.server.errors import QueueFullError
 
@@ -120,6 +130,8 @@ class Scheduler:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return None
+        self.counters["async_dropped_tokens"] += seq.num_pending  # computed in a step in flight, never output
+        seq.drop_pending()
         if seq.status is RUNNING:
             self.running.remove(seq)
             self._drop_slot(seq, park=reason in ("stop", "length"))
@@ -133,7 +145,8 @@ class Scheduler:
     def abort(self, seq_id: int) -> bool:
         return self.finish(seq_id, "abort") is not None
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, hold: set[int] | frozenset[int] = frozenset()) -> StepPlan:
+        """hold: seq ids of decode rows to leave out (async scheduling: they end with the step in flight)."""
         cfg = self.config
         self._step += 1
         self.cache.begin_step(self._step)
@@ -145,7 +158,7 @@ class Scheduler:
         C, max_len, may_onload = cfg.segment_size, cfg.max_model_len, self.cache.may_onload
         rows, scheduled = st.decode, st.scheduled
         for seq in decoding:  # per-row work of every step: a mid-segment row with nothing to onload makes no call
-            if seq.status is not RUNNING:
+            if seq.status is not RUNNING or (hold and seq.seq_id in hold):
                 continue
             pos = seq.num_computed_tokens
             assert pos == len(seq.token_ids) - 1 and pos < max_len, seq
@@ -158,18 +171,42 @@ class Scheduler:
             if seq.status is RUNNING and st.budget > 0:
                 self._schedule_prefill(seq, st)
         while self.waiting and len(self.running) < cfg.max_num_seqs and st.budget > 0:
-            if not self._admit(self.waiting[0], st):
+            if self.waiting[0].num_pending or not self._admit(self.waiting[0], st):
                 break
         return self._build(st)
 
-    def update(self, plan: StepPlan, output: StepOutput) -> list[Sequence]:
+    def advance(self, plan: StepPlan) -> None:
+        """A decode-only plan was launched and will be collected after the next plan is made: its rows'
+        tokens count as computed now, each sampled token is a placeholder until `update(advanced=True)`."""
+        assert not plan.prefill, plan
+        seqs = self._seqs
+        for row in plan.decode:
+            seq = seqs[row.seq_id]
+            assert seq.num_computed_tokens == row.position == len(seq.token_ids) - 1, (seq, row)
+            seq.num_computed_tokens += 1
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+
+    def update(self, plan: StepPlan, output: StepOutput, advanced: bool = False) -> list[Sequence]:
         """Apply a step's results: advance positions, append sampled tokens, index the checkpoints
         written, feed SSC utilities. Returns the sequences that got a token (some may have just
-        finished with "length" at max_model_len)."""
+        finished with "length" at max_model_len). advanced: the plan went through `advance`; its
+        tokens replace the placeholders (also of a sequence preempted since, which waits)."""
         C, seqs, tokens = self.config.segment_size, self._seqs, output.token_ids
         self.cache.add_weights(output.block_weights)
         updated = []
-        for row in plan.decode:  # per-row work of every step: `_live` and `append_token` inlined
+        if advanced:
+            for row in plan.decode:  # per-row work of every step
+                seq = seqs.get(row.seq_id)
+                if seq is None:  # finished since: its placeholders went with it
+                    continue
+                assert seq.token_ids[row.position + 1] == PENDING and seq.num_pending > 0, (seq, row)
+                seq.token_ids[row.position + 1] = tokens[row.seq_id]
+                seq.num_pending -= 1
+                if row.write_block >= 0 and seq.status is RUNNING and seq.slot == row.slot:
+                    self._register(seq, row.position // C)
+                updated.append(seq)
+        for row in plan.decode if not advanced else ():  # per-row work of every step: `_live`, `append_token` inlined
             seq = seqs.get(row.seq_id)
             if seq is None or seq.status is not RUNNING or seq.slot != row.slot:
                 continue
@@ -192,7 +229,7 @@ class Scheduler:
                 updated.append(seq)
         max_len = self.config.max_model_len
         for seq in updated:
-            if len(seq.token_ids) >= max_len:
+            if len(seq.token_ids) - seq.num_pending >= max_len:
                 self.finish(seq.seq_id, "length")
         return updated
 

@@ -7,6 +7,11 @@ Positions: `token_ids` = prompt + output; `num_computed_tokens` of them are abso
 slot. While decoding, the last token is sampled but not yet computed (num_computed == num_tokens - 1);
 the next decode row feeds it at position num_computed.
 
+Async scheduling (llm_engine.py): a decode step launched before the one before it is collected
+counts its token as computed at once and appends `PENDING` for the token it samples; the last
+`num_pending` entries of `token_ids` are such placeholders until the step is collected. Prefix hashes
+never cover them.
+
 Exactness: `inexact_from` is the first position computed while the sequence read around a hole (a
 checkpoint of an earlier segment offloaded or dropped); from there on its state differs from a cold
 run's, so nothing it computes from that position on is published (see scheduler). A preemption
@@ -22,6 +27,8 @@ from typing import Any
 
 from mcserve.server.engine.prefix_index import extend_chain
 from mcserve.server.errors import InvalidRequestError
+
+PENDING = -1  # a sampled token still on the device (async scheduling)
 
 
 class SequenceStatus(enum.Enum):
@@ -65,6 +72,7 @@ class Sequence:
         self.num_preemptions = 0
         self.inexact_from: int | None = None
         self.slot: int | None = None
+        self.num_pending = 0  # trailing PENDING entries of token_ids
         # False: admitted from position 0, no cached prefix or snapshot (prompt logprobs need every
         # position's logits); the engine sets it
         self.reuse_prefix = True
@@ -85,6 +93,12 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    def drop_pending(self) -> None:
+        """Forget the placeholders of tokens that will never be collected (the sequence ended)."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
 
     @property
     def is_finished(self) -> bool:

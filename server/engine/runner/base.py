@@ -1,11 +1,11 @@
 """The contract between the engine and whatever executes plans on the model.
 
-The engine sees only `ModelRunner`: `execute(plan, sampling) -> RunnerOutput` once per step, and
-`take_selections()` when it publishes metrics. A runner with `keeps_tables` keeps every running
-sequence's block table from the plans' diffs (plan.py), so the scheduler leaves the decode rows'
-tables empty, and holds the router weights back (`StepOutput.block_weights` empty): the scheduler's
-cache pulls them with `take_block_weights` before it picks a victim, and the engine every
-`WEIGHTS_EVERY` steps.
+The engine sees only `ModelRunner`: `execute(plan, sampling) -> RunnerOutput` once per step (or,
+with async scheduling, `launch` then `collect`), and `take_selections()` when it publishes
+metrics. A runner with `keeps_tables` keeps every running sequence's block table from the plans'
+diffs (plan.py), so the scheduler leaves the decode rows' tables empty, and holds the router
+weights back (`StepOutput.block_weights` empty): the scheduler's cache pulls them with
+`take_block_weights` before it picks a victim, and the engine every `WEIGHTS_EVERY` steps.
 
 Failures: a runner reports what it can attribute and raises what it cannot. A stage that fails for
 some sequences (their slot restore, the prefill pass, the decode pass, their sampling) puts them in
@@ -79,6 +79,18 @@ class ModelRunner(ABC):
         """Run every stage of `plan` and sample; returns once the sampled tokens are on the host."""
 
     keeps_tables = False
+    overlaps = False  # `launch` returns before the step's results are on the host (async scheduling)
+
+    def launch(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> object:
+        """Start `plan`; `collect` gives its output. Launches are collected once each, in order, at most
+        one step behind (a runner that `overlaps` keeps two steps' output buffers). A runner that does
+        not overlap runs the whole step here."""
+        return self.execute(plan, sampling)
+
+    def collect(self, launched: object) -> RunnerOutput:
+        """The output of a `launch` (waits for its device->host copy)."""
+        assert isinstance(launched, RunnerOutput), type(launched)
+        return launched
 
     @abstractmethod
     def take_selections(self) -> list[int]:

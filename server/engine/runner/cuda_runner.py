@@ -13,6 +13,10 @@ Per step, in plan.py's order:
 5. one `DeviceSampler` call over the prefill rows that sample and the decode rows, its tokens
    written back as the rows' next inputs, and one device->host copy of the tokens (and logprobs).
 
+`launch` does 1-5 and starts the copy (non-blocking, into one of two pinned buffer sets);
+`collect` waits for it. `execute` is both; the engine's async scheduling launches step n+1 before
+it collects step n (`overlaps`): every input of a decode step is already on the device.
+
 Router weights accumulate in a device [blocks] tensor (`BlockUtility`) that the cache reads when it
 must pick a victim. The same class runs on CPU tensors with the torch decode path and graphs off,
 which is how its host logic is tested.
@@ -21,6 +25,7 @@ which is how its host logic is tested.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,7 +48,7 @@ from mcserve.server.engine.runner.base import (
 from mcserve.server.engine.runner.block_utility import BlockUtility
 from mcserve.server.engine.runner.cuda_graphs import DecodeGraphs, batch_buckets, width_buckets
 from mcserve.server.engine.runner.device_batch import DeviceBatch
-from mcserve.server.engine.runner.device_sampler import DeviceSampler, to_host
+from mcserve.server.engine.runner.device_sampler import DeviceSampler, HostSample, OutputCopy, to_host
 from mcserve.server.engine.runner.pools import DevicePools
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.runner.sampler_rows import SamplerRows
@@ -56,8 +61,20 @@ if TYPE_CHECKING:  # masks.py imports llguidance, which may be missing (structur
     from mcserve.server.engine.structured.masks import TokenMasks
 
 
+@dataclass(frozen=True, slots=True)
+class _Launched:
+    """A step launched and not yet collected: whose rows its sampled tokens are, in order."""
+
+    seq_ids: list[int]
+    logprobs_asked: list[int]  # per row, top logprobs asked (-1: none); [] when no row asked
+    sample: HostSample | None  # None: nothing sampled
+    prompt_logprobs: dict[int, tuple[int, list[PromptLogprob]]]
+    failed: dict[int, Exception]
+
+
 class CudaModelRunner(ModelRunner):
     keeps_tables = True
+    overlaps = True
 
     def __init__(self, model: MCGatedDeltaNetForCausalLM, config: EngineConfig, ckpt_dtype: torch.dtype | None = None,
                  seed: int | None = None, vocab_size: int | None = None, masks: TokenMasks | None = None,
@@ -86,6 +103,7 @@ class CudaModelRunner(ModelRunner):
         self.sampler_rows = SamplerRows(config.max_num_seqs, vocab_size or model.cfg.vocab_size, self.device, seed)
         self.sampler = DeviceSampler(self.sampler_rows)
         self.staging = Staging(self.device)
+        self.output_copy = OutputCopy(self.device)
         path = decode_path or ("triton" if cuda else "torch")
         self.decode_path = path
         self.step_fn = DecodeStep(model, get_decode_path(path), triton_glue() if path == "triton" else TORCH_GLUE,
@@ -103,8 +121,12 @@ class CudaModelRunner(ModelRunner):
                                                fused=self.decode_path == "triton")
         return self.step_fn(tokens, batch, states, ckpts, self.ckpt_sum, self.utility.acc)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> RunnerOutput:
+        return self.collect(self.launch(plan, sampling))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, sampling: Mapping[int, SamplingRow]) -> _Launched:
+        """Stages 1-5 of `plan` queued on the device, and the copy of its results started; no sync."""
         st = self.staging
         self.utility.begin(plan.step)
         # stages 1-3 first: they touch only the pools, which the diffs below do not
@@ -131,8 +153,26 @@ class CudaModelRunner(ModelRunner):
         B = self.batch.num_decode
         if B:
             logits.append(self.graphs.run(B, self.batch.table_width)[:B])
-        out = self._sample(logits, sample_chunks, sample_rows, rows_piece, B)
-        return RunnerOutput(out.step, out.logprobs, prompt_lps, failed)
+        if not logits:
+            return _Launched([], [], None, prompt_lps, failed)
+        seq_ids, asked, sample = self._sample(logits, sample_chunks, sample_rows, rows_piece, B)
+        return _Launched(seq_ids, asked, sample, prompt_lps, failed)
+
+    def collect(self, launched: object) -> RunnerOutput:
+        """The output of a launched step: waits for its copy (the step's one sync)."""
+        assert isinstance(launched, _Launched), type(launched)
+        if launched.sample is None:
+            return RunnerOutput(StepOutput({}), {}, launched.prompt_logprobs, launched.failed)
+        seq_ids, asked = launched.seq_ids, launched.logprobs_asked
+        host = to_host(launched.sample, asked)
+        token_ids = dict(zip(seq_ids, host.token_ids, strict=True))
+        lps: Logprobs = {}
+        if host.logprobs is not None:
+            assert host.top_logprobs is not None
+            for s, k, lp, top in zip(seq_ids, asked, host.logprobs, host.top_logprobs, strict=True):
+                if k >= 0:
+                    lps[s] = (lp, top)
+        return RunnerOutput(StepOutput(token_ids), lps, launched.prompt_logprobs, launched.failed)
 
     def _set_sampling(self, chunks, chunk_rows: list[int], changes, sampling: Mapping[int, SamplingRow],
                       st: Staging) -> None:
@@ -168,9 +208,10 @@ class CudaModelRunner(ModelRunner):
                     self.ckpt_sum[:, c.slot] += ckpts.ssm[b].to(self.ckpt_sum.dtype)
         logits += split_prefill_logits(prefill, out.logits, modes, sampling, self.sampler.vocab_size, prompt_lps)
 
-    def _sample(self, logits: list[torch.Tensor], chunks, chunk_rows: list[int], rows_piece, B: int) -> RunnerOutput:
-        if not logits:
-            return RunnerOutput(StepOutput({}))
+    def _sample(self, logits: list[torch.Tensor], chunks, chunk_rows: list[int], rows_piece, B: int
+                ) -> tuple[list[int], list[int], HostSample]:
+        """Sample every row that samples, its token written back as the row's next input; the copy of
+        the results started. Returns (seq ids, top logprobs asked per row, the copy)."""
         parts = ([rows_piece.get()] if rows_piece is not None else []) + ([self.batch.order[:B]] if B else [])
         rows = torch.cat(parts) if len(parts) > 1 else parts[0]
         seq_ids = [c.seq_id for c in chunks] + self.batch.decode_seqs
@@ -179,15 +220,7 @@ class CudaModelRunner(ModelRunner):
         self.batch.tokens[rows] = sample.tokens  # the next decode input of every row that sampled
         asked = self.sampler_rows.logprobs_asked(chunk_rows + self.batch.decode_rows) if sample.packed is not None \
             else []
-        host = to_host(sample, asked)  # the step's one device->host copy
-        token_ids = dict(zip(seq_ids, host.token_ids, strict=True))
-        lps: Logprobs = {}
-        if host.logprobs is not None:
-            assert host.top_logprobs is not None
-            for s, k, lp, top in zip(seq_ids, asked, host.logprobs, host.top_logprobs, strict=True):
-                if k >= 0:
-                    lps[s] = (lp, top)
-        return RunnerOutput(StepOutput(token_ids), lps)
+        return seq_ids, asked, self.output_copy.start(sample)  # the step's one device->host copy
 
     def take_selections(self) -> list[int]:
         """Checkpoint reads per layer by prefill chunks (the fused decode kernel does not count its own)."""

@@ -113,6 +113,7 @@ class DeviceBatch:
                 row = row_for(r.seq_id, r.slot)
                 rows.append(row)
                 if r.seq_id not in before or row in cleared:
+                    assert r.token_id >= 0, r  # a joiner's token is on the host (not PENDING: async scheduling)
                     joined.append((row, r.position, r.token_id))
                     joiners.append((row, r.seq_id))
             order = rows + [self.pad_row] * max(0, len(self.decode_rows) - len(rows))

@@ -14,7 +14,8 @@ arithmetic in the same order, so greedy tokens and logprobs equal the CPU sample
 - stages run when some live row (not only some row of this batch) needs them; a stage is an exact
   no-op on rows that do not use it.
 
-One call returns device tensors; `to_host` brings them back in one device->host copy.
+One call returns device tensors; `OutputCopy.start` brings them back in one non-blocking
+device->host copy and `to_host` waits for it and unpacks it.
 """
 
 from __future__ import annotations
@@ -144,9 +145,56 @@ class DeviceSampler:
         return torch.cat(cols, dim=1), k
 
 
-def to_host(sample: DeviceSample, logprobs_asked: Sequence[int]) -> SamplerOutput:
-    """One device->host copy. logprobs_asked: per row, how many top logprobs it asked for (-1 =
-    none); rows that did not ask get empty alternatives, as from the CPU sampler."""
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """A DeviceSample's tensors on their way to (pinned) host memory; done once `event` has passed
+    (None: on the host already)."""
+
+    tokens: torch.Tensor
+    packed: torch.Tensor | None
+    k: int
+    event: torch.cuda.Event | None
+
+
+class OutputCopy:
+    """The step's one device->host copy, non-blocking into pinned buffers. Two buffer sets are used
+    in turn, so step n's results can be read while step n+1's are being written (async scheduling);
+    a set is reused only after its previous copy has finished (its event)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._sets: list[dict[str, torch.Tensor]] = [{}, {}]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._which = 0
+
+    def start(self, sample: DeviceSample) -> HostSample:
+        if not self._cuda:
+            return HostSample(sample.tokens, sample.packed, sample.k, None)
+        self._which ^= 1
+        if (event := self._events[self._which]) is not None:
+            event.synchronize()  # that copy was collected a step ago: done
+        tokens = self._copy("tokens", sample.tokens)
+        packed = None if sample.packed is None else self._copy("packed", sample.packed)
+        event = self._events[self._which] = torch.cuda.Event()
+        event.record()
+        return HostSample(tokens, packed, sample.k, event)
+
+    def _copy(self, name: str, src: torch.Tensor) -> torch.Tensor:
+        bufs, n = self._sets[self._which], src.numel()
+        buf = bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = bufs[name] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=src.dtype,
+                                           pin_memory=True)
+        out = buf[:n].view(src.shape)
+        out.copy_(src, non_blocking=True)
+        return out
+
+
+def to_host(sample: HostSample, logprobs_asked: Sequence[int]) -> SamplerOutput:
+    """Wait for the copy and unpack it. logprobs_asked: per row, how many top logprobs it asked for
+    (-1 = none); rows that did not ask get empty alternatives, as from the CPU sampler."""
+    if sample.event is not None:
+        sample.event.synchronize()
     if sample.packed is None:
         return SamplerOutput(sample.tokens.tolist())
     host = sample.packed.tolist()  # float64 holds token ids exactly

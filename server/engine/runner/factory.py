@@ -31,12 +31,16 @@ class RunnerOptions:
     cuda_graph_sizes: the batch sizes to capture graphs for (None: 1, 2, 4, 8, 16, 32, ..., max_num_seqs).
     small_batch_gemv: decode steps of at most this many rows (<= 4) run their matmuls as the fused
         weight-streaming Triton kernel (kernels/triton_gemv.py; experimental, CUDA runner on Triton).
+    async_scheduling: the engine launches a decode-only step before it processes the previous step's
+        outputs (server/engine/pipeline.py); only with a runner that `overlaps` (the CUDA runner),
+        ignored with a warning otherwise.
     """
 
     kind: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
     small_batch_gemv: int = 0
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in RUNNERS:
