@@ -23,6 +23,10 @@ Both profiles' top-kernel tables (key_averages by self CUDA time, 25 rows) go to
 decode_engine_kernels.txt, one section per row. Batches of at most --small-batch-gemv rows (default
 1) run a second time with the experimental fused small-batch GEMV (rows "none (gemv)", "ssc k=4
 (gemv)": RunnerOptions.small_batch_gemv, kernels/triton_gemv.py) against cuBLAS + the glue kernels.
+--async-scheduling on | both runs the rows with the engine's async scheduling (rows "none (async)":
+step n+1 launched before step n's outputs are processed, server/engine/pipeline.py), "both" each
+batch synchronously and then async, side by side; "runner ms" is then the runner's launch + collect
+(collect includes the wait for the device).
 
 Roofline per step = (all weights once + per row the fp32 state read and written + k checkpoint
 blocks read) / the bandwidth of a device-to-device copy measured at the start. fla: its
@@ -119,16 +123,21 @@ def replay_ms(runner, batch: int, reps: int = 10) -> float:
 def measure(engine: LLMEngine, batch: int, steps: int, profile_steps: int, label: str, tables: list[str]) -> dict:
     """The timed steps, the profiled steps and the replays of one engine (which nothing outside keeps)."""
     runner = engine.runner
-    inner, in_runner = runner.execute, [0.0]
+    in_runner = [0.0]
 
-    def execute(plan, sampling):  # the runner's share of the step (its device work + its host work)
-        t = time.perf_counter()
-        try:
-            return inner(plan, sampling)
-        finally:
-            in_runner[0] += time.perf_counter() - t
+    def in_the_runner(inner):  # the runner's share of the step (its device work + its host work)
+        def call(*a):
+            t = time.perf_counter()
+            try:
+                return inner(*a)
+            finally:
+                in_runner[0] += time.perf_counter() - t
+        return call
 
-    runner.execute = execute
+    # async scheduling calls launch and collect (execute calls both: wrapping all would count twice)
+    entries = ("launch", "collect") if engine.pipeline is not None else ("execute",)
+    for name in entries:
+        setattr(runner, name, in_the_runner(getattr(runner, name)))
     # the host phases outside the runner (where the step's host time goes on the card)
     phases = {"schedule": (engine.scheduler, "schedule"), "update": (engine.scheduler, "update"),
               "outputs": (engine, "_stop_checks")}
@@ -159,7 +168,8 @@ def measure(engine: LLMEngine, batch: int, steps: int, profile_steps: int, label
                 in_phase[name].append(spent.get(name, 0.0))
             assert n == batch, (n, batch)
     finally:
-        del runner.execute  # the instance attributes: the closures held the runner and engine (cycles)
+        for name in entries:  # the instance attributes: the closures held the runner and engine (cycles)
+            delattr(runner, name)
         for obj, attr in phases.values():
             delattr(obj, attr)
     ms = statistics.median(times) * 1e3
@@ -194,7 +204,7 @@ def gib(device: torch.device) -> float:
 
 
 def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_steps: int, device,
-             label: str, tables: list[str], gemv: bool = False) -> dict:
+             label: str, tables: list[str], gemv: bool = False, overlap: bool = False) -> dict:
     C = model.spec.segment_size
     n_ckpt = (prompt_len - 1) // C
     warm = 3
@@ -206,7 +216,7 @@ def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_
     t = time.perf_counter()
     engine = LLMEngine(model, tokenizer, cfg, ckpt_dtype=torch.bfloat16 if device.type == "cuda" else None, seed=0,
                        runner=RunnerOptions("auto" if device.type == "cuda" else "cuda", cuda_graph_sizes=(batch,),
-                                            small_batch_gemv=batch if gemv else 0))
+                                            small_batch_gemv=batch if gemv else 0, async_scheduling=overlap))
     build_s = time.perf_counter() - t
     runner_ref = weakref.ref(engine.runner)
     try:
@@ -295,6 +305,8 @@ def main() -> None:
     ap.add_argument("--small-batch-gemv", type=int, default=1,
                     help="batches of at most this many rows (<= 4) also run with the fused small-batch GEMV "
                          "(RunnerOptions.small_batch_gemv); 0: not")
+    ap.add_argument("--async-scheduling", choices=("off", "on", "both"), default="off",
+                    help="rows with the engine's async scheduling: off, on (instead), both (side by side)")
     ap.add_argument("--steps", type=int, help="timed engine steps per row (default 24, --quick: 12)")
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--prompt-len", type=int, default=1100)
@@ -326,12 +338,14 @@ def main() -> None:
         say(f"model {agg}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
             f"{gib(device):.1f} GiB allocated")
         # a batch of <= --small-batch-gemv rows runs twice: cuBLAS + glue kernels, then the fused GEMV
-        cells = [(b, False) for b in batches] + [(b, True) for b in batches if b <= gemv_rows]
-        for b, gemv in cells:
-            name = f"{agg} (gemv)" if gemv else agg
+        modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.async_scheduling]
+        cells = [(b, False, a) for b in batches for a in modes] + [(b, True, a) for b in batches if b <= gemv_rows
+                                                                   for a in modes]
+        for b, gemv, overlap in cells:
+            name = agg + (" (gemv)" if gemv else "") + (" (async)" if overlap else "")
             try:
                 r = run_ours(model, tokenizer, b, args.prompt_len, args.steps, 6, device, f"B={b} {name}", tables,
-                             gemv)
+                             gemv, overlap)
             except Exception as e:  # one row failing (memory) must not lose the others
                 say(f"B={b} {name}: failed {e!r}")
                 summary["rows"].append({"batch": b, "aggregation": name, "error": repr(e)})

@@ -130,8 +130,9 @@ class Scheduler:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return None
-        self.counters["async_dropped_tokens"] += seq.num_pending  # computed in a step in flight, never output
-        seq.drop_pending()
+        if seq.num_pending:  # tokens computed in a step still in flight, never output (async scheduling)
+            self.counters["async_dropped_tokens"] += seq.num_pending
+            seq.drop_pending()
         if seq.status is RUNNING:
             self.running.remove(seq)
             self._drop_slot(seq, park=reason in ("stop", "length"))

@@ -6,8 +6,9 @@
 Models: the shipped default model (ssc, learned router), and a random `small` preset (6 layers, 4
 heads, dk 48, dv 96: not powers of two) served with ssc (k=2), none, grm and residual at segment
 64. Each runs the same prompts (150 to 300 tokens: 2 to 4 cached checkpoints before decoding, more
-while decoding) through `LLMEngine` three times: the torch runner (the reference), the CUDA runner
-with CUDA graphs (batch bucket 8: the 6 rows run padded), and the CUDA runner with --enforce-eager;
+while decoding) through `LLMEngine` four times: the torch runner (the reference), the CUDA runner
+with CUDA graphs (batch bucket 8: the 6 rows run padded), the CUDA runner with --enforce-eager, and
+the CUDA runner with graphs and async scheduling (step n+1 launched before step n is collected);
 fp32 weights, fp32 checkpoints, greedy, 48 tokens each, logprobs of the top 2. The prefill is the
 same code in all three (fla + Triton on CUDA); the decode is torch ops vs the fused Triton kernel,
 so the tokens must match exactly unless two candidates are tied to fp32 rounding: each divergence is
@@ -56,6 +57,7 @@ from mcserve.server.text.tokenizer import Tokenizer
 
 RUNNERS = {"torch": RunnerOptions("torch"), "cuda-graphs": RunnerOptions("cuda", cuda_graph_sizes=(8,)),
            "cuda-eager": RunnerOptions("cuda", enforce_eager=True),
+           "cuda-graphs-async": RunnerOptions("cuda", cuda_graph_sizes=(8,), async_scheduling=True),
            "cuda-gemv": RunnerOptions("cuda", cuda_graph_sizes=(4,), small_batch_gemv=4)}
 RANDOM = {"ssc": dict(aggregation="ssc", top_k=2, router="query"), "none": dict(aggregation="none"),
           "grm": dict(aggregation="grm", router="query"), "residual": dict(aggregation="residual")}
@@ -172,7 +174,7 @@ def main() -> None:
         ref, ref_info = run(model, tokenizer, RUNNERS["torch"], ps, max_tokens)
         print(f"{name}: model {time.perf_counter() - t - ref_info['build_s'] - ref_info['generate_s']:.1f} s, "
               f"torch runner build {ref_info['build_s']:.1f} s, generate {ref_info['generate_s']:.1f} s", flush=True)
-        for rname in ("cuda-graphs", "cuda-eager"):
+        for rname in ("cuda-graphs", "cuda-eager", "cuda-graphs-async"):
             got, info = run(model, tokenizer, RUNNERS[rname], ps, max_tokens)
             ok &= check(results, f"{name} / {rname}", ref, got, info)
             logprobs_ok &= results[f"{name} / {rname}"]["max_logprob_diff"] < LOGPROB_LIMIT

@@ -52,6 +52,7 @@ def test_serve_flags_become_settings_and_engine_kwargs(tmp_path: Path) -> None:
             "2.5",
             "--tensor-parallel-size",
             "2",
+            "--async-scheduling",
             "--api-key-file",
             str(key_file),
             "--allowed-origins",
@@ -77,6 +78,7 @@ def test_serve_flags_become_settings_and_engine_kwargs(tmp_path: Path) -> None:
         "threads": 3,
         "slow_step_s": 2.5,
         "tensor_parallel_size": 2,
+        "async_scheduling": True,
     }
 
 

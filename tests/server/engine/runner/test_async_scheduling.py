@@ -53,7 +53,7 @@ class Order:
 
 
 def results(outs) -> list[list[tuple]]:
-    return [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] + [o.usage] for o in outs]
+    return [[(c.token_ids, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs] + [o.usage] for o in outs]
 
 
 def both(model, tokenizer, prompts, params, **overrides):
@@ -79,9 +79,11 @@ def test_rows_with_different_max_tokens_greedy_and_seeded(model, tokenizer) -> N
         params = [dataclasses.replace(base, max_tokens=m, seed=None if base.seed is None else base.seed + m)
                   for m in (30, 1, 17, 5, 40, 2)]
         params[2] = dataclasses.replace(params[2], n=2)
+        params[0] = dataclasses.replace(params[0], logprobs=2, repetition_penalty=1.2, frequency_penalty=0.3)
         want, got, engine, order = both(model, tokenizer, prompts, params)
         assert results(got) == results(want)
         assert [len(o.outputs[0].token_ids) for o in got] == [30, 1, 17, 5, 40, 2]
+        assert len(got[0].outputs[0].logprobs) == 30
         assert len(order.overlapped()) > 25
 
 
@@ -249,3 +251,17 @@ def test_a_failed_step_fails_its_rows_and_the_pipeline_drains(model, tokenizer) 
     assert out["r27-0"][1] == out["r27-1"][1] == "error"
     assert out["r28-0"] == drive(make_engine(model, tokenizer, runner=SYNC), {0: requests(28, [25], [10])})["r28-0"]
     assert_idle(engine)
+
+
+def test_the_flag_reaches_the_engine_and_is_ignored_without_the_cuda_runner(model, tokenizer, caplog) -> None:
+    from mcserve.server.engine.args import EngineArgs
+
+    assert EngineArgs(async_scheduling=True).runner_options().async_scheduling
+    assert not EngineArgs().runner_options().async_scheduling
+    assert make_engine(model, tokenizer, runner=ASYNC).pipeline is not None
+    assert make_engine(model, tokenizer, runner=SYNC).pipeline is None
+    with caplog.at_level("WARNING"):
+        engine = make_engine(model, tokenizer, runner=RunnerOptions("torch", async_scheduling=True))
+    assert engine.pipeline is None and "async scheduling ignored" in caplog.text
+    (p,) = random_prompts(29, [20])
+    assert tokens(generate(engine, [p])) == tokens(generate(make_engine(model, tokenizer, runner=ASYNC), [p]))

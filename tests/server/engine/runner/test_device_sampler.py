@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mcserve.server.engine.runner.counter_rng import lowbias32, mul32, uniform
-from mcserve.server.engine.runner.device_sampler import DeviceSampler, to_host
+from mcserve.server.engine.runner.device_sampler import DeviceSampler, OutputCopy, to_host
 from mcserve.server.engine.runner.sampler_rows import SamplerRows
 from mcserve.server.engine.runner.staging import Staging
 from mcserve.server.engine.sampler import Sampler, SamplingRow
@@ -43,7 +43,7 @@ class Harness:
 
     def sample(self, logits: torch.Tensor, rows: list[int], allowed: torch.Tensor | None = None):
         out = self.sampler(logits, torch.tensor(rows, dtype=torch.int64), allowed)
-        return to_host(out, self.rows.logprobs_asked(rows))
+        return to_host(OutputCopy(torch.device("cpu")).start(out), self.rows.logprobs_asked(rows))
 
 
 def _both(rows: list[SamplingRow], logits: torch.Tensor, allowed: torch.Tensor | None = None):
