@@ -3,10 +3,11 @@ outputs of the step before, so the device computes step n+1 while the host does 
 stop rules and deltas (docs/RUNNER.md, "Async scheduling").
 
 One `step()` with step n in flight: plan n+1 (rows that surely end at n, by max_tokens or
-max_model_len, left out), launch it, `Scheduler.advance` it if it is decode-only, then collect n
-and apply its outputs (`LLMEngine.apply`). A decode-only n+1 stays in flight for the next call;
-anything else (prefill chunks, an empty plan) is collected at once: the pipeline drains and the next
-call starts it again (that call returns no deltas). Plans do not depend on token values: positions
+max_model_len, left out), launch it, `Scheduler.advance` its decode rows, then collect n and apply
+its outputs (`LLMEngine.apply`). A decode-only n+1 stays in flight for the next call; anything else
+(prefill chunks, an empty plan) is collected at once: the pipeline drains and the next call starts
+it again (that call returns no deltas). Its decode rows are advanced all the same: a row that
+finishes at n has been stepped in n+1 whatever else n+1 holds. Plans do not depend on token values: positions
 and boundary blocks follow from the counts, and every decode input is on the device already (the
 sampler writes each row's next token into the persistent batch).
 
@@ -34,11 +35,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class InFlight:
-    """A launched step: its plan, the runner's handle, and whether the scheduler advanced it."""
+    """A launched step (its decode rows advanced in the scheduler): its plan and the runner's handle."""
 
     plan: StepPlan
     handle: object
-    advanced: bool
 
 
 class StepPipeline:
@@ -64,10 +64,9 @@ class StepPipeline:
                 self._collect(pending)
             e.step_failed(plan, err)
             return
+        e.scheduler.advance(plan)
+        launched = InFlight(plan, handle)
         overlap = bool(plan.decode) and not plan.prefill
-        if overlap:
-            e.scheduler.advance(plan)
-        launched = InFlight(plan, handle, overlap)
         ok = pending is None or self._collect(pending)
         if overlap and ok:
             self.pending = launched
@@ -86,7 +85,7 @@ class StepPipeline:
         """Wait for a launched step and apply its outputs; False if it failed (its sequences did)."""
         e = self.engine
         try:
-            e.apply(f.plan, e.runner.collect(f.handle), f.advanced)
+            e.apply(f.plan, e.runner.collect(f.handle), advanced=True)
         except EngineDeadError:
             raise
         except Exception as err:

@@ -31,7 +31,7 @@ neither. When the first chunk after the cached prefix cannot get a block, admiss
 cached segment less, down to a cold start (the hits it holds are not idle, so nothing else could
 free a block for it). A sequence reaching max_model_len finishes with "length".
 
-Async scheduling: `advance(plan)` right after a decode-only plan is launched counts its rows'
+Async scheduling: `advance(plan)` right after a plan is launched counts its decode rows'
 tokens as computed and appends a `PENDING` placeholder for each sampled token, so the next
 `schedule` plans the next positions (they do not depend on the token values); `update(plan, out,
 advanced=True)` fills the placeholders in when the step is collected. `schedule(hold=...)` leaves
@@ -177,9 +177,9 @@ class Scheduler:
         return self._build(st)
 
     def advance(self, plan: StepPlan) -> None:
-        """A decode-only plan was launched and will be collected after the next plan is made: its rows'
-        tokens count as computed now, each sampled token is a placeholder until `update(advanced=True)`."""
-        assert not plan.prefill, plan
+        """A plan was launched and may be collected after the next plan is made: its decode rows' tokens
+        count as computed now, each sampled token is a placeholder until `update(advanced=True)`
+        (its prefill chunks are applied by `update` as usual)."""
         seqs = self._seqs
         for row in plan.decode:
             seq = seqs[row.seq_id]
@@ -192,7 +192,7 @@ class Scheduler:
         """Apply a step's results: advance positions, append sampled tokens, index the checkpoints
         written, feed SSC utilities. Returns the sequences that got a token (some may have just
         finished with "length" at max_model_len). advanced: the plan went through `advance`; its
-        tokens replace the placeholders (also of a sequence preempted since, which waits)."""
+        decode rows' tokens replace the placeholders (also of a sequence preempted since, which waits)."""
         C, seqs, tokens = self.config.segment_size, self._seqs, output.token_ids
         self.cache.add_weights(output.block_weights)
         updated = []

@@ -265,3 +265,45 @@ def test_the_flag_reaches_the_engine_and_is_ignored_without_the_cuda_runner(mode
     assert engine.pipeline is None and "async scheduling ignored" in caplog.text
     (p,) = random_prompts(29, [20])
     assert tokens(generate(engine, [p])) == tokens(generate(make_engine(model, tokenizer, runner=ASYNC), [p]))
+
+
+def test_rows_ending_with_eos_while_others_join_then_their_next_turns(model, tokenizer) -> None:
+    """A row that ends at step n with a prefill in step n+1 (launched before n is collected) was
+    stepped in n+1 too: its parked state must say so, or the next turn resumes from a wrong state."""
+    eos = make_engine(model, tokenizer, runner=SYNC).eos_token_ids
+    prompts = random_prompts(31, [30, 20, 41, 25, 33, 18, 27, 22, 19, 35, 21, 26, 31, 17])
+    reqs = [GenerateRequest(f"j{i}", tuple(p), eos_params(eos, seed=40 + i)) for i, p in enumerate(prompts)]
+    # a request every 3rd call: the pipeline restarts in between, so a prefill meets a step in flight
+    arrivals = {3 * i: [r] for i, r in enumerate(reqs)} | {0: [reqs[0], *requests(32, [24, 28], [30, 30])]}
+    want = drive(make_engine(model, tokenizer, runner=SYNC), arrivals)
+    engine = make_engine(model, tokenizer, runner=ASYNC)
+    launch, collect, finish = engine.runner.launch, engine.runner.collect, engine._finish
+    mixed: list = [None]  # (handle, decode seq ids) of a launched plan with prefill chunks, until collected
+    cases = []
+
+    def _launch(plan, sampling):
+        handle = launch(plan, sampling)
+        if plan.prefill:
+            mixed[0] = (handle, {r.seq_id for r in plan.decode})
+        return handle
+
+    def _collect(handle):
+        if mixed[0] is not None and mixed[0][0] is handle:
+            mixed[0] = None
+        return collect(handle)
+
+    def _finish(req, c, reason, *a, **k):
+        if mixed[0] is not None and c.seq.seq_id in mixed[0][1]:
+            cases.append(reason)
+        return finish(req, c, reason, *a, **k)
+
+    engine.runner.launch, engine.runner.collect, engine._finish = _launch, _collect, _finish
+    got = drive(engine, arrivals)
+    assert got == want
+    assert cases.count("stop") >= 2  # rows that ended while a step with a prefill, holding them, was in flight
+    ended = [p + got[r.request_id][0] + [7, 8, 9] for p, r in zip(prompts, reqs, strict=True)
+             if got[r.request_id][1] == "stop" and len(got[r.request_id][0]) > 1]
+    hits = engine.counters["snapshot_hit"]
+    assert tokens(generate(engine, ended)) == tokens(generate(make_engine(model, tokenizer, runner=SYNC), ended))
+    assert engine.counters["snapshot_hit"] > hits
+    assert_idle(engine)
