@@ -55,8 +55,9 @@ def test_decode_equivalence_dry_run(tmp_path: Path) -> None:
     strict = summary["flags_strict"]
     assert strict["cuda.matmul.allow_tf32"] is False and strict["cudnn.allow_tf32"] is False
     assert sorted(summary["results"]) == sorted(
-        ["default / cuda-graphs", "default / cuda-eager", "default / torch again vs torch",
+        ["default / cuda-graphs", "default / cuda-eager", "default / cuda-graphs-async",
+         "default / torch again vs torch",
          "default / cuda-gemv (3 rows)",
          "default / torch tf32 vs torch strict", "default / cuda-graphs tf32 vs torch tf32",
-         "small-ssc / cuda-graphs", "small-ssc / cuda-eager"])
+         "small-ssc / cuda-graphs", "small-ssc / cuda-eager", "small-ssc / cuda-graphs-async"])
     assert all(r["identical"] == "2/2" for r in summary["results"].values())
