@@ -148,6 +148,7 @@ def readout_rounds(
     key_run = torch.where(mid, key_sum0.to(dt), 0.0)  # [n, H, dk] running key sum of each chunk
     y = o.to(dt, copy=True)
     cols = torch.arange(W, device=o.device)
+    k_max = batch.max_top_k if spec.aggregation == "ssc" else 0  # only SSC's choices can spread thin
     for rd in rounds(batch, chunk_size):
         S, L = rd.rows.shape
         m = rd.real.to(dt)
@@ -175,8 +176,7 @@ def readout_rounds(
             weights.index_add_(0, rd.seqs, g_c.sum((1, 2)))
         read = chosen & rd.real[..., None, None]
         s_m, w_m = read.any(2).any(1).nonzero(as_tuple=True)  # (row, entry) pairs some token reads
-        k_max = batch.max_top_k if spec.aggregation == "ssc" else W
-        if reads_per_token(S, k_max, s_m.numel()):
+        if k_max and reads_per_token(S, k_max, s_m.numel()):
             mixed = _mix_per_token(ckpt_pool, tab, read, g_c, q[rd.rows].to(dt) * scale, k_max, G)
         else:
             mem = ckpt_pool[tab[s_m, w_m]].to(dt)  # [M, HV, dv, dk]: only what some token reads

@@ -109,6 +109,15 @@ def test_union_and_per_token_readouts_equal_the_per_sequence_path(per_token: boo
     check(case, got, exp)
 
 
-def test_per_token_readout_is_taken_when_choices_spread() -> None:
-    f = packed._UNION_FACTOR
-    assert packed.reads_per_token(rows=2, k_max=4, pairs=8 * f + 1) and not packed.reads_per_token(2, 4, 8 * f)
+def test_the_readout_is_picked_by_how_far_the_choices_spread(monkeypatch) -> None:
+    """Unforced, a round whose choices stay within a few memories takes the union readout, and one whose
+    tokens spread over many more memories than 24 x k takes the per-token one; both equal the oracle."""
+    taken = []
+    per_token = packed._mix_per_token
+    monkeypatch.setattr(packed, "_mix_per_token", lambda *a: taken.append(1) or per_token(*a))
+    few = make_case(MCSpec("ssc", 4, top_k=2), [(12, 30), (25, 26)], seed=6)
+    check(few, run(few), oracle(few))
+    assert not taken
+    many = make_case(MCSpec("ssc", 16, top_k=1), [(1290, 1330)], seed=7, H=4, HV=8, n_blocks=100)
+    check(many, run(many), oracle(many))
+    assert taken
