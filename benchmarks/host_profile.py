@@ -26,97 +26,88 @@ import time
 from pathlib import Path
 
 import torch
+from chat_ttft import chat as ttft_chat
 from common import machine
-from prefill import SIZES, build_model
+from prefill import SIZES, build_model, chat_engine, chat_shape
 
 from mcserve.kernels.mc_spec import MCSpec
-from mcserve.server.engine.args import EngineArgs, engine_config, size_pools
-from mcserve.server.engine.client import GenerateRequest
 from mcserve.server.engine.llm_engine import LLMEngine
-from mcserve.server.engine.sampling_params import SamplingParams
-from mcserve.server.model.default import default_model_dir
-from mcserve.server.text.tokenizer import Tokenizer
 
 
-def make_engine(model, ckpt_dtype: torch.dtype, total: int, reuse: bool) -> LLMEngine:
-    tokenizer = Tokenizer.from_dir(default_model_dir())
-    flags = dict(enable_prefix_caching=True, enable_snapshots=True) if reuse else dict(enable_prefix_caching=False)
-    args = EngineArgs(device=str(model.device), max_num_seqs=4, max_model_len=total + 64, enforce_eager=True,
-                      checkpoint_memory=4 * 2**30 if model.device.type == "cuda" else 2**28, **flags)
-    pools = size_pools(args, model.cfg, model.device, model.dtype, ckpt_dtype, model.state_dtype)
-    return LLMEngine(model, tokenizer, engine_config(args, model.cfg, pools), ckpt_dtype=ckpt_dtype,
-                     runner=args.runner_options())
+class FirstSteps:
+    """Hooks on an engine for chat_ttft.chat: each turn's first step (the one that returns its first
+    token) is timed, with the runner's `execute` inside it, and run under `tool` for the turns in
+    `labels` (turn number -> output file label)."""
 
+    def __init__(self, engine: LLMEngine, labels: dict[int, str], out_dir: Path | None, tool: str) -> None:
+        self.rows: list[dict] = []
+        self.turn, self.first = 0, False
+        add, step, execute = engine.add_request, engine.step, engine.runner.execute
+        exec_s: list[float] = []
 
-def chat(engine: LLMEngine, turns: int, system: int, user: int, answer: int, seed: int,
-         profile_turns: dict[int, str], out_dir: Path | None, tool: str) -> list[dict]:
-    """chat_ttft.chat with the first step of each turn in `profile_turns` run under `tool`."""
-    g = torch.Generator().manual_seed(seed)
+        def add_request(request):
+            self.turn, self.first = self.turn + 1, True
+            return add(request)
 
-    def words(n: int) -> list[int]:
-        return torch.randint(3, engine.vocab_size, (n,), generator=g).tolist()
+        def timed_execute(*a, **k):
+            t = time.perf_counter()
+            try:
+                return execute(*a, **k)
+            finally:
+                exec_s.append(time.perf_counter() - t)
 
-    params = SamplingParams(temperature=0.0, max_tokens=answer, ignore_eos=True)
-    history, rows = words(system), []
-    runner = engine.runner
-    for turn in range(turns):
-        prompt = history + words(user)
-        before = engine.counters["prefill_tokens"]
-        start = time.perf_counter()
-        engine.add_request(GenerateRequest(f"turn-{turn}", tuple(prompt), params))
-        first, reply, ttft = True, [], None
-        while engine.has_unfinished():
-            label = profile_turns.get(turn + 1) if first else None
-            exec_s: list[float] = []
-            if label is not None:
-                inner = runner.execute
-
-                def timed_execute(*a, inner=inner, exec_s=exec_s, **k):
-                    t = time.perf_counter()
-                    try:
-                        return inner(*a, **k)
-                    finally:
-                        exec_s.append(time.perf_counter() - t)
-                runner.execute = timed_execute
+        def first_step():
+            if not self.first:
+                return step()
+            self.first = False
+            label = labels.get(self.turn)
+            exec_s.clear()
+            engine.runner.execute = timed_execute
             t0 = time.perf_counter()
-            if label is not None and tool == "cprofile":
-                prof = cProfile.Profile()
-                prof.enable()
-                deltas = engine.step()
-                prof.disable()
-            elif label is not None and tool == "torch":
-                acts = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available():
-                    acts.append(torch.profiler.ProfilerActivity.CUDA)
-                with torch.profiler.profile(activities=acts) as tprof:
-                    deltas = engine.step()
-            else:
-                deltas = engine.step()
-            step_s = time.perf_counter() - t0
-            if label is not None:
-                runner.execute = inner
-                if out_dir is not None and tool == "cprofile":
-                    s = io.StringIO()
-                    st = pstats.Stats(prof, stream=s)
-                    st.sort_stats("cumulative").print_stats(60)
-                    st.sort_stats("tottime").print_stats(40)
-                    (out_dir / f"cprofile_{label}.txt").write_text(s.getvalue())
-                if out_dir is not None and tool == "torch":
-                    text = tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=60,
-                                                      max_name_column_width=70)
-                    (out_dir / f"torch_ops_{label}.txt").write_text(text + "\n")
-            if first:
-                rows.append({"turn": turn + 1, "prompt_tokens": len(prompt), "first_step_ms": step_s * 1000,
-                             "execute_ms": exec_s[0] * 1000 if exec_s else None, "tool": tool if label else None})
-            first = False
-            for d in deltas:
-                if d.token_ids and ttft is None:
-                    ttft = time.perf_counter() - start
-                    rows[-1]["ttft_ms"] = ttft * 1000
-                    rows[-1]["computed"] = engine.counters["prefill_tokens"] - before
-                reply.extend(d.token_ids)
-        history = prompt + reply
-    return rows
+            try:
+                if label is not None and tool == "cprofile":
+                    prof = cProfile.Profile()
+                    deltas = prof.runcall(step)
+                    if out_dir is not None:
+                        s = io.StringIO()
+                        st = pstats.Stats(prof, stream=s)
+                        st.sort_stats("cumulative").print_stats(60)
+                        st.sort_stats("tottime").print_stats(40)
+                        (out_dir / f"cprofile_{label}.txt").write_text(s.getvalue())
+                elif label is not None and tool == "torch":
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        acts.append(torch.profiler.ProfilerActivity.CUDA)
+                    with torch.profiler.profile(activities=acts) as tprof:
+                        deltas = step()
+                    if out_dir is not None:
+                        text = tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=60,
+                                                          max_name_column_width=70)
+                        (out_dir / f"torch_ops_{label}.txt").write_text(text + "\n")
+                else:
+                    deltas = step()
+            finally:
+                engine.runner.execute = execute
+            self.rows.append({"turn": self.turn, "first_step_ms": (time.perf_counter() - t0) * 1000,
+                              "execute_ms": exec_s[0] * 1000 if exec_s else None,
+                              "tool": tool if label is not None else None})
+            return deltas
+
+        engine.add_request, engine.step = add_request, first_step
+
+
+def chat(engine: LLMEngine, shape: tuple[int, int, int, int], seed: int, labels: dict[int, str],
+         out_dir: Path | None, tool: str) -> list[dict]:
+    """chat_ttft.chat with FirstSteps' hooks; per turn its first step's row plus ttft_ms, prompt_tokens and
+    computed (tokens prefilled before the first token)."""
+    hooks = FirstSteps(engine, labels, out_dir, tool)
+    try:
+        turns = ttft_chat(engine, *shape, seed=seed)
+    finally:
+        del engine.add_request, engine.step  # back to the class's methods
+    for row, (ttft, prompt_len, computed) in zip(hooks.rows, turns, strict=True):
+        row.update(ttft_ms=ttft * 1000, prompt_tokens=prompt_len, computed=computed)
+    return hooks.rows
 
 
 def main() -> None:
@@ -134,18 +125,16 @@ def main() -> None:
     model = build_model(preset, C, dev, dtype)
     model.spec = MCSpec("ssc", C, top_k=4)
     ck = torch.bfloat16 if dev.type == "cuda" else model.state_dtype
-    shape = (turns, 32, 48, 8)
-    total = 32 + turns * 56
+    shape = chat_shape(turns)
     result = {"machine": machine(), "preset": preset, "segment": C, "turns": turns}
     for mode in ("reuse", "no-reuse") if args.no_reuse else ("reuse",):
-        engine = make_engine(model, ck, total, mode == "reuse")
-        chat(engine, *shape, seed=99, profile_turns={}, out_dir=None, tool="")  # warm-up
-        plain = chat(engine, *shape, seed=1, profile_turns={}, out_dir=None, tool="")
+        engine = chat_engine(model, ck, turns, mode == "reuse")
+        ttft_chat(engine, *shape, seed=99)  # warm-up
+        plain = chat(engine, shape, seed=1, labels={}, out_dir=None, tool="")
         prof = {2: f"{mode}_turn2", turns: f"{mode}_turn{turns}"}
-        cp = chat(engine, *shape, seed=2, profile_turns=prof, out_dir=out, tool="cprofile")
-        tp = chat(engine, *shape, seed=3, profile_turns=prof, out_dir=out, tool="torch")
-        timed = chat(engine, *shape, seed=4, profile_turns={t: f"x{t}" for t in range(1, turns + 1)},
-                     out_dir=None, tool="")
+        cp = chat(engine, shape, seed=2, labels=prof, out_dir=out, tool="cprofile")
+        tp = chat(engine, shape, seed=3, labels=prof, out_dir=out, tool="torch")
+        timed = chat(engine, shape, seed=4, labels={}, out_dir=None, tool="")
         result[mode] = {"plain": plain, "cprofile": [r for r in cp if r["tool"]], "torch": [r for r in tp if r["tool"]],
                         "split": timed,
                         "median_execute_share": statistics.median(r["execute_ms"] / r["first_step_ms"] for r in timed)}

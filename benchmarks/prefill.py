@@ -215,25 +215,35 @@ def profile(fn, label: str) -> str:
             + events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
-def chat_ttft(model, turns: int, repeats: int, ckpt_dtype: torch.dtype) -> dict[str, list[float]]:
-    """TTFT ms per turn (median over `repeats` chats after a warm-up chat) with reuse and without."""
+def chat_shape(turns: int) -> tuple[int, int, int, int]:
+    """chat_ttft.chat's (turns, system, user, answer tokens): short answers keep the decode part small."""
+    return (turns, 32, 48, 8)
+
+
+def chat_engine(model, ckpt_dtype: torch.dtype, turns: int, reuse: bool):
+    """The chat TTFT's engine on `model`: prefix caching and end-of-turn snapshots (reuse) or neither,
+    eager decode (TTFT is a prefill step, and capturing the decode graphs would cost the run's time)."""
     from mcserve.server.engine.args import EngineArgs, engine_config, size_pools
     from mcserve.server.engine.llm_engine import LLMEngine
     from mcserve.server.model.default import default_model_dir
     from mcserve.server.text.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_dir(default_model_dir())
-    shape = (turns, 32, 48, 8)  # system, user, answer tokens: short answers keep the decode-bound part small
-    total = 32 + turns * (48 + 8)
+    _, system, user, answer = chat_shape(turns)
+    flags = dict(enable_prefix_caching=True, enable_snapshots=True) if reuse else dict(enable_prefix_caching=False)
+    args = EngineArgs(device=str(model.device), max_num_seqs=4, max_model_len=system + turns * (user + answer) + 64,
+                      enforce_eager=True, checkpoint_memory=4 * 2**30 if model.device.type == "cuda" else 2**28,
+                      **flags)
+    pools = size_pools(args, model.cfg, model.device, model.dtype, ckpt_dtype, model.state_dtype)
+    return LLMEngine(model, Tokenizer.from_dir(default_model_dir()), engine_config(args, model.cfg, pools),
+                     ckpt_dtype=ckpt_dtype, runner=args.runner_options())
+
+
+def chat_ttft(model, turns: int, repeats: int, ckpt_dtype: torch.dtype) -> dict[str, list[float]]:
+    """TTFT ms per turn (median over `repeats` chats after a warm-up chat) with reuse and without."""
+    shape = chat_shape(turns)
     out = {}
-    for mode, flags in (("reuse", dict(enable_prefix_caching=True, enable_snapshots=True)),
-                        ("no-reuse", dict(enable_prefix_caching=False))):
-        # eager decode: TTFT is a prefill step, and capturing the decode graphs would cost the run's time
-        args = EngineArgs(device=str(model.device), max_num_seqs=4, max_model_len=total + 64, enforce_eager=True,
-                          checkpoint_memory=4 * 2**30 if model.device.type == "cuda" else 2**28, **flags)
-        pools = size_pools(args, model.cfg, model.device, model.dtype, ckpt_dtype, model.state_dtype)
-        engine = LLMEngine(model, tokenizer, engine_config(args, model.cfg, pools), ckpt_dtype=ckpt_dtype,
-                           runner=args.runner_options())
+    for mode in ("reuse", "no-reuse"):
+        engine = chat_engine(model, ckpt_dtype, turns, mode == "reuse")
         chat(engine, *shape, seed=99)  # warm-up
         runs = [chat(engine, *shape, seed=r) for r in range(repeats)]
         out[mode] = [statistics.median(run[t][0] for run in runs) * 1000 for t in range(turns)]
