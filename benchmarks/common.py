@@ -41,7 +41,8 @@ def machine() -> str:
 def start_decoding(engine, prompts: list[list[int]], params, rng_seed: int = 0) -> list[str]:
     """Queue one request per prompt and put its sequence straight into decoding, as if its prefill had
     run: `len(prompt) - 1` tokens computed (the last token is the first decode input), a checkpoint
-    block held per whole segment before that, a state slot. The blocks and slots keep whatever the
+    block held per whole segment before that, a state slot, and (with prefix caching) the prompt's
+    prefix hashes, as admission computes them. The blocks and slots keep whatever the
     pools hold (random after `fill_pools`): what a decode step costs does not depend on their values,
     and skipping the prefill keeps a large batch's set-up within a GPU run's minutes. Not for
     residual aggregation (its running sums are built only by a prefill). Returns the request ids."""
@@ -65,6 +66,8 @@ def start_decoding(engine, prompts: list[list[int]], params, rng_seed: int = 0) 
         sched.waiting.remove(seq)
         seq.status, seq.slot = SequenceStatus.RUNNING, slot
         seq.num_computed_tokens = seq.num_prefill_tokens = pos
+        if engine.config.enable_prefix_caching:
+            seq.prefix_hashes(C)
         bisect.insort(sched.running, seq, key=lambda s: s.sort_key)
     return ids
 

@@ -333,7 +333,7 @@ class LLMEngine:
         self._record_prompt_logprobs(out.prompt_logprobs)
         seqs = self.scheduler.update(plan, out.step, advanced)
         if self.runner.keeps_tables and plan.step % WEIGHTS_EVERY == 0:
-            self.scheduler.cache.add_weights(self.runner.take_block_weights(self.scheduler.cache.now))
+            self.scheduler.cache.add_block_weights(self.runner.take_block_weights(self.scheduler.cache.now))
         self._stop_checks(seqs, out.logprobs)
 
     def _new_scheduler(self, counters: Counter[str] | None = None) -> Scheduler:

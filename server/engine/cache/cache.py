@@ -32,8 +32,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+import numpy as np
+
 from mcserve.server.engine.cache.blocks import BlockPool
 from mcserve.server.engine.cache.checkpoint import Checkpoint
+from mcserve.server.engine.cache.pending import PendingWeights
 from mcserve.server.engine.cache.tables import BlockTables
 from mcserve.server.engine.cache.transfers import TransferQueue
 from mcserve.server.engine.cache.tree import PrefixTree
@@ -58,8 +61,10 @@ class CheckpointCache:
         self._requeue: list[Checkpoint] = []  # idle candidates skipped while pinned
         self._held_gpu = 0  # GPU checkpoints with refs > 0, kept in step so stats() stay O(1)
         self._maybe_holes: set[int] = set()  # seq ids whose tables may hold offloaded checkpoints
-        # called (at most once a step) before a victim is picked: the router weights the runner holds
-        self.weights_source: Callable[[], dict[int, float]] | None = None
+        # called (at most once a step) before a victim is picked: the router weights the runner holds,
+        # [num_blocks] (`add_block_weights`)
+        self.weights_source: Callable[[], np.ndarray] | None = None
+        self._pending = PendingWeights(num_blocks, decay)  # held blocks' weight, credited when next read
         self._weights_pulled = -1
 
     @property
@@ -141,7 +146,8 @@ class CheckpointCache:
         # Hold them all first: an onload below may evict idle blocks, and must not take a later hit.
         table = self.tables.start(seq_id, hits)
         for c in hits:
-            self._held_gpu += c.refs == 1 and c.gpu is not None
+            if c.refs == 1 and c.gpu is not None:
+                self._hold(c)
             self.policy.rebase(c)  # rank-neutral: no heap update needed
         for i, c in enumerate(hits):
             if c.gpu is None and not self._onload(c):
@@ -163,7 +169,7 @@ class CheckpointCache:
         c.gpu = gpu
         self._pinned.add(c)
         self.tables.append(seq_id, c)
-        self._held_gpu += 1
+        self._hold(c)
         return True
 
     def may_onload(self, seq_id: int) -> bool:
@@ -229,7 +235,8 @@ class CheckpointCache:
 
     def release_from(self, seq_id: int, start: int) -> None:
         for c in self.tables.cut(seq_id, start):
-            self._held_gpu -= c.refs == 0 and c.gpu is not None
+            if c.refs == 0 and c.gpu is not None:
+                self._unhold(c)  # its pending weight credited before it is ranked as idle
             if c.refs == 0 and c.key is None:
                 self._forget(c)
             else:
@@ -238,7 +245,18 @@ class CheckpointCache:
 
     def add_weights(self, block_weights: dict[int, float]) -> None:
         """SSC feedback: router weight per GPU block read this step."""
-        for gpu, w in block_weights.items():
+        self._credit(block_weights.items())
+
+    def add_block_weights(self, weights: np.ndarray) -> None:
+        """SSC feedback held back by the runner: router weight per GPU block ([num_blocks] float64, or
+        empty for none) since its last hand-over, decayed to now. Held blocks' shares wait in
+        `PendingWeights` (vector operations, not a call per entry: B x checkpoints of them); the rest,
+        idle blocks, are credited at once."""
+        if len(weights):
+            self._credit(zip(*self._pending.defer(weights, self.now), strict=True))
+
+    def _credit(self, entries: Iterable[tuple[int, float]]) -> None:
+        for gpu, w in entries:
             c = self.gpu.owner(gpu)
             if c is not None:
                 self.policy.credit(c, w)
@@ -246,7 +264,26 @@ class CheckpointCache:
 
     def utility(self, c: Checkpoint) -> float:
         """Current (decayed) utility."""
+        if c.gpu is not None:
+            self._take_pending(c)
         return self.policy.value(c)
+
+    def _take_pending(self, c: Checkpoint) -> None:
+        """Credit `c` (on the GPU) with its block's pending weight."""
+        w = self._pending.take(c.gpu, self.now)
+        if w:
+            self.policy.credit(c, w)
+
+    def _hold(self, c: Checkpoint) -> None:
+        """`c` (on the GPU) got its first reference, or came back to the GPU held."""
+        self._held_gpu += 1
+        self._pending.held[c.gpu] = True
+
+    def _unhold(self, c: Checkpoint) -> None:
+        """`c` (on the GPU) lost its last reference, or leaves the GPU held: its pending weight is its own."""
+        self._held_gpu -= 1
+        self._take_pending(c)
+        self._pending.held[c.gpu] = False
 
     def _touch(self, c: Checkpoint) -> None:
         """Record a change of `c`; (re)queue it if it is now an idle-eviction candidate."""
@@ -257,7 +294,7 @@ class CheckpointCache:
     def _take_gpu(self, c: Checkpoint, evict_running: bool) -> int | None:
         if not self.gpu.num_free and self.weights_source is not None and self._weights_pulled != self.now:
             self._weights_pulled = self.now  # fresh utilities before a victim is picked
-            self.add_weights(self.weights_source())
+            self.add_block_weights(self.weights_source())
         if not self.gpu.num_free:
             if not self._evict_idle() and not (evict_running and self._evict_held()):
                 return None
@@ -293,6 +330,10 @@ class CheckpointCache:
         held = [c for c in self.gpu if c.refs and c not in self._pinned]
         if not held:
             return False
+        for b in self._pending.blocks():  # held checkpoints are ranked here: every pending share first
+            c = self.gpu.owner(b)
+            self._take_pending(c)
+            self._touch(c)
         newest = self.tables.newest()
         c = self.policy.lowest_rate([x for x in held if x not in newest] or held)
         host = self._take_host(c)
@@ -328,7 +369,8 @@ class CheckpointCache:
         self.host.give_back(c.host, later=True)  # the copy reads it this step
         c.host, c.gpu = None, gpu
         self.tables.moved(c, hole=False)
-        self._held_gpu += c.refs > 0
+        if c.refs > 0:
+            self._hold(c)
         self._pinned.add(c)
         self.counters["onload"] += 1
         return True
@@ -345,7 +387,8 @@ class CheckpointCache:
                 self.counters["evict_unreachable"] += 1
 
     def _free_gpu(self, c: Checkpoint) -> None:
-        self._held_gpu -= c.refs > 0
+        if c.refs > 0:
+            self._unhold(c)
         if c.holders:  # offloaded or dropped while held: a hole in its holders' tables
             self.tables.moved(c, hole=True)
             self._maybe_holes.update(c.holders)
@@ -366,6 +409,9 @@ class CheckpointCache:
         self.gpu.check("GPU")
         self.host.check("host")
         assert self._held_gpu == sum(1 for c in self.gpu if c.refs), "held-block count drifted"
+        held = np.zeros(self.num_blocks, dtype=np.bool_)
+        held[[c.gpu for c in self.gpu if c.refs]] = True
+        self._pending.check(held)
         self.tree.check()
         self.tables.check()
         refs = self.tables.held()

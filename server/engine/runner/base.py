@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from mcserve.kernels.mc_spec import MCSpec
@@ -96,9 +97,10 @@ class ModelRunner(ABC):
     def take_selections(self) -> list[int]:
         """Checkpoint reads per layer chosen by the router since the last call, then reset to 0."""
 
-    def take_block_weights(self, now: int) -> dict[int, float]:
-        """Router weight per GPU block held back since the last call, decayed to step `now`; then empty."""
-        return {}
+    def take_block_weights(self, now: int) -> np.ndarray:
+        """Router weight per GPU block held back since the last call, decayed to step `now`: [blocks]
+        float64 (0 where none), empty when the runner holds nothing back; then forgotten."""
+        return np.zeros(0, dtype=np.float64)
 
     def close(self) -> None:  # noqa: B027 -- most runners hold nothing outside the process
         """Release what outlives the object (the tensor-parallel workers); idempotent."""

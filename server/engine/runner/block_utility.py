@@ -40,13 +40,11 @@ class BlockUtility:
         """Zero blocks handed to new owners this step (device tensor of block ids)."""
         self.acc.index_fill_(0, blocks, 0.0)
 
-    def take(self, now: int) -> tuple[list[int], list[float]]:
-        """(blocks, weights) with weight > 0, as of step `now` (>= the last step run); empties the sums.
-        One device->host copy (it waits for the step in flight)."""
-        host = self.acc[:self.num_blocks].to("cpu", copy=True).numpy()
+    def take(self, now: int) -> np.ndarray:
+        """[num_blocks] float64 weight per block, as of step `now` (>= the last step run); empties the
+        sums. One device->host copy (it waits for the step in flight)."""
+        weights = self.acc[:self.num_blocks].to("cpu", copy=True).numpy().astype(np.float64)
         self.acc.zero_()
-        ids = np.flatnonzero(host > 0)
-        weights = host[ids].astype(np.float64)
         if now > self.step and self.decay != 1.0:
             weights *= self.decay ** (now - self.step)
-        return ids.tolist(), weights.tolist()
+        return weights

@@ -228,7 +228,6 @@ class CudaModelRunner(ModelRunner):
         self.selections.zero_()
         return counts
 
-    def take_block_weights(self, now: int) -> dict[int, float]:
-        """Router weight per GPU block since the last call, decayed to step `now` (one copy)."""
-        ids, weights = self.utility.take(now)
-        return dict(zip(ids, weights, strict=True))
+    def take_block_weights(self, now: int) -> np.ndarray:
+        """[blocks] float64 router weight per GPU block since the last call, decayed to step `now` (one copy)."""
+        return self.utility.take(now)
