@@ -65,3 +65,45 @@ def test_offloaded_victim_is_unselected_and_comes_back(ssc_k1, tokenizer) -> Non
     warm = tokens(generate(tight, [turn2], short))[0]
     assert warm == tokens(generate(make_engine(ssc_k1, tokenizer, max_model_len=1024), [turn2], short))[0]
     tight.scheduler.check()
+
+
+def _relative(plan, base: int) -> tuple:
+    """What a plan decided, with seq ids counted from `base`."""
+    def rows(xs):
+        return tuple(dataclasses.replace(x, seq_id=x.seq_id - base) for x in xs)
+
+    return (rows(plan.decode), rows(plan.prefill), plan.offloads, plan.onloads, tuple(s - base for s in plan.preempted),
+            tuple(s - base for s in plan.released), rows(plan.table_appends), rows(plan.table_updates))
+
+
+def _credit_at_once(engine) -> None:
+    """The cache as it was before `PendingWeights`: every block's weight of a hand-over credited at once."""
+    cache = engine.scheduler.cache
+    cache.add_block_weights = lambda w: cache.add_weights({b: x for b, x in enumerate(w.tolist()) if x > 0})
+
+
+@pytest.mark.parametrize(("seqs", "blocks"), [(3, 30), (2, 26)])
+def test_pending_weights_leave_the_engine_unchanged(ssc_k1, tokenizer, seqs: int, blocks: int) -> None:
+    """Real router weights under pressure: 3 requests sharing a prefix in a pool too small for them,
+    then second turns that reuse and evict what the first left. Held blocks' weights kept pending
+    (`cache/pending.py`) must give the same plans (evictions, offloads, onloads, preemptions), the
+    same counters and the same tokens as crediting each hand-over at once."""
+    shared = random_prompts(2, [48])[0]
+    prompts = [shared + p for p in random_prompts(3, [30, 52, 17])]
+    params = dataclasses.replace(GREEDY, max_tokens=40)
+    runs = []
+    for old in (True, False):
+        engine = make_engine(ssc_k1, tokenizer, max_model_len=256, max_num_seqs=seqs, num_checkpoint_blocks=blocks,
+                             num_host_blocks=3, utility_decay=0.9, runner=CUDA)
+        if old:
+            _credit_at_once(engine)
+        rec = Recorder(engine)
+        first = tokens(generate(engine, prompts, params))
+        turn2 = [p + w[:9] + [5, 6] for p, w in zip(prompts, first, strict=True)]
+        second = tokens(generate(engine, turn2, params))
+        engine.scheduler.check()
+        base = min(s.seq_id for p, _ in rec.steps for s in p.prefill)  # seq ids count on across engines
+        runs.append((first, second, [_relative(p, base) for p, _ in rec.steps], dict(engine.counters)))
+    assert runs[0] == runs[1]
+    counters = runs[1][3]
+    assert min(counters["evict_idle"], counters["offload"], counters["prefix_hit_tokens"]) > 0, counters
