@@ -73,12 +73,15 @@ class _Step:
     """What one schedule() call has decided so far."""
 
     budget: int
-    scheduled: set[int] = field(default_factory=set)
     decode: list[Sequence] = field(default_factory=list)
     chunks: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, end)
     resets: list[int] = field(default_factory=list)
     restores: list[SlotRestore] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)
+
+    def scheduled(self) -> set[int]:
+        """Seq ids planned so far (built only when a victim is picked: rare, and O(batch) anyway)."""
+        return {s.seq_id for s in self.decode} | {s.seq_id for s, _, _ in self.chunks}
 
 
 class Scheduler:
@@ -152,22 +155,24 @@ class Scheduler:
         self._step += 1
         self.cache.begin_step(self._step)
         st = _Step(budget=cfg.max_num_batched_tokens)
-        decoding: list[Sequence] = []
         prefilling: list[Sequence] = []
-        for s in self.running:  # one pass: this is per-row work of every step
-            (prefilling if s.num_computed_tokens < s.num_prefill_tokens else decoding).append(s)
-        C, max_len, may_onload = cfg.segment_size, cfg.max_model_len, self.cache.may_onload
-        rows, scheduled = st.decode, st.scheduled
-        for seq in decoding:  # per-row work of every step: a mid-segment row with nothing to onload makes no call
+        C, max_len, maybe_holes = cfg.segment_size, cfg.max_model_len, self.cache.maybe_holes
+        rows = st.decode
+        # per-row work of every step: a mid-segment row with nothing to onload makes no call. A copy of
+        # `running`: a boundary row may preempt a later sequence (which is then skipped: not RUNNING)
+        for seq in self.running.copy():
+            pos = seq.num_computed_tokens
+            if pos < seq.num_prefill_tokens:
+                prefilling.append(seq)
+                continue
             if seq.status is not RUNNING or (hold and seq.seq_id in hold):
                 continue
-            pos = seq.num_computed_tokens
             assert pos == len(seq.token_ids) - 1 and pos < max_len, seq
-            if (pos % C == C - 1 or may_onload(seq.seq_id)) and not self._prepare_decode(seq, pos, st):
+            if (pos % C == C - 1 or (maybe_holes and seq.seq_id in maybe_holes)) \
+                    and not self._prepare_decode(seq, pos, st):
                 continue
             rows.append(seq)
-            st.budget -= 1
-            scheduled.add(seq.seq_id)
+        st.budget -= len(rows)
         for seq in prefilling:
             if seq.status is RUNNING and st.budget > 0:
                 self._schedule_prefill(seq, st)
@@ -193,9 +198,9 @@ class Scheduler:
         written, feed SSC utilities. Returns the sequences that got a token (some may have just
         finished with "length" at max_model_len). advanced: the plan went through `advance`; its
         decode rows' tokens replace the placeholders (also of a sequence preempted since, which waits)."""
-        C, seqs, tokens = self.config.segment_size, self._seqs, output.token_ids
+        C, seqs, tokens, max_len = self.config.segment_size, self._seqs, output.token_ids, self.config.max_model_len
         self.cache.add_weights(output.block_weights)
-        updated = []
+        updated, ended = [], []  # ended: got a token and reached max_model_len
         if advanced:
             for row in plan.decode:  # per-row work of every step
                 seq = seqs.get(row.seq_id)
@@ -207,6 +212,8 @@ class Scheduler:
                 if row.write_block >= 0 and seq.status is RUNNING and seq.slot == row.slot:
                     self._register(seq, row.position // C)
                 updated.append(seq)
+                if len(seq.token_ids) - seq.num_pending >= max_len:
+                    ended.append(seq)
         for row in plan.decode if not advanced else ():  # per-row work of every step: `_live`, `append_token` inlined
             seq = seqs.get(row.seq_id)
             if seq is None or seq.status is not RUNNING or seq.slot != row.slot:
@@ -217,6 +224,8 @@ class Scheduler:
                 self._register(seq, row.position // C)
             seq.token_ids.append(tokens[row.seq_id])
             updated.append(seq)
+            if len(seq.token_ids) - seq.num_pending >= max_len:
+                ended.append(seq)
         for chunk in plan.prefill:
             seq = self._live(chunk.seq_id, chunk.slot)
             if seq is None:
@@ -228,10 +237,10 @@ class Scheduler:
             if chunk.sample:
                 seq.append_token(output.token_ids[seq.seq_id])
                 updated.append(seq)
-        max_len = self.config.max_model_len
-        for seq in updated:
-            if len(seq.token_ids) - seq.num_pending >= max_len:
-                self.finish(seq.seq_id, "length")
+                if len(seq.token_ids) - seq.num_pending >= max_len:
+                    ended.append(seq)
+        for seq in ended:
+            self.finish(seq.seq_id, "length")
         return updated
 
     def _prepare_decode(self, seq: Sequence, pos: int, st: _Step) -> bool:
@@ -321,7 +330,8 @@ class Scheduler:
                 continue
             if have >= need:
                 return have
-            victim = max((s for s in self.running if s.seq_id not in st.scheduled), key=_key)
+            scheduled = st.scheduled()
+            victim = max((s for s in self.running if s.seq_id not in scheduled), key=_key)
             self._preempt(victim, st)
             if victim is seq:
                 return None
@@ -332,7 +342,6 @@ class Scheduler:
         assert end % self.config.segment_size == 0 or end == seq.num_prefill_tokens, (start, end)
         st.chunks.append((seq, start, end))
         st.budget -= end - start
-        st.scheduled.add(seq.seq_id)
 
     def _preempt(self, seq: Sequence, st: _Step) -> None:
         self.running.remove(seq)
@@ -375,13 +384,17 @@ class Scheduler:
     def _build(self, st: _Step) -> StepPlan:
         # Built last: evictions while planning may have moved checkpoints of rows planned earlier.
         C, ids, tables = self.config.segment_size, self.cache.block_ids, self.decode_tables
-        has_hole = self.cache.has_hole if self.config.reads_checkpoints else None
+        holed = self.cache.holed_tables if self.config.reads_checkpoints else None
         decode = []
         for seq in st.decode:  # per-row work of every step
             p, sid = seq.num_computed_tokens, seq.seq_id
-            write = ids(sid, p // C, p // C + 1)[0] if p % C == C - 1 else -1
-            # O(1) unless the table has a hole: its reads are table[:p // C] (the rest is the pinned write)
-            if has_hole is not None and seq.inexact_from is None and has_hole(sid):
+            if p % C == C - 1:
+                write = ids(sid, p // C, p // C + 1)[0]
+                assert write >= 0, (seq, write)
+            else:
+                write = -1
+            # only a table with a hole is looked at: its reads are table[:p // C] (the rest is the pinned write)
+            if holed and sid in holed and seq.inexact_from is None:
                 self._check_holes(seq, ids(sid, 0, p // C), p)
             decode.append(DecodeRow(sid, seq.slot, p, seq.token_ids[p], ids(sid, 0, p // C) if tables else (), write))
         prefill = []
@@ -391,7 +404,6 @@ class Scheduler:
             prefill.append(PrefillChunk(seq.seq_id, seq.slot, start, tuple(seq.token_ids[start:end]), reads, writes,
                                         end == seq.num_prefill_tokens))
             assert min(writes, default=0) >= 0, writes
-        assert all(r.write_block >= 0 for r in decode if r.position % C == C - 1)
         offloads, onloads = self.cache.take_transfers()
         released, appends, updates = self.cache.take_table_diffs()
         return StepPlan(self._step, tuple(decode), tuple(prefill), tuple(st.resets), tuple(st.restores),

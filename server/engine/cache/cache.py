@@ -30,7 +30,7 @@ recorded, so a runner that keeps the tables between steps is sent only what chan
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 
 import numpy as np
 
@@ -108,6 +108,18 @@ class CheckpointCache:
         """Whether `seq_id`'s table has an entry not on the GPU (offloaded or dropped); O(1)."""
         return self.tables.has_hole(seq_id)
 
+    @property
+    def holed_tables(self) -> Container[int]:
+        """Seq ids whose tables have a hole (`has_hole` for a whole batch: empty, false, in the usual
+        case). Read-only, live."""
+        return self.tables.holed
+
+    @property
+    def maybe_holes(self) -> Container[int]:
+        """Seq ids for which `onload_holes` may have something to do (else it returns at once).
+        Read-only, live."""
+        return self._maybe_holes
+
     def begin_step(self, step: int) -> None:
         self.policy.now = step
         self.host.begin_step()
@@ -171,10 +183,6 @@ class CheckpointCache:
         self.tables.append(seq_id, c)
         self._hold(c)
         return True
-
-    def may_onload(self, seq_id: int) -> bool:
-        """Whether `onload_holes(seq_id)` may have something to do (else it returns at once). O(1)."""
-        return seq_id in self._maybe_holes
 
     def onload_holes(self, seq_id: int) -> None:
         """Bring a scheduled sequence's offloaded checkpoints back, evicting idle blocks only. O(1)

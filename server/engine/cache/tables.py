@@ -39,6 +39,11 @@ class BlockTables:
         """Whether some entry of the table is not on the GPU (offloaded or dropped). O(1)."""
         return seq_id in self._holes
 
+    @property
+    def holed(self) -> dict[int, int]:
+        """seq_id -> holes, only for tables that have some (do not modify)."""
+        return self._holes
+
     def start(self, seq_id: int, hits: Iterable[Checkpoint]) -> list[Checkpoint]:
         """A new table holding `hits` (a cached prefix; offloaded ones are holes until onloaded)."""
         assert seq_id not in self._tables, seq_id
