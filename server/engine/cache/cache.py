@@ -1,7 +1,8 @@
 """The checkpoint cache: who holds which checkpoint, what is indexed for reuse, and what to give up
 when a GPU block is needed. The pieces it composes each own one thing: `BlockPool` (GPU and host
 block ids), `BlockTables` (per-sequence tables, refcounts), `PrefixTree` (the index), `UtilityPolicy`
-and `IdleHeap` (how useful a checkpoint is, idle victims in order), `TransferQueue` (this step's copies).
+and `IdleHeap` (how useful a checkpoint is, idle victims in order), `PendingWeights` (held blocks'
+router weight not yet credited), `TransferQueue` (this step's copies).
 
 Lifecycle: `allocate` gives a sequence a fresh block to write this step (pinned); `register` indexes it
 under its prefix hash once written; `release` drops a sequence's references. An indexed checkpoint
@@ -110,14 +111,12 @@ class CheckpointCache:
 
     @property
     def holed_tables(self) -> Container[int]:
-        """Seq ids whose tables have a hole (`has_hole` for a whole batch: empty, false, in the usual
-        case). Read-only, live."""
+        """Seq ids with `has_hole` (read-only, live; empty, so false, in the usual case)."""
         return self.tables.holed
 
     @property
     def maybe_holes(self) -> Container[int]:
-        """Seq ids for which `onload_holes` may have something to do (else it returns at once).
-        Read-only, live."""
+        """Seq ids for which `onload_holes` may have something to do (read-only, live)."""
         return self._maybe_holes
 
     def begin_step(self, step: int) -> None:
