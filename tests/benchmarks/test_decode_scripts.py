@@ -45,6 +45,16 @@ def test_host_overhead_small(tmp_path: Path) -> None:
     assert "| 4 | 5 |" in text
 
 
+def test_host_overhead_full_pool(tmp_path: Path) -> None:
+    """--full-pool: every boundary evicts an idle checkpoint (the script asserts it) after a pull of
+    the router weights; the rows come out as in the default run."""
+    out = tmp_path / "host.json"
+    text = _run("host_overhead.py", "--batches", "4", "--ckpts", "3", "--full-pool", "--out", str(out))
+    summary = json.loads(out.read_text())
+    assert summary["full_pool"] and [(r["batch"], r["ckpts_per_row"]) for r in summary["rows"]] == [(4, 3)]
+    assert "full pool" in text
+
+
 def test_decode_equivalence_dry_run(tmp_path: Path) -> None:
     """tests/gpu/decode_equivalence.py on CPU (the CUDA runner's code with the torch decode path): its
     rows, the pinned fp32 flags and the extra rows of the shipped model are all there."""
