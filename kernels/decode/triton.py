@@ -59,14 +59,38 @@ class Launch:
 
 
 @triton.jit
-def _load_tile(state_ptr, v_ptr, ti, hv, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """The state tile [BV, BK] (rows ti*BV.. of dv) of one (row, v-head) and its v rows [BV], fp32."""
+def _load_state(state_ptr, ti, hv, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The state tile [BV, BK] (rows ti*BV.. of dv) of one (row, v-head), fp32."""
     rv = tl.arange(0, BV)
     cols = tl.arange(0, BK)
-    rows_ok = ti * BV + rv < DV
     local = rv[:, None] * DK + cols[None, :]  # [BV, BK]: contiguous dk rows (16-byte loads)
-    S = tl.load(state_ptr + (hv * DV + ti * BV) * DK + local, mask=rows_ok[:, None] & (cols < DK)[None, :], other=0.0)
-    return S, tl.load(v_ptr + ti * BV + rv, mask=rows_ok, other=0.0).to(tl.float32)
+    mask = (ti * BV + rv < DV)[:, None] & (cols < DK)[None, :]
+    return tl.load(state_ptr + (hv * DV + ti * BV) * DK + local, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_v(v_ptr, ti, DV: tl.constexpr, BV: tl.constexpr):
+    """The v rows [BV] (ti*BV.. of dv) of one (row, v-head), fp32."""
+    rv = ti * BV + tl.arange(0, BV)
+    return tl.load(v_ptr + rv, mask=rv < DV, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_tile(state_ptr, v_ptr, ti, hv, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The state tile [BV, BK] and the v rows [BV] of one (row, v-head)'s tile ti."""
+    return _load_state(state_ptr, ti, hv, DK, DV, BK, BV), _load_v(v_ptr, ti, DV, BV)
+
+
+@triton.jit
+def _row_inputs(positions, write_blocks, q, k, row, h, s_qb, s_qh, s_kb, s_kh, DK: tl.constexpr, BK: tl.constexpr,
+                HAS_WRITES: tl.constexpr):
+    """What one (row, q/k head) reads besides the pools: position, write block (-1 = none), and q, k
+    with their L2 normalisation factors."""
+    pos = tl.load(positions + row).to(tl.int64)
+    wb = tl.load(write_blocks + row).to(tl.int64) if HAS_WRITES else -1
+    q_raw, q_inv = load_unit(q + row * s_qb + h * s_qh, DK, BK)
+    k_raw, k_inv = load_unit(k + row * s_kb + h * s_kh, DK, BK)
+    return pos, wb, q_raw, q_inv, k_raw, k_inv
 
 
 @triton.jit
@@ -140,10 +164,14 @@ def _decode_kernel(
     BN: tl.constexpr, W: tl.constexpr, AGG: tl.constexpr, TWO_PASS: tl.constexpr, LEARNED: tl.constexpr,
     NEG_EIGVAL: tl.constexpr, RESET: tl.constexpr, HAS_WRITES: tl.constexpr, HAS_CSUM: tl.constexpr,
     HAS_UTIL: tl.constexpr, PER_ROW_K: tl.constexpr, CKPT_BF16: tl.constexpr, STAGES: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One program per (row, group of HPP v-heads of one q/k head, group of TPP dv tiles): the per-(row,
-    q/k head) prologue (norms, routing) once, then per v-head its gates and its tiles in turn."""
+    q/k head) prologue (norms, routing) once, then per v-head its gates and its tiles in turn.
+
+    PREFETCH: the row's loads that do not depend on its slot (position, write block, q, k, the first
+    tile's v and gates) go out beside the slot's load, before the padded-row branch, and the lead
+    program's key sum beside the state tile: the dependent chain per program is then slot -> state."""
     NG: tl.constexpr = (NV + TPP - 1) // TPP  # tile groups per v-head
     NH: tl.constexpr = G // HPP  # v-head groups per q/k head
     # scalar index math in int64 (pools of many GB); offsets inside a tile stay int32
@@ -153,7 +181,13 @@ def _decode_kernel(
     h = (pid // (NG * NH)) % H
     row = pid // (NG * NH * H)
     hv0 = h * G + sub * HPP  # this program's first v-head
+    cols = tl.arange(0, BK)
     slot = tl.load(slots + row).to(tl.int64)
+    if PREFETCH:
+        pos, wb, q_raw, q_inv, k_raw, k_inv = _row_inputs(positions, write_blocks, q, k, row, h, s_qb, s_qh, s_kb,
+                                                          s_kh, DK, BK, HAS_WRITES)
+        vv = _load_v(v + row * s_vb + hv0 * s_vh, grp * TPP, DV, BV)
+        g0, beta0 = gates(a, b, A_log, dt_bias, row, hv0, s_ab, s_bb, NEG_EIGVAL)
     if slot < 0:  # a padded row: zero output, no pool touched
         for j in tl.static_range(HPP):
             for t in tl.static_range(TPP):
@@ -161,23 +195,24 @@ def _decode_kernel(
                 tl.store(y + (row * HV + hv0 + j) * DV + rows, tl.full([BV], 0.0, dtype=tl.float32).to(
                     y.dtype.element_ty), mask=rows < DV)
         return
-    # the first tile's loads go out before the prologue's math (its latency hides behind it)
     state_ptr = state + slot * s_st
-    S, vv = _load_tile(state_ptr, v + row * s_vb + hv0 * s_vh, grp * TPP, hv0, DK, DV, BK, BV)
-    pos = tl.load(positions + row).to(tl.int64)
+    ks_ptr = key_sum + slot * s_ks + h * DK + cols
+    lead = (sub == 0) & (grp == 0)  # one program per (row, q/k head): utility, key-sum owner
+    if PREFETCH:
+        S = _load_state(state_ptr, grp * TPP, hv0, DK, DV, BK, BV)
+        if AGG < 2:  # only the lead program reads (and writes) the key sum here
+            ks_old = tl.load(ks_ptr, mask=(cols < DK) & lead, other=0.0)
+    else:
+        # the first tile's loads go out before the prologue's math (its latency hides behind it)
+        S, vv = _load_tile(state_ptr, v + row * s_vb + hv0 * s_vh, grp * TPP, hv0, DK, DV, BK, BV)
+        pos, wb, q_raw, q_inv, k_raw, k_inv = _row_inputs(positions, write_blocks, q, k, row, h, s_qb, s_qh, s_kb,
+                                                          s_kh, DK, BK, HAS_WRITES)
     in_seg = pos % C
     boundary = in_seg == C - 1
     n_valid = tl.minimum(pos // C, N)
-    wb = tl.load(write_blocks + row).to(tl.int64) if HAS_WRITES else -1
     write = boundary & (wb >= 0)
-
-    q_raw, q_inv = load_unit(q + row * s_qb + h * s_qh, DK, BK)
-    k_raw, k_inv = load_unit(k + row * s_kb + h * s_kh, DK, BK)
     qs = q_raw * (q_inv * scale)
     kn = k_raw * k_inv
-    cols = tl.arange(0, BK)
-    ks_ptr = key_sum + slot * s_ks + h * DK + cols
-    lead = (sub == 0) & (grp == 0)  # one program per (row, q/k head): utility, key-sum owner
     t_row = table + row * s_tb
 
     # routing: gamma of the online memory, and the cached memories' blocks and weights
@@ -223,7 +258,10 @@ def _decode_kernel(
     ckpt_sum_ptr = ckpt_sum + slot * s_cs
     for j in tl.static_range(HPP):
         hv = hv0 + j
-        g, beta = gates(a, b, A_log, dt_bias, row, hv, s_ab, s_bb, NEG_EIGVAL)
+        if PREFETCH and j == 0:
+            g, beta = g0, beta0
+        else:
+            g, beta = gates(a, b, A_log, dt_bias, row, hv, s_ab, s_bb, NEG_EIGVAL)
         y_ptr = y + (row * HV + hv) * DV
         for t in tl.static_range(TPP):
             # the next tile's loads (this v-head's next tile, or the next v-head's first) go out before
@@ -257,8 +295,11 @@ def _decode_kernel(
 
     if AGG < 2:
         if lead:
-            ks = tl.load(ks_ptr, mask=cols < DK, other=0.0) + kn
-            store_key_sum(ks_ptr, ks, in_seg, write_blocks, row, ckpt_key, s_ckey, h, C, DK, BK, HAS_WRITES)
+            if PREFETCH:
+                ks = ks_old + kn
+            else:
+                ks = tl.load(ks_ptr, mask=cols < DK, other=0.0) + kn
+            store_key_sum(ks_ptr, ks, in_seg, wb, ckpt_key, s_ckey, h, C, DK, BK)
     elif not TWO_PASS:
         # every program of this (row, head) read the old key sum above; the last of them to take a
         # ticket writes the new one (the tickets return to zero for the next launch)
@@ -266,7 +307,7 @@ def _decode_kernel(
         ticket = tl.atomic_add(tickets + row * H + h, 1)
         if ticket == NH * NG - 1:
             tl.atomic_xchg(tickets + row * H + h, 0)
-            store_key_sum(ks_ptr, ks, in_seg, write_blocks, row, ckpt_key, s_ckey, h, C, DK, BK, HAS_WRITES)
+            store_key_sum(ks_ptr, ks, in_seg, wb, ckpt_key, s_ckey, h, C, DK, BK)
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
@@ -392,6 +433,7 @@ def plan_decode(
         route_blk, route_w, route_on, tickets, y, dk**-0.5, N), dict(
         G=HV // H, HV=HV, DV=dv, BV=BV, NV=NV, TPP=TPP, HPP=HPP, KC=KC, BN=BN, TWO_PASS=two_pass,
         NEG_EIGVAL=allow_neg_eigval, RESET=spec.reset, HAS_CSUM=m.ckpt_sum is not None,
-        CKPT_BF16=m.ckpt.dtype == torch.bfloat16, STAGES=cfg.num_stages, INTERPRET=_interpreting(),
+        CKPT_BF16=m.ckpt.dtype == torch.bfloat16, STAGES=cfg.num_stages, PREFETCH=cfg.prefetch,
+        INTERPRET=_interpreting(),
         num_warps=warps, **flags)))
     return y, launches

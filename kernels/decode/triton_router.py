@@ -137,6 +137,7 @@ def router_kernel(
     if slot < 0:
         return
     pos = tl.load(positions + row).to(tl.int64)
+    wb = tl.load(write_blocks + row).to(tl.int64) if HAS_WRITES else -1
     in_seg = pos % C
     n_valid = tl.minimum(pos // C, N)
     q_raw, q_inv = load_unit(q + row * s_qb + h * s_qh, DK, BK)
@@ -177,19 +178,17 @@ def router_kernel(
         if HAS_UTIL:
             tl.atomic_add(utility + blk, e / z, mask=blk >= 0)
     tl.store(route_on + row * H + h, tl.exp(r_on - mx) / z)
-    store_key_sum(ks_ptr, ks, in_seg, write_blocks, row, ckpt_key, s_ckey, h, C, DK, BK, HAS_WRITES)
+    store_key_sum(ks_ptr, ks, in_seg, wb, ckpt_key, s_ckey, h, C, DK, BK)
 
 
 @triton.jit
-def store_key_sum(ks_ptr, ks, in_seg, write_blocks, row, ckpt_key, s_ckey, h,
-                   C: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr, HAS_WRITES: tl.constexpr):
-    """The new key sum; at a boundary the segment key (mean) to the write block and a zero sum."""
+def store_key_sum(ks_ptr, ks, in_seg, wb, ckpt_key, s_ckey, h, C: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr):
+    """The new key sum; at a boundary the segment key (mean) to the write block wb (-1: none) and a
+    zero sum."""
     cols = tl.arange(0, BK)
     if in_seg == C - 1:
-        if HAS_WRITES:
-            wb = tl.load(write_blocks + row).to(tl.int64)
-            if wb >= 0:
-                tl.store(ckpt_key + wb * s_ckey + h * DK + cols, ks / C, mask=cols < DK)
+        if wb >= 0:
+            tl.store(ckpt_key + wb * s_ckey + h * DK + cols, ks / C, mask=cols < DK)
         tl.store(ks_ptr, tl.full([BK], 0.0, dtype=tl.float32), mask=cols < DK)
     else:
         tl.store(ks_ptr, ks, mask=cols < DK)

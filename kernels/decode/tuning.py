@@ -38,6 +38,10 @@ class KernelConfig:
         the kernel uses gcd(heads_per_program, G).
     two_pass: ssc/grm route in a separate launch per (row, q/k head) instead of in every program.
     num_stages: how deep Triton pipelines grm's loop over the cached checkpoints (1 = not at all).
+    prefetch: issue the row's slot-independent loads (position, q, k, v, gates) beside the slot's and
+        the key sum beside the state tile, so that a program waits on two dependent loads (slot, then
+        state) instead of three or four: a fixed latency per program that small batches feel.
+        Off in tables written before it existed.
     """
 
     block_v: int = 0
@@ -47,10 +51,12 @@ class KernelConfig:
     two_pass: bool = False
     router_warps: int = 4
     num_stages: int = 2
+    prefetch: bool = False
 
     def __str__(self) -> str:
         return (f"bv{self.block_v or 'auto'} w{self.num_warps or 'auto'} t{self.tiles_per_program} "
-                f"g{self.heads_per_program} {'2-pass' if self.two_pass else '1-pass'} s{self.num_stages}")
+                f"g{self.heads_per_program} {'2-pass' if self.two_pass else '1-pass'} s{self.num_stages}"
+                + (" pf" if self.prefetch else ""))
 
     def __post_init__(self) -> None:
         for name in ("tiles_per_program", "heads_per_program", "num_stages"):

@@ -92,6 +92,10 @@ VARIANTS = {  # aggregation, config, HV (H = 16)
     "grm-two-pass": ("grm", KernelConfig(block_v=16, num_warps=2, two_pass=True), 16),
     "none-2-tiles": ("none", KernelConfig(block_v=8, num_warps=1, tiles_per_program=2), 16),
     "ssc-fused-2-heads": ("ssc", KernelConfig(block_v=16, num_warps=2, heads_per_program=2), 32),
+    "none-prefetch-small": ("none", KernelConfig(block_v=4, num_warps=1, prefetch=True), 16),
+    "residual-prefetch-2-heads": ("residual", KernelConfig(block_v=8, num_warps=1, heads_per_program=2,
+                                                           prefetch=True), 32),
+    "ssc-fused-prefetch": ("ssc", KernelConfig(block_v=8, num_warps=1, prefetch=True), 16),
 }
 
 
