@@ -65,7 +65,8 @@ def _semantics(entry: Entry) -> tuple:
     if DEVICE == "cuda":
         return entry.shape, entry.kind, c
     bv = min(c.block_v, 32)
-    return entry.shape, AGG[entry.kind][0], bv, min(c.tiles_per_program, -(-20 // bv)), c.heads_per_program, c.two_pass
+    tiles = min(c.tiles_per_program, -(-20 // bv))
+    return entry.shape, AGG[entry.kind][0], bv, tiles, c.heads_per_program, c.two_pass, c.prefetch
 
 
 @pytest.mark.parametrize("card,entry", list({_semantics(e): (card, e) for card, e in committed_entries()}.values()),
@@ -115,7 +116,7 @@ def test_the_wrapper_runs_the_chosen_config(tmp_path: Path, monkeypatch) -> None
     file), and the fallback for a shape the table does not hold."""
     monkeypatch.setattr(tuning, "_IN_USE", {})
     entry = Entry("G2-dk12-dv20", "ssc2", 3 * 2, KernelConfig(4, 1, tiles_per_program=2, heads_per_program=2,
-                                                               two_pass=False))
+                                                               two_pass=False, prefetch=True))
     _table(entry, card=tuning.card_of(torch.device(DEVICE))).write(tmp_path / "t.json")
     assert tuning.use_table(tmp_path / "t.json").entries == (entry,)
     spec = _case_for(entry)[0]
@@ -126,7 +127,21 @@ def test_the_wrapper_runs_the_chosen_config(tmp_path: Path, monkeypatch) -> None
 
     (launch,) = launches(entry.shape)
     got = launch.options
-    assert (got["BV"], got["TPP"], got["HPP"], got["TWO_PASS"], launch.grid) == (4, 2, 2, False, (3 * 1 * 3,))
+    assert (got["BV"], got["TPP"], got["HPP"], got["TWO_PASS"], got["PREFETCH"], launch.grid) == (
+        4, 2, 2, False, True, (3 * 1 * 3,))
     router, tiles = launches("G1-dk12-dv20")  # no entry: the fallback, which routes in its own pass
     fb = fallback_config(12, 20, routed=True)
     assert fb.two_pass and (tiles.options["BV"], tiles.options["HPP"]) == (min(fb.block_v, 32), 1)
+    assert not tiles.options["PREFETCH"]  # today's prologue until a sweep says otherwise
+
+
+def test_entries_written_before_prefetch_read_as_without_it(tmp_path: Path) -> None:
+    """A table line without the prefetch field (every table swept before it existed) runs today's
+    prologue; one with it reads back as written."""
+    e = Entry("G1-dk128-dv128", "none", 16, KernelConfig(4, 1, prefetch=True), 0.003, 0.2, "shape a B=1")
+    _table(e).write(tmp_path / "t.json")
+    assert ConfigTable.read(tmp_path / "t.json").entries == (e,)
+    d = json.loads((tmp_path / "t.json").read_text())
+    del d["entries"][0]["config"]["prefetch"]
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    assert ConfigTable.read(tmp_path / "t.json").entries[0].config == KernelConfig(4, 1)
