@@ -13,7 +13,9 @@ docs/KERNELS.md has the design and the byte count; `soup` runs as `grm` (identic
 memory: reading the gamma-averaged state equals the gamma-weighted sum of the reads).
 
 `triton_decode_step` is the only caller of the kernels (`plan_decode` builds its launches); its launch
-config comes from the card's swept table (`tuning.choose_config`) unless the caller gives one.
+config comes from the card's swept table (`tuning.choose_config`) unless the caller gives one. The
+per-tile device functions are in triton_tile.py, the MC math's (gates, router, readout) in
+triton_router.py.
 """
 
 from __future__ import annotations
@@ -29,16 +31,16 @@ import triton.language as tl
 from mcserve.kernels.decode.contract import DecodeBatch, LayerMemory, check_decode_inputs
 from mcserve.kernels.decode.triton_router import (
     cached_scores,
+    gate_inputs,
+    gate_values,
     gates,
     load_unit,
-    readout,
-    readout_selected,
     router_kernel,
     ssc_select,
     store_key_sum,
     take,
-    to_bf16,
 )
+from mcserve.kernels.decode.triton_tile import load_state, load_tile, load_v, routes, row_inputs, update_tile
 from mcserve.kernels.decode.tuning import KernelConfig, card_of, choose_config, fallback_config
 from mcserve.kernels.mc_spec import MCSpec
 
@@ -56,99 +58,6 @@ class Launch:
     grid: tuple[int]
     args: tuple
     options: dict
-
-
-@triton.jit
-def _load_state(state_ptr, ti, hv, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """The state tile [BV, BK] (rows ti*BV.. of dv) of one (row, v-head), fp32."""
-    rv = tl.arange(0, BV)
-    cols = tl.arange(0, BK)
-    local = rv[:, None] * DK + cols[None, :]  # [BV, BK]: contiguous dk rows (16-byte loads)
-    mask = (ti * BV + rv < DV)[:, None] & (cols < DK)[None, :]
-    return tl.load(state_ptr + (hv * DV + ti * BV) * DK + local, mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_v(v_ptr, ti, DV: tl.constexpr, BV: tl.constexpr):
-    """The v rows [BV] (ti*BV.. of dv) of one (row, v-head), fp32."""
-    rv = ti * BV + tl.arange(0, BV)
-    return tl.load(v_ptr + rv, mask=rv < DV, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_tile(state_ptr, v_ptr, ti, hv, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """The state tile [BV, BK] and the v rows [BV] of one (row, v-head)'s tile ti."""
-    return _load_state(state_ptr, ti, hv, DK, DV, BK, BV), _load_v(v_ptr, ti, DV, BV)
-
-
-@triton.jit
-def _row_inputs(positions, write_blocks, q, k, row, h, s_qb, s_qh, s_kb, s_kh, DK: tl.constexpr, BK: tl.constexpr,
-                HAS_WRITES: tl.constexpr):
-    """What one (row, q/k head) reads besides the pools: position, write block (-1 = none), and q, k
-    with their L2 normalisation factors."""
-    pos = tl.load(positions + row).to(tl.int64)
-    wb = tl.load(write_blocks + row).to(tl.int64) if HAS_WRITES else -1
-    q_raw, q_inv = load_unit(q + row * s_qb + h * s_qh, DK, BK)
-    k_raw, k_inv = load_unit(k + row * s_kb + h * s_kh, DK, BK)
-    return pos, wb, q_raw, q_inv, k_raw, k_inv
-
-
-@triton.jit
-def _tile(
-    S, vv, state_ptr, y_ptr, ckpt, s_ck, ckpt_sum_ptr, wb, route_blk, route_w, routed, ckpt_key, s_ckey, t_row,
-    s_te, ti, hv, h, g, beta, kn, qs, boundary, write, n_valid, u_ptr, u_scale, g_on, sel_b, sel_w, mx, z,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr, BKC: tl.constexpr,
-    KP: tl.constexpr, KC: tl.constexpr, BN: tl.constexpr, AGG: tl.constexpr, TWO_PASS: tl.constexpr,
-    RESET: tl.constexpr, HAS_CSUM: tl.constexpr, CKPT_BF16: tl.constexpr, STAGES: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    """One loaded tile S [BV, dk] (rows ti*BV.. of dv) of one (row, v-head): update, read out, write
-    the checkpoint at a boundary, store in place."""
-    rv = tl.arange(0, BV)
-    cols = tl.arange(0, BK)
-    rows_ok = ti * BV + rv < DV
-    m2 = rows_ok[:, None] & (cols < DK)[None, :]
-    base = (hv * DV + ti * BV) * DK  # the tile's first element inside a [HV, dv, dk] block
-    local = rv[:, None] * DK + cols[None, :]
-    S = S * tl.exp(g)
-    err = beta * (vv - tl.sum(S * kn[None, :], axis=1))
-    S = S + err[:, None] * kn[None, :]
-    o = tl.sum(S * qs[None, :], axis=1)  # [BV] online readout
-
-    if AGG == 0:
-        out = o
-    elif AGG == 1:
-        cs = tl.load(ckpt_sum_ptr + base + local, mask=m2, other=0.0)
-        out = o + tl.sum(cs * qs[None, :], axis=1)
-    else:
-        acc = tl.full([BV], 0.0, dtype=tl.float32)
-        if AGG == 2:
-            acc = readout_selected(ckpt, s_ck, sel_b, sel_w, base, local, rows_ok, qs, DK, BK, KP, KC)
-        elif TWO_PASS:
-            # grm: every valid entry, KC at a time; Triton pipelines the loads STAGES deep (cp.async).
-            # Compiled, the loop stops at the row's last entry; the interpreter cannot take a loop bound
-            # from a tensor, so there it runs to NP and the masks stop it (the same sums)
-            for e0 in tl.range(0, NP if INTERPRET else n_valid, KC, num_stages=STAGES):
-                e = e0 + tl.arange(0, KC)
-                blk = tl.load(route_blk + routed + e, mask=e < n_valid, other=-1)
-                w = tl.load(route_w + routed + e, mask=e < n_valid, other=0.0)
-                acc += readout(ckpt, s_ck, blk, w, base, local, rows_ok, qs, DK, BK)
-        else:
-            for e0 in tl.range(0, NP if INTERPRET else n_valid, BN, num_stages=STAGES):
-                r_c, b_c = cached_scores(t_row, s_te, e0, n_valid, ckpt_key, s_ckey, h, u_ptr, u_scale, BN, DK, BKC)
-                acc += readout(ckpt, s_ck, b_c, tl.exp(r_c - mx) / z, base, local, rows_ok, qs, DK, BK)
-        out = g_on * o + acc
-
-    if write:
-        c_new = to_bf16(S) if CKPT_BF16 else S.to(ckpt.dtype.element_ty)
-        tl.store(ckpt + wb * s_ck + base + local, c_new, mask=m2)
-        if HAS_CSUM:  # after this token's readout: the new checkpoint is read from the next token on
-            cs_old = tl.load(ckpt_sum_ptr + base + local, mask=m2, other=0.0)
-            tl.store(ckpt_sum_ptr + base + local, cs_old + c_new.to(tl.float32), mask=m2)
-    if RESET:
-        S = tl.where(boundary, 0.0, S)
-    tl.store(state_ptr + base + local, S, mask=m2)
-    tl.store(y_ptr + ti * BV + rv, out.to(y_ptr.dtype.element_ty), mask=rows_ok)
 
 
 @triton.jit
@@ -184,10 +93,12 @@ def _decode_kernel(
     cols = tl.arange(0, BK)
     slot = tl.load(slots + row).to(tl.int64)
     if PREFETCH:
-        pos, wb, q_raw, q_inv, k_raw, k_inv = _row_inputs(positions, write_blocks, q, k, row, h, s_qb, s_qh, s_kb,
+        pos, wb, q_raw, q_inv, k_raw, k_inv = row_inputs(positions, write_blocks, q, k, row, h, s_qb, s_qh, s_kb,
                                                           s_kh, DK, BK, HAS_WRITES)
-        vv = _load_v(v + row * s_vb + hv0 * s_vh, grp * TPP, DV, BV)
-        g0, beta0 = gates(a, b, A_log, dt_bias, row, hv0, s_ab, s_bb, NEG_EIGVAL)
+        vv = load_v(v + row * s_vb + hv0 * s_vh, grp * TPP, DV, BV)
+        gate0 = gate_inputs(a, b, A_log, dt_bias, row, hv0, s_ab, s_bb)
+        if AGG >= 2 and TWO_PASS:  # the router pass's choice: the checkpoint loads then wait on the slot only
+            route = routes(route_blk, route_w, route_on, row * H + h, W, KP, AGG)
     if slot < 0:  # a padded row: zero output, no pool touched
         for j in tl.static_range(HPP):
             for t in tl.static_range(TPP):
@@ -199,13 +110,13 @@ def _decode_kernel(
     ks_ptr = key_sum + slot * s_ks + h * DK + cols
     lead = (sub == 0) & (grp == 0)  # one program per (row, q/k head): utility, key-sum owner
     if PREFETCH:
-        S = _load_state(state_ptr, grp * TPP, hv0, DK, DV, BK, BV)
+        S = load_state(state_ptr, grp * TPP, hv0, DK, DV, BK, BV)
         if AGG < 2:  # only the lead program reads (and writes) the key sum here
             ks_old = tl.load(ks_ptr, mask=(cols < DK) & lead, other=0.0)
     else:
         # the first tile's loads go out before the prologue's math (its latency hides behind it)
-        S, vv = _load_tile(state_ptr, v + row * s_vb + hv0 * s_vh, grp * TPP, hv0, DK, DV, BK, BV)
-        pos, wb, q_raw, q_inv, k_raw, k_inv = _row_inputs(positions, write_blocks, q, k, row, h, s_qb, s_qh, s_kb,
+        S, vv = load_tile(state_ptr, v + row * s_vb + hv0 * s_vh, grp * TPP, hv0, DK, DV, BK, BV)
+        pos, wb, q_raw, q_inv, k_raw, k_inv = row_inputs(positions, write_blocks, q, k, row, h, s_qb, s_qh, s_kb,
                                                           s_kh, DK, BK, HAS_WRITES)
     in_seg = pos % C
     boundary = in_seg == C - 1
@@ -227,10 +138,10 @@ def _decode_kernel(
     routed = (row * H + h) * W
     if AGG >= 2:
         if TWO_PASS:
-            g_on = tl.load(route_on + row * H + h)
-            if AGG == 2:
-                sel_b = tl.load(route_blk + routed + tl.arange(0, KP))
-                sel_w = tl.load(route_w + routed + tl.arange(0, KP))
+            if PREFETCH:
+                g_on, sel_b, sel_w = route[0], route[1], route[2]
+            else:
+                g_on, sel_b, sel_w = routes(route_blk, route_w, route_on, row * H + h, W, KP, AGG)
         else:
             ks = tl.load(ks_ptr, mask=cols < DK, other=0.0) + kn
             if LEARNED:
@@ -259,7 +170,7 @@ def _decode_kernel(
     for j in tl.static_range(HPP):
         hv = hv0 + j
         if PREFETCH and j == 0:
-            g, beta = g0, beta0
+            g, beta = gate_values(gate0[0], gate0[1], gate0[2], gate0[3], NEG_EIGVAL)
         else:
             g, beta = gates(a, b, A_log, dt_bias, row, hv, s_ab, s_bb, NEG_EIGVAL)
         y_ptr = y + (row * HV + hv) * DV
@@ -267,12 +178,12 @@ def _decode_kernel(
             # the next tile's loads (this v-head's next tile, or the next v-head's first) go out before
             # this tile's stores (which they may not pass)
             if t + 1 < TPP:
-                S_next, v_next = _load_tile(state_ptr, v + row * s_vb + hv * s_vh, grp * TPP + t + 1, hv, DK, DV,
+                S_next, v_next = load_tile(state_ptr, v + row * s_vb + hv * s_vh, grp * TPP + t + 1, hv, DK, DV,
                                             BK, BV)
             elif j + 1 < HPP:
-                S_next, v_next = _load_tile(state_ptr, v + row * s_vb + (hv + 1) * s_vh, grp * TPP, hv + 1, DK, DV,
+                S_next, v_next = load_tile(state_ptr, v + row * s_vb + (hv + 1) * s_vh, grp * TPP, hv + 1, DK, DV,
                                             BK, BV)
-            _tile(S, vv, state_ptr, y_ptr, ckpt, s_ck, ckpt_sum_ptr, wb, route_blk, route_w, routed, ckpt_key,
+            update_tile(S, vv, state_ptr, y_ptr, ckpt, s_ck, ckpt_sum_ptr, wb, route_blk, route_w, routed, ckpt_key,
                   s_ckey, t_row, s_te, grp * TPP + t, hv, h, g, beta, kn, qs, boundary, write, n_valid, u_ptr,
                   u_scale, g_on, sel_b, sel_w, mx, z, DK, DV, BK, BV, NP, BKC, KP, KC, BN, AGG, TWO_PASS, RESET,
                   HAS_CSUM, CKPT_BF16, STAGES, INTERPRET)

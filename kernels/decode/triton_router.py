@@ -17,11 +17,28 @@ import triton.language as tl
 @triton.jit
 def gates(a, b, A_log, dt_bias, row, hv, s_ab, s_bb, NEG_EIGVAL: tl.constexpr):
     """(log-decay g, beta) of one (row, v-head): g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b)."""
-    x = tl.load(a + row * s_ab + hv).to(tl.float32) + tl.load(dt_bias + hv).to(tl.float32)
+    a_x, bias, A, b_x = gate_inputs(a, b, A_log, dt_bias, row, hv, s_ab, s_bb)
+    return gate_values(a_x, bias, A, b_x, NEG_EIGVAL)
+
+
+@triton.jit
+def gate_inputs(a, b, A_log, dt_bias, row, hv, s_ab, s_bb):
+    """The four scalars `gate_values` needs, fp32: all loaded before any math (the compiler branches on
+    softplus's x > 20, and a load placed after that branch would wait for the first two to arrive)."""
+    a_x = tl.load(a + row * s_ab + hv).to(tl.float32)
+    bias = tl.load(dt_bias + hv).to(tl.float32)
+    A = tl.load(A_log + hv).to(tl.float32)
+    b_x = tl.load(b + row * s_bb + hv).to(tl.float32)
+    return a_x, bias, A, b_x
+
+
+@triton.jit
+def gate_values(a_x, bias, A, b_x, NEG_EIGVAL: tl.constexpr):
+    x = a_x + bias
     # softplus as max(x, 0) + log(1 + e^-|x|), which never overflows; torch returns x above 20
     sp = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
-    g = -tl.exp(tl.load(A_log + hv).to(tl.float32)) * sp
-    beta = 1.0 / (1.0 + tl.exp(-tl.load(b + row * s_bb + hv).to(tl.float32)))
+    g = -tl.exp(A) * sp
+    beta = 1.0 / (1.0 + tl.exp(-b_x))
     if NEG_EIGVAL:
         beta = beta * 2.0
     return g, beta

@@ -96,6 +96,7 @@ VARIANTS = {  # aggregation, config, HV (H = 16)
     "residual-prefetch-2-heads": ("residual", KernelConfig(block_v=8, num_warps=1, heads_per_program=2,
                                                            prefetch=True), 32),
     "ssc-fused-prefetch": ("ssc", KernelConfig(block_v=8, num_warps=1, prefetch=True), 16),
+    "ssc-two-pass-prefetch": ("ssc", KernelConfig(block_v=4, num_warps=1, two_pass=True, prefetch=True), 16),
 }
 
 
