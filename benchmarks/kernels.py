@@ -4,6 +4,7 @@ must move, GB/s and the fraction of a device copy measured in the same run.
 
     bash tests/gpu/run_on_device.sh python3 benchmarks/kernels.py --out $OUT    # H200, < 4 min
     python benchmarks/kernels.py --smoke --out /tmp/kbench                     # CPU, Triton interpreter
+    ... kernels.py --batches 1,8,32,64 --top-k 0,4 --out $OUT                     # part of the grid
 
 The Triton step runs the launch config its wrapper chooses: the card's committed table
 (kernels/decode/configs/), or with --configs a fresh one from benchmarks/kernel_sweep.py, else the
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     ap.add_argument("--budget-s", type=float, default=200.0, help="start no new cell after this many seconds")
     ap.add_argument("--configs", help="a config table (kernel_sweep.py's output) to run instead of the committed one")
+    ap.add_argument("--batches", help="comma-separated batch sizes: only these (grm and torch cells too)")
+    ap.add_argument("--top-k", help="comma-separated k of the main grid (0 = none): only these")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
@@ -49,7 +52,13 @@ def main() -> None:
 
     from mcserve.kernels.decode import tuning  # noqa: PLC0415
 
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    batches = cfg["batches"]  # cfg's own list stays whole: the state pool has slots for its largest batch
+    if args.batches:
+        batches = [int(x) for x in args.batches.split(",")]
+        cfg.update({key: [B for B in cfg[key] if B in batches] for key in ("grm_batches", "torch_batches")})
+    if args.top_k:
+        cfg["top_k"] = [int(x) for x in args.top_k.split(",")]
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     dev = torch.device("cpu" if args.smoke else "cuda")
     start = time.monotonic()
@@ -77,7 +86,7 @@ def main() -> None:
                            graph_speedup=(sdpa["graph_ms"] / mc32k["graph_ms"])
                            if sdpa and mc32k and sdpa["graph_ms"] and mc32k["graph_ms"] else None)
     rows = []
-    for B in cfg["batches"]:
+    for B in batches:
         for name, shape in shapes.items():
             rows.append(cells.fla(name, shape, B))
             for k in cfg["top_k"]:
