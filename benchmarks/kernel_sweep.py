@@ -111,30 +111,53 @@ def base_candidates(s: dict, kind: str) -> list:
 _WORKER: dict = {}
 
 
-def _compile(name: str, s: dict, kind: str, config_fields: dict) -> str | None:
-    """Run one call of the step at B=2 with this config (compiling it into Triton's on-disk cache):
-    None, or why it failed."""
-    from kernel_cells import SEG, Cells  # noqa: PLC0415
+def _compile(name: str, s: dict, kind: str, config_fields: dict, device: str = "cuda") -> str | None:
+    """Run one step at B=2 with this config (compiling it into Triton's on-disk cache) and check it
+    against the torch path (a boundary row included): None, or why it failed to compile or run, or
+    that its results are wrong (such a config is left out of the sweep, so it never reaches a table)."""
+    from kernel_cells import SEG, Cells, _rel  # noqa: PLC0415
 
+    from mcserve.kernels.decode import LayerMemory, get_decode_path  # noqa: PLC0415
+    from mcserve.kernels.decode.residual import rebuild_ckpt_sum  # noqa: PLC0415
     from mcserve.kernels.decode.tuning import KernelConfig  # noqa: PLC0415
+    from mcserve.kernels.mc_spec import MCSpec  # noqa: PLC0415
 
     if "cells" not in _WORKER:
-        cfg = dict(batches=[2], cached=CACHED, pool_bytes=0)
-        _WORKER["cells"] = Cells(torch.device("cuda"), cfg, SEG, deadline=float("inf"))
+        cfg = dict(batches=[2], cached=CACHED if device == "cuda" else SMOKE["cached"], pool_bytes=0)
+        _WORKER["cells"] = Cells(torch.device(device), cfg, SEG, deadline=float("inf"))
     cells = _WORKER["cells"]
     agg, k = KINDS[kind]
+    N = 0 if agg == "none" else cells.cfg["cached"]
+    spec, x = MCSpec(agg, SEG, top_k=max(k, 1)), cells.inputs(s, 2)
+    batch, memory = cells.batch(name, s, 2, N, boundary_row=True, top_k_max=max(k, 1)), cells.memory(name, s)
+    csum = None
+    if agg == "residual":
+        csum = torch.empty_like(memory.state[:2])
+        for r in range(2):
+            rebuild_ckpt_sum(csum[r], memory.ckpt, batch.block_table[r])
+    ys, states = [], []
     try:
-        cells.step_calls(name, s, 2, agg, k, 0 if agg == "none" else CACHED, KernelConfig(**config_fields))(0)()
-        torch.cuda.synchronize()
+        for path, opts in (("triton", dict(config=KernelConfig(**config_fields))), ("torch", {})):
+            mem = LayerMemory(memory.state[:2].clone(), memory.key_sum[:2].clone(), memory.ckpt, memory.ckpt_key,
+                              None if csum is None else csum.clone(), None)
+            ys.append(get_decode_path(path, **opts)(*x, spec=spec, batch=batch, memory=mem).float())
+            states.append(torch.cat([mem.state.flatten(), mem.key_sum.flatten(), mem.ckpt[-1].float().flatten()]))
+        if device == "cuda":
+            torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 (a config that does not compile is left out, and said so)
         return f"{type(e).__name__}: {e}"[:300]
+    # y to fp32 rounding order; the state with the new bf16 checkpoint's rounding flips (1e-3 at real sizes)
+    err_y, err_s = _rel(ys[0], ys[1]), _rel(states[0], states[1])
+    if not (err_y <= 1e-4 and err_s <= 1e-2):
+        return f"wrong result against the torch path: y rel err {err_y:.1e}, state {err_s:.1e}"
     return None
 
 
 def precompile(tasks: list[tuple], deadline: float) -> dict[tuple, str]:
     """Compile the (shape name, shape, kind, config) tasks on one worker per CPU core until `deadline`.
-    Returns {(name, kind, config): why} for the configs that failed to compile or run (left out of the
-    sweep); what a broken worker or the deadline left undone is compiled by the timing loop itself."""
+    Returns {(name, kind, config): why} for the configs that failed to compile or run or gave wrong
+    results (left out of the sweep); what a broken worker or the deadline left undone is compiled (and
+    not checked) by the timing loop itself."""
     workers = max(1, min(16, (os.cpu_count() or 2) - 1))
     bad: dict[tuple, str] = {}
     undone = 0
