@@ -24,9 +24,10 @@ decode_engine_kernels.txt, one section per row. Batches of at most --small-batch
 1) run a second time with the experimental fused small-batch GEMV (rows "none (gemv)", "ssc k=4
 (gemv)": RunnerOptions.small_batch_gemv, kernels/triton_gemv.py) against cuBLAS + the glue kernels.
 --async-scheduling on | both runs the rows with the engine's async scheduling (rows "none (async)":
-step n+1 launched before step n's outputs are processed, server/engine/pipeline.py), "both" each
-batch synchronously and then async, side by side; "runner ms" is then the runner's launch + collect
-(collect includes the wait for the device).
+step n+1 launched before step n's outputs are processed, server/engine/pipeline.py; the engine's
+default on a GPU), "both" each batch serially and then async, side by side; "runner ms" is then the
+runner's launch + collect (collect includes the wait for the device). The default, off, runs the
+serial engine (`async_scheduling=False`, whatever the engine's default).
 
 Roofline per step = (all weights once + per row the fp32 state read and written + k checkpoint
 blocks read) / the bandwidth of a device-to-device copy measured at the start. fla: its
@@ -218,6 +219,7 @@ def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_
                        runner=RunnerOptions("auto" if device.type == "cuda" else "cuda", cuda_graph_sizes=(batch,),
                                             small_batch_gemv=batch if gemv else 0, async_scheduling=overlap))
     build_s = time.perf_counter() - t
+    assert (engine.pipeline is not None) == overlap, (overlap, engine.pipeline)  # the mode the row is named for
     runner_ref = weakref.ref(engine.runner)
     try:
         fill_pools(engine.runner)
@@ -306,7 +308,8 @@ def main() -> None:
                     help="batches of at most this many rows (<= 4) also run with the fused small-batch GEMV "
                          "(RunnerOptions.small_batch_gemv); 0: not")
     ap.add_argument("--async-scheduling", choices=("off", "on", "both"), default="off",
-                    help="rows with the engine's async scheduling: off, on (instead), both (side by side)")
+                    help="rows with the engine's async scheduling (the engine's default on a GPU): off (the serial "
+                         "engine), on (instead), both (side by side)")
     ap.add_argument("--steps", type=int, help="timed engine steps per row (default 24, --quick: 12)")
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--prompt-len", type=int, default=1100)

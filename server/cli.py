@@ -156,9 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eng.add_argument("--enforce-eager", action="store_const", const=True,
                      help="no CUDA graphs for the decode step (each step launched op by op)")
-    eng.add_argument("--async-scheduling", action="store_const", const=True,
-                     help="launch each steady decode step before the previous one's outputs are processed, so "
-                     "the GPU does not wait for the host's bookkeeping (CUDA runner only; docs/RUNNER.md)")
+    overlap = eng.add_mutually_exclusive_group()
+    overlap.add_argument("--async-scheduling", action="store_const", const=True,
+                         help="launch each steady decode step before the previous one's outputs are processed, so "
+                         "the GPU does not wait for the host's bookkeeping (default: on where the CUDA runner serves a "
+                         "CUDA device; off on CPU and with tensor parallelism; docs/RUNNER.md)")
+    overlap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
+                         help="run each engine step to its end before the next is planned")
     eng.add_argument("--cuda-graph-sizes", type=parse_sizes,
                      help="batch sizes to capture decode CUDA graphs for, e.g. 1,8,64 (default 1, 2, 4, 8, 16, "
                      "then multiples of 16 up to --max-num-seqs)")

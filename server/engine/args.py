@@ -64,7 +64,9 @@ class EngineArgs:
         (None: 1, 2, 4, 8, 16, then multiples of 16 up to max_num_seqs). runner: "auto" (the CUDA
         runner on CUDA, the torch runner on CPU), "torch" or "cuda" (runner/factory.py).
     async_scheduling: launch each steady decode step before the previous one's outputs are
-        processed (server/engine/pipeline.py); the CUDA runner only, ignored with a warning otherwise.
+        processed (server/engine/pipeline.py). None (default): on with the CUDA runner on a CUDA
+        device, serial otherwise; True: on with the CUDA runner (on CPU too), ignored with a warning
+        with another runner; False: serial.
     tensor_parallel_size: processes (one per device) the model is sharded over by head
         (docs/PARALLELISM.md); memory budgets are then per device. tensor_parallel_timeout_s: the
         longest a collective may wait for a rank before the engine is declared dead.
@@ -91,7 +93,7 @@ class EngineArgs:
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
     runner: str = "auto"
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     tensor_parallel_timeout_s: float = 600.0
 

@@ -19,9 +19,10 @@ the device fails a trivial probe after a failed step. A sequence the scheduler c
 on for `STALL_STEPS` empty plans in a row fails alone ("unschedulable"). A sequence with a grammar
 (`params.structured`) fails ("error") if the grammar cannot accept its token.
 
-Async scheduling (`RunnerOptions.async_scheduling`, a runner that `overlaps`): pipeline.py launches a
-decode-only step before the previous one is collected, so `step` then returns the deltas of the step
-launched by the call before.
+Async scheduling (`RunnerOptions.async_scheduling`; by default on with the CUDA runner on a CUDA
+device, `runner/factory.py`'s `use_async_scheduling`): pipeline.py launches a decode-only step before
+the previous one is collected, so `step` then returns the deltas of the step launched by the call
+before.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from mcserve.server.engine.pipeline import StepPipeline
 from mcserve.server.engine.plan import StepPlan
 from mcserve.server.engine.prefix_index import engine_root, namespace_root, state_top_k
 from mcserve.server.engine.runner.base import Logprobs, RunnerOutput, TransferError
-from mcserve.server.engine.runner.factory import RunnerOptions, make_runner
+from mcserve.server.engine.runner.factory import RunnerOptions, make_runner, use_async_scheduling
 from mcserve.server.engine.runner.prompt_logprobs import PromptLogprob
 from mcserve.server.engine.sampler import SamplingRow
 from mcserve.server.engine.scheduler import Scheduler
@@ -130,13 +131,11 @@ class LLMEngine:
         self._stalled_steps = 0
         self._out: list[Delta] = []  # deltas of the current step or abort, in order
         self.pipeline: StepPipeline | None = None
-        if runner is not None and runner.async_scheduling:
-            if self.runner.overlaps:
-                self.pipeline = StepPipeline(self)
-                log.info("async scheduling: a decode step is launched before the previous one's outputs are processed")
-            else:
-                log.warning("async scheduling ignored: the %s runs each step to its end (only the CUDA runner"
-                            " overlaps steps)", type(self.runner).__name__)
+        if use_async_scheduling(runner, self.runner, model.device):
+            self.pipeline = StepPipeline(self)
+        elif runner is not None and runner.async_scheduling:
+            log.warning("async scheduling ignored: the %s runs each step to its end (only the CUDA runner"
+                        " overlaps steps)", type(self.runner).__name__)
         if metrics is not None and model.spec.reads_cache:
             metrics.declare_layers(model.cfg.num_hidden_layers)  # per-layer SSC counters exist at zero
 
@@ -185,10 +184,16 @@ class LLMEngine:
                 workers.stop()
             raise
         engine.num_threads = threads
-        log.info("engine for %s on %s%s (%s), %d CPU threads: %s", name, device,
+        log.info("engine for %s on %s%s (%s), %d CPU threads, %s: %s", name, device,
                  f" x{args.tensor_parallel_size} (tensor parallel)" if workers is not None else "", model.spec,
-                 threads, pools.describe())
+                 threads, engine.scheduling, pools.describe())
         return engine
+
+    @property
+    def scheduling(self) -> str:
+        """Which step loop runs, for the start-up log: "async" (pipeline.py: a decode step is launched
+        before the previous one's outputs are processed) or "serial" (each step runs to its end)."""
+        return "async scheduling" if self.pipeline is not None else "serial scheduling"
 
     def close(self) -> None:
         """Release the runner's outside resources (tensor-parallel workers); idempotent."""

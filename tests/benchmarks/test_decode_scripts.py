@@ -71,3 +71,6 @@ def test_decode_equivalence_dry_run(tmp_path: Path) -> None:
          "default / torch tf32 vs torch strict", "default / cuda-graphs tf32 vs torch tf32",
          "small-ssc / cuda-graphs", "small-ssc / cuda-eager", "small-ssc / cuda-graphs-async"])
     assert all(r["identical"] == "2/2" for r in summary["results"].values())
+    # each runner row ran the scheduling its name says (async is the default only on a GPU)
+    assert {k: r["async"] for k, r in summary["results"].items() if "async" in r} == {
+        k: k.endswith("-async") for k, r in summary["results"].items() if "graphs" in r}

@@ -32,7 +32,9 @@ skipped (reported); the JSON is written after every model. Per run it records th
 
 What to look at: "identical" per (model, runner) = n/n; "max_logprob_diff" of the strict rows ~1e-6
 (verdict "logprobs within 1e-4"); "ties" empty or only gaps < 1e-4; "graphs" > 0 for the graph runs
-(replays happened) and 0 for the eager ones; "flags_as_found"; the tf32 rows against the strict ones.
+(replays happened) and 0 for the eager ones; "async" true only for the -async rows (the others are
+explicitly serial: async is the CUDA runner's default on a GPU); "flags_as_found"; the tf32 rows
+against the strict ones.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ from mcserve.server.model.loader import load_model
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mcserve.server.text.tokenizer import Tokenizer
 
-RUNNERS = {"torch": RunnerOptions("torch"), "cuda-graphs": RunnerOptions("cuda", cuda_graph_sizes=(8,)),
-           "cuda-eager": RunnerOptions("cuda", enforce_eager=True),
+# Async scheduling is the CUDA runner's default on a GPU: every row says which it runs.
+RUNNERS = {"torch": RunnerOptions("torch", async_scheduling=False),
+           "cuda-graphs": RunnerOptions("cuda", cuda_graph_sizes=(8,), async_scheduling=False),
+           "cuda-eager": RunnerOptions("cuda", enforce_eager=True, async_scheduling=False),
            "cuda-graphs-async": RunnerOptions("cuda", cuda_graph_sizes=(8,), async_scheduling=True),
-           "cuda-gemv": RunnerOptions("cuda", cuda_graph_sizes=(4,), small_batch_gemv=4)}
+           "cuda-gemv": RunnerOptions("cuda", cuda_graph_sizes=(4,), small_batch_gemv=4, async_scheduling=False)}
 RANDOM = {"ssc": dict(aggregation="ssc", top_k=2, router="query"), "none": dict(aggregation="none"),
           "grm": dict(aggregation="grm", router="query"), "residual": dict(aggregation="residual")}
 TIE, LOGPROB_LIMIT = 1e-4, 1e-4
@@ -107,7 +111,8 @@ def run(model, tokenizer, runner: RunnerOptions, ps: list[list[int]], max_tokens
     seconds = time.perf_counter() - t
     graphs = getattr(engine.runner, "graphs", None)
     info = {"build_s": build, "generate_s": seconds, "graphs": graphs.num_graphs if graphs else 0,
-            "replays": graphs.replays if graphs else 0}
+            "replays": graphs.replays if graphs else 0, "async": engine.pipeline is not None}
+    assert info["async"] == runner.async_scheduling, (runner, info)  # the row ran the mode it is named for
     engine.close()
     return [o.outputs[0] for o in outs], info
 
@@ -134,8 +139,8 @@ def check(results: dict, key: str, ref, got, info: dict | None) -> bool:
     row = {**compare(ref, got), **(info or {})}
     results[key] = row
     bad = [t for t in row["ties"] if t["ref_top2_gap"] >= TIE]
-    extra = f", graphs {row['graphs']} (replays {row['replays']}), build {row['build_s']:.1f} s, generate " \
-        f"{row['generate_s']:.1f} s" if info else ""
+    extra = f", graphs {row['graphs']} (replays {row['replays']}), async {row['async']}, build " \
+        f"{row['build_s']:.1f} s, generate {row['generate_s']:.1f} s" if info else ""
     print(f"{key:40s} identical {row['identical']}, max logprob diff {row['max_logprob_diff']:.2e}, "
           f"divergences {row['ties']}{extra}", flush=True)
     return not bad

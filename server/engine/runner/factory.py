@@ -32,15 +32,17 @@ class RunnerOptions:
     small_batch_gemv: decode steps of at most this many rows (<= 4) run their matmuls as the fused
         weight-streaming Triton kernel (kernels/triton_gemv.py; experimental, CUDA runner on Triton).
     async_scheduling: the engine launches a decode-only step before it processes the previous step's
-        outputs (server/engine/pipeline.py); only with a runner that `overlaps` (the CUDA runner),
-        ignored with a warning otherwise.
+        outputs (server/engine/pipeline.py). None (the default) = where steps really overlap: a runner
+        that `overlaps` (the CUDA runner) on a CUDA device, serial otherwise; True = with any runner that
+        overlaps, CPU included (how the pipeline is tested there), ignored with a warning otherwise;
+        False = serial (`use_async_scheduling`).
     """
 
     kind: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
     small_batch_gemv: int = 0
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in RUNNERS:
@@ -51,6 +53,19 @@ class RunnerOptions:
             raise ConfigError(f"cuda_graph_sizes must be positive integers, got {sizes!r}")
         if not 0 <= self.small_batch_gemv <= 4:
             raise ConfigError(f"small_batch_gemv must be 0 to 4 rows, got {self.small_batch_gemv!r}")
+        if not (self.async_scheduling is None or isinstance(self.async_scheduling, bool)):
+            raise ConfigError(f"async_scheduling must be None (auto), True or False, got {self.async_scheduling!r}")
+
+
+def use_async_scheduling(options: RunnerOptions | None, runner: ModelRunner, device: torch.device) -> bool:
+    """Whether an engine on `device` with `runner` pipelines its steps (`RunnerOptions.async_scheduling`).
+    Auto needs a CUDA device: on CPU the CUDA runner's `launch` computes the whole step before it
+    returns, so there is nothing to overlap and the pipeline would only hand each step's deltas out
+    one call later. An explicit True that the runner cannot follow is the caller's to warn about."""
+    requested = (options or RunnerOptions()).async_scheduling
+    if requested is None:
+        return runner.overlaps and device.type == "cuda"
+    return requested and runner.overlaps
 
 
 def make_runner(model: MCGatedDeltaNetForCausalLM, config: EngineConfig, *, ckpt_dtype: torch.dtype | None = None,

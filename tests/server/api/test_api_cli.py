@@ -82,6 +82,27 @@ def test_serve_flags_become_settings_and_engine_kwargs(tmp_path: Path) -> None:
     }
 
 
+def test_async_scheduling_flags_and_their_default(tmp_path: Path, capsys) -> None:
+    """Neither flag: the engine's auto (async with the CUDA runner on a CUDA device); each flag one
+    explicit value; both at once refused."""
+    parser = cli.build_parser()
+    settings = ApiSettings()
+
+    def kwargs(*flags: str) -> dict:
+        return cli.engine_kwargs(parser.parse_args(["serve", str(tmp_path), *flags]), settings)
+
+    assert "async_scheduling" not in kwargs()
+    assert kwargs("--async-scheduling")["async_scheduling"] is True
+    assert kwargs("--no-async-scheduling")["async_scheduling"] is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--async-scheduling", "--no-async-scheduling"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-async-scheduling" in text and "default: on where the CUDA runner serves a CUDA device" in text
+
+
 def test_engine_flags_are_engine_args() -> None:
     """Every flag serve passes is a keyword that the engine's EngineArgs accepts."""
     import dataclasses

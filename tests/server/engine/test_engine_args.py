@@ -65,6 +65,17 @@ def test_from_model_dir(model_dir) -> None:
     assert out[0].prompt_token_ids == llm.tokenizer.encode("Hello there")
 
 
+@pytest.mark.parametrize(("kw", "mode"), [(dict(), "serial"), (dict(runner="cuda"), "serial"),
+                                          (dict(runner="cuda", async_scheduling=True), "async"),
+                                          (dict(runner="cuda", async_scheduling=False), "serial")])
+def test_start_up_log_says_which_scheduling_runs(model_dir, caplog, kw, mode: str) -> None:
+    """On CPU auto is serial, the CUDA runner's code included; the engine's start-up line says so."""
+    with caplog.at_level("INFO", logger="mcserve.server.engine.llm_engine"):
+        llm = LLM(model_dir, device="cpu", max_num_seqs=2, max_model_len=128, checkpoint_memory=1 << 20, **kw)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine for ")]
+    assert f"{mode} scheduling" in line and (llm.engine.pipeline is not None) == (mode == "async")
+
+
 def test_async_from_model_dir(model_dir) -> None:
     engine = AsyncEngine.from_model_dir(model_dir, device="cpu", max_num_seqs=2, max_model_len=128,
                                         checkpoint_memory=1 << 20, mc_top_k=1)

@@ -8,14 +8,17 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
+from mcserve.server.engine import llm_engine
 from mcserve.server.engine.client import GenerateRequest
 from mcserve.server.engine.llm_engine import LLMEngine
-from mcserve.server.engine.runner.factory import RunnerOptions
+from mcserve.server.engine.runner.factory import RunnerOptions, use_async_scheduling
 from mcserve.server.engine.sampling_params import SamplingParams
+from mcserve.server.errors import ConfigError
 from tests.server.engine.helpers import GREEDY, generate, make_engine, random_prompts, tokens
 
-SYNC = RunnerOptions("cuda")
+SYNC = RunnerOptions("cuda", async_scheduling=False)
 ASYNC = RunnerOptions("cuda", async_scheduling=True)
 
 
@@ -256,8 +259,9 @@ def test_a_failed_step_fails_its_rows_and_the_pipeline_drains(model, tokenizer) 
 def test_the_flag_reaches_the_engine_and_is_ignored_without_the_cuda_runner(model, tokenizer, caplog) -> None:
     from mcserve.server.engine.args import EngineArgs
 
-    assert EngineArgs(async_scheduling=True).runner_options().async_scheduling
-    assert not EngineArgs().runner_options().async_scheduling
+    assert EngineArgs(async_scheduling=True).runner_options().async_scheduling is True
+    assert EngineArgs(async_scheduling=False).runner_options().async_scheduling is False
+    assert EngineArgs().runner_options().async_scheduling is None  # auto
     assert make_engine(model, tokenizer, runner=ASYNC).pipeline is not None
     assert make_engine(model, tokenizer, runner=SYNC).pipeline is None
     with caplog.at_level("WARNING"):
@@ -265,6 +269,62 @@ def test_the_flag_reaches_the_engine_and_is_ignored_without_the_cuda_runner(mode
     assert engine.pipeline is None and "async scheduling ignored" in caplog.text
     (p,) = random_prompts(29, [20])
     assert tokens(generate(engine, [p])) == tokens(generate(make_engine(model, tokenizer, runner=ASYNC), [p]))
+
+
+@pytest.mark.parametrize("kind", ["torch", "cuda"])
+def test_auto_is_async_where_the_runner_overlaps_on_a_cuda_device(model, tokenizer, kind: str) -> None:
+    """The tri-state against real runners: auto is on only for a runner that overlaps (the CUDA
+    runner) on a CUDA device; True follows the runner wherever it runs; False is always serial."""
+    runner = make_engine(model, tokenizer, runner=RunnerOptions(kind, async_scheduling=False)).runner
+    overlaps = kind == "cuda"
+    assert runner.overlaps is overlaps
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on it
+    for device in (cpu, cuda):
+        assert use_async_scheduling(RunnerOptions(kind, async_scheduling=False), runner, device) is False
+        assert use_async_scheduling(RunnerOptions(kind, async_scheduling=True), runner, device) is overlaps
+    assert use_async_scheduling(RunnerOptions(kind), runner, cpu) is False
+    assert use_async_scheduling(RunnerOptions(kind), runner, cuda) is overlaps
+    assert use_async_scheduling(None, runner, cuda) is overlaps  # an engine built without options
+
+
+@pytest.mark.parametrize("value", [1, 0, "on", "auto"])
+def test_async_scheduling_is_none_true_or_false(value) -> None:
+    from mcserve.server.engine.args import EngineArgs
+
+    with pytest.raises(ConfigError, match="async_scheduling"):
+        RunnerOptions("cuda", async_scheduling=value)
+    with pytest.raises(ConfigError, match="async_scheduling"):
+        EngineArgs(async_scheduling=value)
+
+
+def test_auto_on_cpu_is_serial_without_a_warning(model, tokenizer, caplog) -> None:
+    """CPU (the suite): auto leaves every engine serial, the CUDA runner's code included, and says
+    nothing; only an explicit True pipelines there."""
+    with caplog.at_level("INFO"):
+        for options in (None, RunnerOptions(), RunnerOptions("torch"), RunnerOptions("cuda"), SYNC):
+            assert make_engine(model, tokenizer, runner=options).pipeline is None, options
+    assert "async scheduling" not in caplog.text
+    assert make_engine(model, tokenizer, runner=ASYNC).pipeline is not None
+
+
+def test_auto_on_a_cuda_device_runs_the_pipeline(model, tokenizer, monkeypatch, caplog) -> None:
+    """The engine follows the resolution: with the device taken as CUDA, auto pipelines the CUDA
+    runner (no warning) and gives the serial engine's tokens; the torch runner stays serial, silently."""
+    def as_if_cuda(options, runner, device):
+        return use_async_scheduling(options, runner, torch.device("cuda"))
+
+    prompts = random_prompts(33, [21, 34, 9])
+    want = tokens(generate(make_engine(model, tokenizer, runner=SYNC), prompts))
+    monkeypatch.setattr(llm_engine, "use_async_scheduling", as_if_cuda)
+    with caplog.at_level("WARNING"):
+        auto = make_engine(model, tokenizer, runner=RunnerOptions("cuda"))
+        serial = make_engine(model, tokenizer, runner=RunnerOptions("cuda", async_scheduling=False))
+        torch_runner = make_engine(model, tokenizer, runner=RunnerOptions("torch"))
+    assert auto.pipeline is not None and serial.pipeline is None and torch_runner.pipeline is None
+    assert "async scheduling" not in caplog.text
+    order = Order(auto)
+    assert tokens(generate(auto, prompts)) == want
+    assert order.overlapped()
 
 
 def test_rows_ending_with_eos_while_others_join_then_their_next_turns(model, tokenizer) -> None:
