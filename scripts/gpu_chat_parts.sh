@@ -28,7 +28,6 @@ CALL_SECONDS=${CALL_SECONDS:-560}  # this command's wall-clock share; the device
 PART2_SECONDS=${PART2_SECONDS:-480}  # planned for part 2; it may run 35 s over (start-up, graph capture)
 DEVICE_CHECK=${DEVICE_CHECK:-1}
 CHAT_BATCH=${CHAT_BATCH:-32} CHAT_FRAC=${CHAT_FRAC:-0.6}
-CHAT_REPLAN=""  # the plan spans two processes: never stretch it from part 1's view of the time
 T0=$(date +%s)
 . scripts/gpu_lib.sh
 chat_defaults
@@ -60,11 +59,7 @@ else
     ARGS=(--time-budget "$TOTAL" --max-seconds "$(( PART2_SECONDS + 35 ))" --save-state "$STATE" --resume "$STATE")
 fi
 
-python3 scripts/train.py --data-dir "$DATA" --size "$CHAT_SIZE" --aggregation ssc --segment-size "$CHAT_SEG" \
-    --top-k "$TOPK" --seq-len "$CHAT_SEQ" --batch-size "$CHAT_BATCH" --lr "$CHAT_LR" --warmup "$CHAT_WARMUP" \
-    --decay-init slow "${BACKEND_ARGS[@]}" --chat-frac "$CHAT_FRAC" --recall-frac "$RECALL_FRAC" \
-    --recall-max-pairs 32 --evals 4 --log-every 25 --seed 0 "${ARGS[@]}" --out "$RUNS/chat" \
-    ${EXTRA_CHAT_ARGS:-} 2>&1 | tee -a "$OUT/chat_console.log"
+chat_train "$OUT/chat_console.log" "${BACKEND_ARGS[@]}" "${ARGS[@]}"
 chat_pack
 cp "$RUNS/chat/summary.json" "$OUT/chat_summary.json"
 throughput "$RUNS/chat/log.jsonl" | tee -a "$OUT/chat_console.log"

@@ -68,13 +68,17 @@ chat_defaults() {
     [ -f "$DATA/chat_meta.json" ] || { echo "no $DATA/chat_meta.json: carry $DATA (scripts/build_chat_data.py)"; exit 2; }
 }
 
-chat_train() {  # $1 = console log; trains RUNS/chat for TRAIN_SECONDS (steps planned from a probe)
+chat_train() {  # $1 = console log; trains RUNS/chat. $2... = train.py's core and budget arguments, by
+    # default `--backend CHAT_BACKEND` for TRAIN_SECONDS (steps planned from a probe); gpu_chat_parts.sh
+    # passes its own (a run planned over two commands, the state saved and resumed)
+    local log=$1 run=("${@:2}")
+    [ ${#run[@]} -gt 0 ] || run=(--backend "$CHAT_BACKEND" --time-budget "$TRAIN_SECONDS" ${CHAT_REPLAN:+--replan}
+                                 --max-seconds $((TRAIN_SECONDS + 20)))
     python3 scripts/train.py --data-dir "$DATA" --size "$CHAT_SIZE" --aggregation ssc --segment-size "$CHAT_SEG" \
         --top-k "$TOPK" --seq-len "$CHAT_SEQ" --batch-size "$CHAT_BATCH" --lr "$CHAT_LR" --warmup "$CHAT_WARMUP" \
-        --decay-init slow --backend "$CHAT_BACKEND" --chat-frac "$CHAT_FRAC" --recall-frac "$RECALL_FRAC" \
-        --recall-max-pairs 32 --evals 4 --log-every 25 --seed 0 --time-budget "$TRAIN_SECONDS" ${CHAT_REPLAN:+--replan} \
-        --max-seconds $((TRAIN_SECONDS + 20)) --out "$RUNS/chat" ${EXTRA_CHAT_ARGS:-${EXTRA_TRAIN_ARGS:-}} 2>&1 \
-        | tee "$1"
+        --decay-init slow --chat-frac "$CHAT_FRAC" --recall-frac "$RECALL_FRAC" \
+        --recall-max-pairs 32 --evals 4 --log-every 25 --seed 0 "${run[@]}" --out "$RUNS/chat" \
+        ${EXTRA_CHAT_ARGS:-${EXTRA_TRAIN_ARGS:-}} 2>&1 | tee "$log"
 }
 
 chat_pack() {  # the checkpoint as a tar in 3 parts under $OUT (cat chat_model.tar.0* | tar -x -C DIR), and the log
