@@ -23,6 +23,9 @@ Both profiles' top-kernel tables (key_averages by self CUDA time, 25 rows) go to
 decode_engine_kernels.txt, one section per row. Batches of at most --small-batch-gemv rows (default
 1) run a second time with the experimental fused small-batch GEMV (rows "none (gemv)", "ssc k=4
 (gemv)": RunnerOptions.small_batch_gemv, kernels/triton_gemv.py) against cuBLAS + the glue kernels.
+--decode-matmul both runs each row with the engine's default matmuls (auto: per matmul the faster of
+cuBLAS and kernels/triton_mm.py as measured on the card, kernels/configs/matmul_<card>.json) and
+again with cuBLAS only (rows "... (cublas)"); the JSON records each row's plan.
 --async-scheduling on | both runs the rows with the engine's async scheduling (rows "none (async)":
 step n+1 launched before step n's outputs are processed, server/engine/pipeline.py; the engine's
 default on a GPU), "both" each batch serially and then async, side by side; "runner ms" is then the
@@ -205,7 +208,8 @@ def gib(device: torch.device) -> float:
 
 
 def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_steps: int, device,
-             label: str, tables: list[str], gemv: bool = False, overlap: bool = False) -> dict:
+             label: str, tables: list[str], gemv: bool = False, overlap: bool = False,
+             decode_matmul: str = "auto") -> dict:
     C = model.spec.segment_size
     n_ckpt = (prompt_len - 1) // C
     warm = 3
@@ -217,10 +221,15 @@ def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_
     t = time.perf_counter()
     engine = LLMEngine(model, tokenizer, cfg, ckpt_dtype=torch.bfloat16 if device.type == "cuda" else None, seed=0,
                        runner=RunnerOptions("auto" if device.type == "cuda" else "cuda", cuda_graph_sizes=(batch,),
-                                            small_batch_gemv=batch if gemv else 0, async_scheduling=overlap))
+                                            small_batch_gemv=batch if gemv else 0, async_scheduling=overlap,
+                                            decode_matmul=decode_matmul))
     build_s = time.perf_counter() - t
     assert (engine.pipeline is not None) == overlap, (overlap, engine.pipeline)  # the mode the row is named for
     runner_ref = weakref.ref(engine.runner)
+    matmul_table = getattr(engine.runner, "matmul_table", None)
+    step_fn = getattr(engine.runner, "step_fn", None)
+    matmul_plan = ([c.name() if c else "cublas" for c in step_fn.plan(batch, model.model.embeddings.weight.dtype)]
+                   if step_fn is not None else None)
     try:
         fill_pools(engine.runner)
         g = torch.Generator().manual_seed(batch)
@@ -237,7 +246,8 @@ def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out.update(engine_build_s=build_s, engine_gib=held - before, left_gib=gib(device) - before)
+    out.update(engine_build_s=build_s, engine_gib=held - before, left_gib=gib(device) - before,
+               matmul_table=matmul_table, matmul_plan=matmul_plan)
     if runner_ref() is not None:  # what keeps the next row from getting the memory back
         holders = [type(r).__name__ for r in gc.get_referrers(runner_ref())]
         say(f"B={batch}: the runner outlived its engine, held by {holders}")
@@ -310,6 +320,9 @@ def main() -> None:
     ap.add_argument("--async-scheduling", choices=("off", "on", "both"), default="off",
                     help="rows with the engine's async scheduling (the engine's default on a GPU): off (the serial "
                          "engine), on (instead), both (side by side)")
+    ap.add_argument("--decode-matmul", choices=("auto", "cublas", "both"), default="auto",
+                    help="the decode matmuls (RunnerOptions.decode_matmul): auto (the engine's default: the card's "
+                         "measured cuBLAS / Triton choice), cublas, or both side by side (rows '... (cublas)')")
     ap.add_argument("--steps", type=int, help="timed engine steps per row (default 24, --quick: 12)")
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--prompt-len", type=int, default=1100)
@@ -342,13 +355,15 @@ def main() -> None:
             f"{gib(device):.1f} GiB allocated")
         # a batch of <= --small-batch-gemv rows runs twice: cuBLAS + glue kernels, then the fused GEMV
         modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.async_scheduling]
-        cells = [(b, False, a) for b in batches for a in modes] + [(b, True, a) for b in batches if b <= gemv_rows
-                                                                   for a in modes]
-        for b, gemv, overlap in cells:
-            name = agg + (" (gemv)" if gemv else "") + (" (async)" if overlap else "")
+        mms = {"auto": ("auto",), "cublas": ("cublas",), "both": ("auto", "cublas")}[args.decode_matmul]
+        cells = ([(b, False, a, mm) for b in batches for a in modes for mm in mms]
+                 + [(b, True, a, "auto") for b in batches if b <= gemv_rows for a in modes])
+        for b, gemv, overlap, mm in cells:
+            name = (agg + (" (gemv)" if gemv else "") + (" (async)" if overlap else "")
+                    + (" (cublas)" if mm == "cublas" and args.decode_matmul == "both" else ""))
             try:
                 r = run_ours(model, tokenizer, b, args.prompt_len, args.steps, 6, device, f"B={b} {name}", tables,
-                             gemv, overlap)
+                             gemv, overlap, mm)
             except Exception as e:  # one row failing (memory) must not lose the others
                 say(f"B={b} {name}: failed {e!r}")
                 summary["rows"].append({"batch": b, "aggregation": name, "error": repr(e)})

@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "CUDA device; off on CPU and with tensor parallelism; docs/RUNNER.md)")
     overlap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
                          help="run each engine step to its end before the next is planned")
+    eng.add_argument("--decode-matmul", choices=("auto", "cublas"),
+                     help="the CUDA decode step's matmuls: auto (default) = per matmul and batch size the faster of "
+                     "cuBLAS and the project's Triton matmul as measured on this card (kernels/configs/matmul_*.json; "
+                     "cuBLAS on cards never measured), cublas = always cuBLAS")
     eng.add_argument("--cuda-graph-sizes", type=parse_sizes,
                      help="batch sizes to capture decode CUDA graphs for, e.g. 1,8,64 (default 1, 2, 4, 8, 16, "
                      "then multiples of 16 up to --max-num-seqs)")
@@ -213,6 +217,7 @@ ENGINE_FLAGS = (
     "seed",
     "enforce_eager",
     "async_scheduling",
+    "decode_matmul",
     "cuda_graph_sizes",
     "tensor_parallel_size",
 )

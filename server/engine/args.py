@@ -62,7 +62,8 @@ class EngineArgs:
         allowance less one core for the HTTP side (server/engine/cpu_threads.py).
     enforce_eager: no CUDA graphs for the decode step; cuda_graph_sizes: the batch sizes to capture
         (None: 1, 2, 4, 8, 16, then multiples of 16 up to max_num_seqs). runner: "auto" (the CUDA
-        runner on CUDA, the torch runner on CPU), "torch" or "cuda" (runner/factory.py).
+        runner on CUDA, the torch runner on CPU), "torch" or "cuda" (runner/factory.py). decode_matmul:
+        "auto" (the card's measured cuBLAS / Triton choice per matmul) or "cublas" (runner/factory.py).
     async_scheduling: launch each steady decode step before the previous one's outputs are
         processed (server/engine/pipeline.py). None (default): on with the CUDA runner on a CUDA
         device, serial otherwise; True: on with the CUDA runner (on CPU too), ignored with a warning
@@ -94,6 +95,7 @@ class EngineArgs:
     cuda_graph_sizes: tuple[int, ...] | None = None
     runner: str = "auto"
     async_scheduling: bool | None = None
+    decode_matmul: str = "auto"
     tensor_parallel_size: int = 1
     tensor_parallel_timeout_s: float = 600.0
 
@@ -127,7 +129,7 @@ class EngineArgs:
     def runner_options(self) -> RunnerOptions:
         sizes = self.cuda_graph_sizes
         return RunnerOptions(self.runner, self.enforce_eager, tuple(sizes) if sizes is not None else None,
-                             async_scheduling=self.async_scheduling)
+                             async_scheduling=self.async_scheduling, decode_matmul=self.decode_matmul)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

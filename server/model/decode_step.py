@@ -29,6 +29,7 @@ from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
 from mcserve.server.model.layers import GatedRMSNorm, RMSNorm, ShortConv, fuse_linears
 
 if TYPE_CHECKING:
+    from mcserve.kernels.triton_mm import MatmulTable, MMConfig
     from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 
 
@@ -102,12 +103,18 @@ class _Layer:
 
 class DecodeStep:
     def __init__(self, model: MCGatedDeltaNetForCausalLM, decode_fn: DecodeFn, glue: Glue = TORCH_GLUE,
-                 small_batch_rows: int = 0) -> None:
+                 small_batch_rows: int = 0, matmuls: MatmulTable | None = None) -> None:
         """small_batch_rows: batches of at most this many rows (<= triton_gemv.MAX_ROWS) run their
         matmuls as kernels/triton_gemv.py's weight-streaming kernel with the norms, residual adds
-        and SwiGLU folded in (experimental; Triton only)."""
+        and SwiGLU folded in (experimental; Triton only). matmuls: a card's measured table
+        (kernels/triton_mm.py): each matmul of a batch size runs the Triton config the table picks
+        for it, or cuBLAS; the o and down projections may take split-K configs, whose fp32 sums the
+        Triton add_norm rounds to the stream's dtype before adding (Triton glue only)."""
         self.model, self.decode_fn, self.glue = model, decode_fn, glue
         self.small_batch_rows = small_batch_rows
+        assert matmuls is None or glue.name == "triton", "Triton matmuls need the Triton glue (fp32 partial sums)"
+        self.matmuls = matmuls
+        self._plans: dict[tuple[int, torch.dtype], tuple[MMConfig | None, ...]] = {}
         if small_batch_rows:
             from mcserve.kernels import triton_gemv
 
@@ -126,6 +133,22 @@ class DecodeStep:
             self.layers.append(_Layer(fuse_linears(a.in_linears()), w_gate_up, w_conv, b_conv))
         self._cols = model.model.layers[0].attn.in_columns()  # offsets into a layer's projection row
 
+    def plan(self, B: int, dtype: torch.dtype) -> tuple[MMConfig | None, ...]:
+        """Per matmul of a B-row step (in, o, gate_up, down, head): the Triton config, or None = cuBLAS.
+        The same for every layer (their weights have one shape)."""
+        key = (B, dtype)
+        if key not in self._plans:
+            if self.matmuls is None:
+                self._plans[key] = (None,) * 5
+            else:
+                m, lw, a = self.model, self.layers[0], self.model.model.layers[0]
+                head = m.model.embeddings.weight if m.lm_head is None else m.lm_head.weight
+                ws = [(lw.w_in, False), (a.attn.o_proj.weight, True), (lw.w_gate_up, False),
+                      (a.mlp.down_proj.weight, True), (head, False)]
+                self._plans[key] = tuple(self.matmuls.choose(w.shape[0], w.shape[1], B, dtype, split)
+                                         for w, split in ws)
+        return self._plans[key]
+
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, batch: DecodeBatch, states: StateSlots, ckpts: CheckpointBlocks,
                  ckpt_sum: torch.Tensor | None = None, utility: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,12 +160,13 @@ class DecodeStep:
         kd, hv, cols, m2 = cfg.key_dim, cfg.num_v_heads_, self._cols, 2 * cfg.mlp_size
         blocks = m.model.layers
         small = B <= self.small_batch_rows  # fixed per graph bucket
+        mm_in, mm_o, mm_gu, mm_down, mm_head = self.plan(B, m.model.embeddings.weight.dtype)
         x = m.model.embeddings(tokens)
         h = None if small else glue.add_norm(x, None, blocks[0].attn_norm)[1]
         for li, (block, lw) in enumerate(zip(blocks, self.layers, strict=True)):
             attn = block.attn
             n_in = block.attn_norm
-            p = self._gemv(x, lw.w_in, norm=(n_in.weight, n_in.eps)) if small else F.linear(h, lw.w_in)  # [B, P]
+            p = self._gemv(x, lw.w_in, norm=(n_in.weight, n_in.eps)) if small else _linear(h, lw.w_in, mm_in)  # [B, P]
             qkv = p[:, :cols.g]
             qkv = glue.conv(qkv, states.conv[li], batch.slots, lw.w_conv, lw.b_conv, ckpts.conv[:, li],
                             batch.write_blocks) if lw.w_conv is not None else F.silu(qkv)
@@ -162,10 +186,19 @@ class DecodeStep:
                 act = self._gemv(x, lw.w_gate_up, norm=(n.weight, n.eps), swiglu=m2 // 2)
                 x = self._gemv(act, block.mlp.down_proj.weight, residual=x)
                 continue
-            x, h = glue.add_norm(x, F.linear(o, attn.o_proj.weight), block.mlp_norm)
-            act = glue.swiglu(F.linear(h, lw.w_gate_up)[:, :m2])  # the padding columns left out
-            x, h = glue.add_norm(x, F.linear(act, block.mlp.down_proj.weight), nxt)
+            x, h = glue.add_norm(x, _linear(o, attn.o_proj.weight, mm_o), block.mlp_norm)
+            act = glue.swiglu(_linear(h, lw.w_gate_up, mm_gu)[:, :m2])  # the padding columns left out
+            x, h = glue.add_norm(x, _linear(act, block.mlp.down_proj.weight, mm_down), nxt)
         w = m.model.embeddings.weight if m.lm_head is None else m.lm_head.weight
         if small:
             return self._gemv(x, w, norm=(m.model.norm.weight, m.model.norm.eps)).float()
-        return F.linear(h, w).float()
+        return _linear(h, w, mm_head).float()
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, cfg: MMConfig | None) -> torch.Tensor:
+    """x @ w^T by cuBLAS (cfg None) or kernels/triton_mm.py (fp32 when cfg splits K)."""
+    if cfg is None:
+        return F.linear(x, w)
+    from mcserve.kernels import triton_mm
+
+    return triton_mm.mm(x, w, cfg)

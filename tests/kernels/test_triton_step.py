@@ -23,8 +23,9 @@ def _rand(*shape: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_conv_step_updates_slots_in_place_and_skips_padding(bias: bool, ckpt: bool) -> None:
-    D, W, B, slots_n, blocks_n = 37, 4, 5, 9, 6
+@pytest.mark.parametrize(("D", "W"), [(37, 4), (300, 3), (37, 6)])  # D past one 256-channel program; W+1 not 2^n
+def test_conv_step_updates_slots_in_place_and_skips_padding(bias: bool, ckpt: bool, D: int, W: int) -> None:
+    B, slots_n, blocks_n = 5, 9, 6
     conv = ShortConv(D, W, bias).to(DEV)
     conv.weight.data = _rand(D, 1, W, seed=1)
     if bias:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -21,13 +22,17 @@ from triton.compiler import ASTSource
 H200 = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4):
+def compile_kernel(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4,
+                   num_stages: int | None = None, aligned_counts: tuple[str, ...] = ()):
     """As the JIT specialises on the GPU: pointers (16-byte aligned, as torch allocates) and strides
-    (multiples of 16 at the served shapes) carry tt.divisibility=16; counts do not."""
+    (multiples of 16 at the served shapes) carry tt.divisibility=16; counts do not, but those named in
+    `aligned_counts` (a matmul's K at the served shapes: the JIT sees 2,048 and specialises on it)."""
     sig = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if name not in constexprs and (types[name].startswith("*") or name.startswith("s_"))}
-    return triton.compile(ASTSource(fn, sig, constexprs, aligned), target=H200, options={"num_warps": num_warps})
+               if name not in constexprs and (types[name].startswith("*") or name.startswith("s_")
+                                                 or name in aligned_counts)}
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+    return triton.compile(ASTSource(fn, sig, constexprs, aligned), target=H200, options=options)
 
 
 def strides(*names: str, t: str = "i32") -> dict[str, str]:
@@ -140,7 +145,7 @@ def step_kernels() -> None:
 
     types = {"x": "*bf16", "state": "*bf16", "slots": "*i64", "w": "*bf16", "bias": "*bf16", "y": "*bf16", "D": "i32",
              "ckpt": "*bf16", "writes": "*i64", **strides("s_x", "s_sb", "s_y", "s_cb")}
-    check(compile_kernel(_conv_step_kernel, types, dict(W1=3, BD=1024, HAS_BIAS=False, HAS_CKPT=True)))
+    check(compile_kernel(_conv_step_kernel, types, dict(W1=3, WP=4, BD=256, HAS_BIAS=False, HAS_CKPT=True)))
     i64 = ("order", "positions", "tokens", "slots", "top_k", "table", "tok_o", "pos_o", "slot_o", "k_o", "table_o",
            "write_o")
     types = {**dict.fromkeys(i64, "*i64"), "utility": "*fp32", "s_t": "i32", "width": "i32", "C": "i32",
@@ -162,7 +167,31 @@ def gemv_kernel(m: int, k: int, mode: str) -> None:
                                                    RESID=mode == "residual", SWIGLU=mode == "swiglu")))
 
 
+def mm_kernels() -> None:
+    """kernels/triton_mm.py with every config the committed H200 table picks, at the batch block it
+    picks it for, split-K (fp32 atomics) or not."""
+    from mcserve.kernels.triton_mm import _mm_kernel, block_m, table_for
+
+    table = table_for("NVIDIA H200")
+    picked = set()
+    for (N, K), rows in table.rows.items():
+        for M, _, _ in rows:
+            for split in (False, True):
+                cfg = table.choose(N, K, M, torch.bfloat16, split)
+                if cfg is not None:
+                    picked.add((cfg, block_m(M)))
+    assert picked, "the H200 table picks no Triton config"
+    for cfg, bm in sorted(picked, key=str):
+        atomic = cfg.split > 1
+        types = {"x": "*bf16", "w": "*bf16", "y": "*fp32" if atomic else "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                 "k_steps": "i32", **strides("s_x", "s_w", "s_y")}
+        check(compile_kernel(_mm_kernel, types, dict(N_IT=0, BM=bm, BN=cfg.bn, BK=cfg.bk, ATOMIC=atomic,
+                                                     INTERPRET=False, IEEE=False, STAGES=cfg.stages),
+                             num_warps=cfg.warps, num_stages=cfg.stages, aligned_counts=("K", "N")))
+
+
 VARIANTS = {
+    "decode matmuls": (mm_kernels, ()),
     **{f"router agg={a} nmax={n}": (router_kernel, (a, n)) for a, n in [(2, 16), (2, 32), (1, 64), (0, 16), (2, 256)]},
     "readout bf16": (readout_kernel, ("bf16", False)),
     "readout fp32": (readout_kernel, ("fp32", True)),

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # masks.py imports llguidance, which may be missing (structur
     from mcserve.server.engine.tp.launcher import TPWorkers
 
 RUNNERS = ("auto", "torch", "cuda")
+DECODE_MATMULS = ("auto", "cublas")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,9 @@ class RunnerOptions:
         that `overlaps` (the CUDA runner) on a CUDA device, serial otherwise; True = with any runner that
         overlaps, CPU included (how the pipeline is tested there), ignored with a warning otherwise;
         False = serial (`use_async_scheduling`).
+    decode_matmul: the CUDA runner's decode matmuls on the Triton path. "auto" = per matmul and batch
+        bucket the faster of cuBLAS and kernels/triton_mm.py as measured on this card (the committed
+        kernels/configs/matmul_<card>.json; cuBLAS where there is none); "cublas" = always cuBLAS.
     """
 
     kind: str = "auto"
@@ -43,6 +47,7 @@ class RunnerOptions:
     cuda_graph_sizes: tuple[int, ...] | None = None
     small_batch_gemv: int = 0
     async_scheduling: bool | None = None
+    decode_matmul: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in RUNNERS:
@@ -53,6 +58,8 @@ class RunnerOptions:
             raise ConfigError(f"cuda_graph_sizes must be positive integers, got {sizes!r}")
         if not 0 <= self.small_batch_gemv <= 4:
             raise ConfigError(f"small_batch_gemv must be 0 to 4 rows, got {self.small_batch_gemv!r}")
+        if self.decode_matmul not in DECODE_MATMULS:
+            raise ConfigError(f"decode_matmul must be one of {list(DECODE_MATMULS)}, got {self.decode_matmul!r}")
         if not (self.async_scheduling is None or isinstance(self.async_scheduling, bool)):
             raise ConfigError(f"async_scheduling must be None (auto), True or False, got {self.async_scheduling!r}")
 
@@ -92,4 +99,4 @@ def make_runner(model: MCGatedDeltaNetForCausalLM, config: EngineConfig, *, ckpt
     sizes = list(options.cuda_graph_sizes) if options.cuda_graph_sizes is not None else None
     return CudaModelRunner(model, config, ckpt_dtype, seed=seed, vocab_size=vocab_size, masks=masks,
                            enforce_eager=options.enforce_eager, cuda_graph_sizes=sizes,
-                           small_batch_rows=options.small_batch_gemv)
+                           small_batch_rows=options.small_batch_gemv, decode_matmul=options.decode_matmul)

@@ -103,6 +103,26 @@ def test_async_scheduling_flags_and_their_default(tmp_path: Path, capsys) -> Non
     assert "--no-async-scheduling" in text and "default: on where the CUDA runner serves a CUDA device" in text
 
 
+def test_decode_matmul_flag(tmp_path: Path, capsys) -> None:
+    """--decode-matmul reaches the runner options; unset leaves the engine's auto; a bad value refused."""
+    from mcserve.server.engine.args import EngineArgs
+    from mcserve.server.errors import ConfigError
+
+    parser = cli.build_parser()
+
+    def kwargs(*flags: str) -> dict:
+        return cli.engine_kwargs(parser.parse_args(["serve", str(tmp_path), *flags]), ApiSettings())
+
+    assert "decode_matmul" not in kwargs() and EngineArgs().runner_options().decode_matmul == "auto"
+    assert kwargs("--decode-matmul", "cublas")["decode_matmul"] == "cublas"
+    assert EngineArgs(decode_matmul="cublas").runner_options().decode_matmul == "cublas"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--decode-matmul", "fast"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="decode_matmul"):
+        EngineArgs(decode_matmul="fast")
+
+
 def test_engine_flags_are_engine_args() -> None:
     """Every flag serve passes is a keyword that the engine's EngineArgs accepts."""
     import dataclasses

@@ -104,12 +104,13 @@ def _step(model, step, states, ckpts, tokens, pad: list[int], width: int, keep=(
     return logits[live], logits[~live], util
 
 
-def _compare(model, path: str, glue, atol: float, keep=(0, 1, 2, 3, 4), pad=(0, 3), small: int = 0) -> None:
+def _compare(model, path: str, glue, atol: float, keep=(0, 1, 2, 3, 4), pad=(0, 3), small: int = 0,
+             matmuls=None) -> None:
     ref_states, ref_ckpts = _pools(model, 8, 17, seed=1)
     states, ckpts = _clone(ref_states, ref_ckpts)
     tokens = [[5, 17, 3, 96, 40][i] for i in keep]
     want, want_util = _reference(model, None, ref_states, ref_ckpts, tokens, keep)
-    step = DecodeStep(model, get_decode_path(path), glue, small_batch_rows=small)
+    step = DecodeStep(model, get_decode_path(path), glue, small_batch_rows=small, matmuls=matmuls)
     got, padded, util = _step(model, step, states, ckpts, tokens, pad=list(pad), width=7, keep=keep)
     torch.testing.assert_close(got, want, atol=atol, rtol=atol)
     assert torch.isfinite(padded).all()
@@ -140,6 +141,34 @@ def test_small_batch_gemv_path_equals_model_decode(case: str) -> None:
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     _compare(_model(case), "triton", triton_glue(), 1e-5, keep=(1, 2, 3), pad=(1,), small=4)
+
+
+def _forced_matmuls(model, rows: int):
+    """A table (fp32, batches up to `rows`) in which Triton wins every matmul of `model`'s step: a
+    split-K config where the step takes fp32 sums (o, down), else an unsplit one."""
+    from mcserve.kernels.triton_mm import MatmulTable
+
+    step = DecodeStep(model, get_decode_path("torch"))
+    a, lw = model.model.layers[0], step.layers[0]
+    head = model.model.embeddings.weight if model.lm_head is None else model.lm_head.weight
+    shapes = {tuple(w.shape) for w in (lw.w_in, a.attn.o_proj.weight, lw.w_gate_up, a.mlp.down_proj.weight, head)}
+    cfgs = {"bn16_bk32_s1_w4_st2": {"ms": 0.5}, "bn32_bk16_s3_w4_st2": {"ms": 0.4}}
+    return MatmulTable({"device": "test", "dtype": "float32", "rows": [
+        {"N": N, "K": K, "M": rows, "torch_ms": 1.0, "configs": cfgs} for N, K in shapes]})
+
+
+@pytest.mark.parametrize("case", ["ssc-learned", "grm-grouped", "none"])
+def test_triton_matmuls_equal_model_decode(case: str) -> None:
+    """Every matmul of the step through kernels/triton_mm.py (o and down split-K into fp32, which the
+    Triton add_norm takes), padded rows included."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    model = _model(case)
+    table = _forced_matmuls(model, rows=8)
+    step = DecodeStep(model, get_decode_path("triton"), triton_glue(), matmuls=table)
+    plan = step.plan(7, torch.float32)
+    assert [c is not None and c.split for c in plan] == [1, 3, 1, 3, 1], plan
+    _compare(model, "triton", triton_glue(), 1e-5, matmuls=table)
 
 
 def test_fused_weights_are_views_and_leave_model_decode_unchanged() -> None:
