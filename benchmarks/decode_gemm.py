@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--batches", default="1,16,64,128,256")
+    ap.add_argument("--batches", default="1,16,32,64,128,256")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--stream-mb", type=float, default=400.0, help="weight copies cycled per shape, in MB")
