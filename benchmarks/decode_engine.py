@@ -290,7 +290,8 @@ def write(out: Path | None, summary: dict, tables: list[str]) -> None:
         if "error" in r:
             lines.append(f"| {r['batch']} | {r['aggregation']} | failed: {r['error']} |")
             continue
-        fla = summary["fla"].get(str(r["batch"]), {}).get("ms_per_step") if r["aggregation"] == "none" else None
+        plain = r["aggregation"].split(" (")[0] == "none"  # "none (async)" etc. too: fla's rows are online-only
+        fla = summary["fla"].get(str(r["batch"]), {}).get("ms_per_step") if plain else None
         cells = [str(r["batch"]), r["aggregation"], f"{r['ms_per_step']:.2f}", f"{r['tok_s']:,.0f}",
                  f"{r['roofline_ms']:.2f}", f"{r['fraction']:.1%}",
                  "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}", f"{r['runner_ms']:.2f}",
