@@ -236,17 +236,37 @@ def _mix_per_token(
     return out.view(S, L, HV, dv)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the glue accumulates in: fp32, or fp64 for an fp64 model (the reference runs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def conv_taps(win: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """sum_j win[..., j] w[:, j] (+ bias) for windows win [..., D, W], weight [D, W]: the taps added in
+    order in acc_dtype, so that every torch conv path (server/model/layers.py's ShortConv over a
+    sequence and a step, the decode step's CPU conv, short_conv_rows over packed rows) rounds alike
+    on any CPU (a `.sum(-1)` leaves the order to the vectorised kernel)."""
+    dt = acc_dtype(win.dtype)
+    w = weight.to(dt)
+    y = win[..., 0].to(dt) * w[:, 0]
+    for j in range(1, w.shape[1]):
+        y = y + win[..., j].to(dt) * w[:, j]
+    return y if bias is None else y + bias.to(dt)
+
+
 def short_conv_rows(ext: torch.Tensor, tok_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                     ) -> torch.Tensor:
     """The short causal depthwise conv + SiLU of packed chunks. ext [rows, D] is the *extended* layout
     (per chunk its W-1 conv-state rows, then its tokens: server/model/batched_prefill.py), tok_rows [T]
     each token's row in it, weight [D, W], bias [D] -> y [T, D] in ext's dtype:
-    silu(sum_j ext[r - W + 1 + j] w[:, j] + bias) in fp32, taps in order, as `ShortConv.forward_seq`."""
+    silu(sum_j ext[r - W + 1 + j] w[:, j] + bias) in fp32 (fp64 for fp64), taps in order, as
+    `ShortConv.forward_seq` (`conv_taps`)."""
     W = weight.shape[1]
-    w = weight.float()
-    y = ext[tok_rows - (W - 1)].float() * w[:, 0]
+    dt = acc_dtype(ext.dtype)
+    w = weight.to(dt)
+    y = ext[tok_rows - (W - 1)].to(dt) * w[:, 0]
     for j in range(1, W):
-        y = y + ext[tok_rows - (W - 1) + j].float() * w[:, j]
+        y = y + ext[tok_rows - (W - 1) + j].to(dt) * w[:, j]
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(dt)
     return F.silu(y).to(ext.dtype)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mcserve.kernels.decode.contract import DecodeBatch, DecodeFn, LayerMemory
+from mcserve.kernels.prefill.packed import conv_taps
 from mcserve.server.model.cache_tensors import CheckpointBlocks, StateSlots
 from mcserve.server.model.layers import GatedRMSNorm, RMSNorm, ShortConv, fuse_linears
 
@@ -57,9 +58,7 @@ def _torch_conv(x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, weight
     """ShortConv.forward_step on the live rows (finding them syncs: CPU only)."""
     live = (slots >= 0).nonzero().squeeze(-1)
     win = torch.cat([pool[slots[live]].to(x.dtype), x[live][..., None]], dim=-1)  # [b, D, W]
-    y = (win.float() * weight.float()).sum(-1)
-    if bias is not None:
-        y = y + bias.float()
+    y = conv_taps(win, weight, bias)
     pool[slots[live]] = win[..., 1:]
     wr = (writes[live] >= 0).nonzero().squeeze(-1)
     ckpt[writes[live][wr]] = win[wr, :, 1:].to(ckpt.dtype)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcserve.kernels.gates import core_inputs
+from mcserve.kernels.prefill.packed import conv_taps
 from mcserve.server.model.config import ModelConfig
 
 # Fused weights span a multiple of this many rows, so that a matmul's output rows are a multiple of 128
@@ -96,21 +97,16 @@ class ShortConv(nn.Module):
 
     def forward_seq(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D], state [D, W-1] (the previous W-1 inputs) -> (y [T, D], padded input [T+W-1, D])."""
-        w = self.weight[:, 0, :].float()
         xx = torch.cat([state.transpose(0, 1).to(x.dtype), x], dim=0)  # [T+W-1, D]
-        win = xx.float().unfold(0, w.shape[1], 1)  # [T, D, W]
-        y = (win * w).sum(-1)
-        if self.bias is not None:
-            y = y + self.bias.float()
+        y = conv_taps(xx.unfold(0, self.weight.shape[2], 1), self.weight[:, 0, :], self.bias)  # windows [T, D, W]
         return F.silu(y).to(x.dtype), xx
 
     def forward_step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, D], state [B, D, W-1] -> (y [B, D], new state [B, D, W-1])."""
         win = torch.cat([state.to(x.dtype), x[..., None]], dim=-1)  # [B, D, W]
-        y = (win.float() * self.weight[:, 0, :].float()).sum(-1)
-        if self.bias is not None:
-            y = y + self.bias.float()
+        y = conv_taps(win, self.weight[:, 0, :], self.bias)
         return F.silu(y).to(x.dtype), win[..., 1:]
+
 
 
 class GatedDeltaNetAttention(nn.Module):

@@ -134,7 +134,7 @@ def norm_kernels(bd: int, gate: int) -> None:
 
     types = {"x": "*bf16", "w": "*bf16", "gate": "*bf16", "y": "*bf16", "R": "i32", "D": "i32", "eps": "fp32",
              "GH": "i32", **strides("s_x", "s_g", "s_y")}
-    check(compile_kernel(_rmsnorm_kernel, types, dict(BR=max(1, 4096 // bd), BD=bd, GATE=gate)))
+    check(compile_kernel(_rmsnorm_kernel, types, dict(BR=max(1, 512 // bd), BD=bd, GATE=gate)))
     check(compile_kernel(_swiglu_kernel, {"gate": "*bf16", "up": "*bf16", "y": "*bf16", "N": "i32"}, dict(BN=1024)))
 
 
