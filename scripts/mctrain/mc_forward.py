@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mcserve.kernels.mc_spec import MCSpec
+from mcserve.kernels.prefill.packed import conv_taps
 from mcserve.kernels.router import chosen_mask, mc_gamma
 from mcserve.server.model.layers import GatedDeltaNetAttention
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
@@ -72,17 +73,15 @@ def forward_logits(model: MCGatedDeltaNetForCausalLM, ids: torch.Tensor, backend
 
 def _conv(attn: GatedDeltaNetAttention, h: torch.Tensor) -> list[torch.Tensor]:
     """q, k, v after the causal short convolutions and SiLU, from zero conv state. [B, T, width] each.
-    Computed in fp32 like ShortConv.forward_seq."""
+    The taps summed as ShortConv.forward_seq sums them (`conv_taps`: in order, fp32; fp64 for fp64)."""
     raw = [attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)]
     if not attn.cfg.use_short_conv:
         return [F.silu(r) for r in raw]
     outs = []
     for conv, r in zip((attn.q_conv1d, attn.k_conv1d, attn.v_conv1d), raw, strict=True):
-        w = conv.weight[:, 0, :].float()  # [D, W]
-        xx = F.pad(r.float(), (0, 0, w.shape[1] - 1, 0))  # [B, W-1+T, D], zero conv state
-        y = (xx.unfold(1, w.shape[1], 1) * w).sum(-1)  # [B, T, D], the same sums as forward_seq
-        if conv.bias is not None:
-            y = y + conv.bias.float()
+        W = conv.weight.shape[2]
+        xx = F.pad(r, (0, 0, W - 1, 0))  # [B, W-1+T, D], zero conv state
+        y = conv_taps(xx.unfold(1, W, 1), conv.weight[:, 0, :], conv.bias)  # [B, T, D]
         outs.append(F.silu(y).to(r.dtype))
     return outs
 
