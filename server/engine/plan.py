@@ -68,9 +68,11 @@ class PrefillChunk:
         return self.start_pos + len(self.token_ids)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TableEntry:
-    """Segment `segment` of sequence `seq_id`'s checkpoints is in GPU block `block` (-1: not on the GPU)."""
+    """Segment `segment` of sequence `seq_id`'s checkpoints is in GPU block `block` (-1: not on the GPU).
+    Not frozen, but never changed after the cache makes it, as `DecodeRow` (one per boundary row per
+    step)."""
 
     seq_id: int
     segment: int

@@ -49,6 +49,10 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class Sequence:
+    # slots: the scheduler and the engine read a few of these per row per step
+    __slots__ = ("seq_id", "request_id", "params", "priority", "arrival_time", "token_ids", "num_prompt_tokens",
+                 "status", "num_computed_tokens", "num_prefill_tokens", "num_cached_tokens", "num_preemptions",
+                 "inexact_from", "slot", "num_pending", "reuse_prefix", "_hashes")
     _next_id = itertools.count()
 
     def __init__(self, prompt_token_ids: Seq[int], *, seq_id: int | None = None, request_id: str = "",

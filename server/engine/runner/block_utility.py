@@ -43,7 +43,9 @@ class BlockUtility:
     def take(self, now: int) -> np.ndarray:
         """[num_blocks] float64 weight per block, as of step `now` (>= the last step run); empties the
         sums. One device->host copy (it waits for the step in flight)."""
-        weights = self.acc[:self.num_blocks].to("cpu", copy=True).numpy().astype(np.float64)
+        acc = self.acc[:self.num_blocks]
+        # one copy into float64 (on CPU straight from the tensor's memory; else a device->host copy first)
+        weights = np.array((acc if acc.device.type == "cpu" else acc.cpu()).numpy(), dtype=np.float64)
         self.acc.zero_()
         if now > self.step and self.decay != 1.0:
             weights *= self.decay ** (now - self.step)

@@ -11,6 +11,7 @@ after its previous copy has finished (an event), so a step never overwrites word
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class Piece:
 
     def get(self) -> torch.Tensor:
         assert self.staging.sent, "a piece is on the device only after send()"
-        words = int(np.prod(self.shape)) * (self.dtype.itemsize // 4)
+        words = math.prod(self.shape) * (self.dtype.itemsize // 4)
         return self.staging.device_words[self.offset:self.offset + words].view(self.dtype).view(self.shape)
 
 

@@ -107,3 +107,65 @@ def test_pending_weights_leave_the_engine_unchanged(ssc_k1, tokenizer, seqs: int
     assert runs[0] == runs[1]
     counters = runs[1][3]
     assert min(counters["evict_idle"], counters["offload"], counters["prefix_hit_tokens"]) > 0, counters
+
+
+def _planned(engine) -> tuple[list, list[tuple[int, int]]]:
+    """Every plan the scheduler makes, and per plan (decode rows, rows made in `_build`, i.e. not on the
+    fast path)."""
+    sched, plans, made = engine.scheduler, [], []
+    schedule, build = sched.schedule, sched._build
+
+    def record_schedule(*a, **k):
+        plans.append(schedule(*a, **k))
+        return plans[-1]
+
+    def record_build(st):
+        made.append((len(st.decode), len(st.later)))
+        return build(st)
+
+    sched.schedule, sched._build = record_schedule, record_build
+    return plans, made
+
+
+# a pool that offloads and drops held checkpoints (holes, onloads, inexact rows), and one that preempts
+_PRESSURE = {"holes": (dict(max_model_len=256, num_checkpoint_blocks=22, num_host_blocks=3),
+                       ("offload", "onload", "drop_running", "inexact_sequences")),
+             "preemption": (dict(max_model_len=160, num_checkpoint_blocks=32, evict_running_checkpoints=False),
+                            ("preempt",))}
+
+
+@pytest.mark.parametrize("pressure", list(_PRESSURE))
+@pytest.mark.parametrize("runner", [CUDA, RunnerOptions("cuda", async_scheduling=True)], ids=["serial", "async"])
+def test_fast_decode_rows_equal_the_general_path(ssc_k1, tokenizer, runner, pressure: str) -> None:
+    """The scheduler makes a mid-segment decode row while planning (`Scheduler.fast_decode`) and every
+    other row (boundaries, onloads) after the whole plan's evictions; making every row last (the
+    general path) must give the same plans, counters and tokens. A mix of rows under pressure: a
+    shared prefix reused by second turns, boundaries every 8 tokens, offloaded checkpoints (holes,
+    onloads) or preemptions, a grammar, penalties, stop strings, per-request SSC k, seeded sampling."""
+    from mcserve.server.engine.structured.spec import StructuredSpec
+
+    shared = random_prompts(7, [44])[0]
+    prompts = [shared + p for p in random_prompts(8, [30, 52, 17, 9])]
+    base = dataclasses.replace(GREEDY, max_tokens=40)
+    params = [base,
+              dataclasses.replace(base, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+              dataclasses.replace(base, temperature=0.9, top_p=0.8, seed=3, stop=("ab", "zz"), mc_top_k=1),
+              dataclasses.replace(base, structured=StructuredSpec("regex", "[a-z ]{10,60}"), ignore_eos=False)]
+    runs = []
+    for fast in (True, False):
+        engine = make_engine(ssc_k1, tokenizer, max_num_seqs=3, utility_decay=0.9, runner=runner,
+                             **_PRESSURE[pressure][0])
+        engine.scheduler.fast_decode = fast
+        plans, made = _planned(engine)
+        first = tokens(generate(engine, prompts, params))
+        turn2 = [p + w[:9] + [5, 6] for p, w in zip(prompts, first, strict=True)]
+        second = tokens(generate(engine, turn2, params))
+        engine.scheduler.check()
+        start = min(s.seq_id for p in plans for s in p.prefill)  # seq ids count on across engines
+        runs.append((first, second, [_relative(p, start) for p in plans], dict(engine.counters)))
+        rows, later = map(sum, zip(*made, strict=True))
+        assert (0 < later < rows) if fast else (later == rows), (fast, rows, later)  # both kinds of rows ran
+    assert runs[0] == runs[1]
+    counters = runs[1][3]
+    for key in ("evict_idle", "prefix_hit_tokens", *_PRESSURE[pressure][1]):
+        assert counters.get(key, 0) > 0, (key, counters)
