@@ -1,4 +1,5 @@
-"""Shared bits of the benchmark scripts: a model directory to run on, and a description of the machine."""
+"""Shared bits of the benchmark scripts: a model directory to run on, a description of the machine, the
+device copy bandwidth, table cell formats."""
 
 from __future__ import annotations
 
@@ -81,3 +82,28 @@ def fill_pools(runner, seed: int = 0) -> None:
     for t in (runner.pools.states.key_sum, runner.pools.ckpts.key):
         if t.numel():
             t.uniform_(0.0, 1.0, generator=g)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """GB/s of a device-to-device copy (bytes read + bytes written) / time; nan off CUDA."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    del a, b
+    return 2 * nbytes * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
+
+
+def fmt_ms(x: float | None) -> str:
+    return f"{x:.4f}" if x is not None else "-"
+
+
+def fmt_frac(x: float | None) -> str:
+    return f"{x:.2f}" if x is not None else "-"

@@ -57,7 +57,7 @@ import weakref
 from pathlib import Path
 
 import torch
-from common import fill_pools, machine, start_decoding
+from common import copy_bandwidth, fill_pools, machine, start_decoding
 from gpu_profile import profile_calls
 from prefill import init_on_device
 
@@ -77,23 +77,6 @@ T0 = time.perf_counter()
 
 def say(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
-    """GB/s of a device-to-device copy (bytes read + bytes written) / time."""
-    if device.type != "cuda":
-        return float("nan")
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    del a, b
-    return 2 * nbytes * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
 def make_model(preset: str, segment: int, mc: dict, vocab: int, device: torch.device) -> MCGatedDeltaNetForCausalLM:

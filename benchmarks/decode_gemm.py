@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import copy_bandwidth
 
 T0 = time.perf_counter()
 
@@ -65,19 +66,6 @@ def configs(smoke: bool):
             MMConfig(16, 128, 2, 4, 4), MMConfig(256, 64, 1, 8, 3), MMConfig(64, 256, 1, 4, 3),
             MMConfig(64, 128, 8, 4, 4), MMConfig(32, 128, 8, 4, 4)]
     return out
-
-
-def copy_bandwidth(dev: torch.device, nbytes: int = 2 << 30) -> float:
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(10):
-        b.copy_(a)
-    e.record()
-    e.synchronize()
-    return 2 * nbytes * 10 / (s.elapsed_time(e) * 1e-3) / 1e9
 
 
 def graph_ms(calls, reps: int) -> float:

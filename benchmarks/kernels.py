@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import fmt_frac, fmt_ms
 
 FULL = dict(
     batches=[64, 256, 512, 128, 32, 8, 1], top_k=[0, 2, 4, 8], cached=64, grm_n=[16, 64, 256], grm_batches=[64, 256],
@@ -135,27 +136,20 @@ def markdown(out: dict) -> str:
               "| config |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
-        lines.append(f"| {r['path']} | {r['shape']} | {r['B']} | {r['agg']} | {r['k']} | {r['N']} | {_ms(r['ms'])} | "
-                     f"{_frac(r['frac_copy'])} | {_ms(r['graph_ms'])} | {_frac(r['graph_frac_copy'])} | "
+        lines.append(f"| {r['path']} | {r['shape']} | {r['B']} | {r['agg']} | {r['k']} | {r['N']} | "
+                     f"{fmt_ms(r['ms'])} | "
+                     f"{fmt_frac(r['frac_copy'])} | {fmt_ms(r['graph_ms'])} | {fmt_frac(r['graph_frac_copy'])} | "
                      f"{r['bytes'] / 1e6:.1f} | {r.get('config', '')} |")
     s = out["sdpa_32k"]
     if s["speedup"]:
         lines += ["", f"SDPA decode over {s['sdpa']['len']} tokens at B={s['sdpa']['B']}: {s['sdpa']['ms']:.3f} ms "
-                      f"eager, {_ms(s['sdpa']['graph_ms'])} ms graph; one MC layer step at that context (ssc "
+                      f"eager, {fmt_ms(s['sdpa']['graph_ms'])} ms graph; one MC layer step at that context (ssc "
                       f"k={s['mc']['k']}, {s['mc']['N']} cached): {s['mc']['ms']:.4f} ms eager, "
-                      f"{_ms(s['mc']['graph_ms'])} ms graph: {s['speedup']:.1f}x faster eager, "
+                      f"{fmt_ms(s['mc']['graph_ms'])} ms graph: {s['speedup']:.1f}x faster eager, "
                       + (f"{s['graph_speedup']:.1f}x graph." if s["graph_speedup"] else "graph n/a.")]
     if out["skipped"]:
         lines += ["", "Skipped (time budget): " + ", ".join(out["skipped"])]
     return "\n".join(lines) + "\n"
-
-
-def _ms(x: float | None) -> str:
-    return f"{x:.4f}" if x is not None else "-"
-
-
-def _frac(x: float | None) -> str:
-    return f"{x:.2f}" if x is not None else "-"
 
 
 def summary(out: dict) -> str:

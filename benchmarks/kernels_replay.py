@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import fmt_frac, fmt_ms
 
 FULL = dict(batches=[256, 64, 8, 1], top_k=[0, 4], cached=64, pool_bytes=2 << 30, window=16, check_batch=8)
 SMOKE = dict(batches=[2], top_k=[0, 2], cached=3, pool_bytes=1 << 20, window=3, check_batch=2)
@@ -208,20 +209,12 @@ def markdown(out: dict) -> str:
               "| path | shape | B | aggregation | k | eager ms | graph ms | of copy | MB moved | config |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
-        lines.append(f"| {r['path']} | {r['shape']} | {r['B']} | {r['agg']} | {r['k']} | {_ms(r['ms'])} | "
-                     f"{_ms(r['graph_ms'])} | {_frac(r['graph_frac_copy'] or r['frac_copy'])} | "
+        lines.append(f"| {r['path']} | {r['shape']} | {r['B']} | {r['agg']} | {r['k']} | {fmt_ms(r['ms'])} | "
+                     f"{fmt_ms(r['graph_ms'])} | {fmt_frac(r['graph_frac_copy'] or r['frac_copy'])} | "
                      f"{r['bytes'] / 1e6:.2f} | {r.get('config', '')} |")
     if out["skipped"]:
         lines += ["", "Skipped (time budget): " + ", ".join(out["skipped"])]
     return "\n".join(lines) + "\n"
-
-
-def _ms(x: float | None) -> str:
-    return f"{x:.4f}" if x is not None else "-"
-
-
-def _frac(x: float | None) -> str:
-    return f"{x:.2f}" if x is not None else "-"
 
 
 def summary(out: dict) -> str:
@@ -246,8 +239,8 @@ def summary(out: dict) -> str:
             return f"{_t(fla) / _t(x):.2f}x" if k == 0 else f"{_t(x) / _t(fla):.2f}x"
 
         f = r["graph_frac_copy"] or r["frac_copy"]
-        lines.append(f"{shape:>5} {B:>4} {k:>2} | {_ms(_t(fla)):>8} | {_ms(_t(tri)):>9} {ratio(tri):>6} | "
-                     f"{_ms(_t(r)):>9} {ratio(r):>6} {f:8.2f} | {r['config']}")
+        lines.append(f"{shape:>5} {B:>4} {k:>2} | {fmt_ms(_t(fla)):>8} | {fmt_ms(_t(tri)):>9} {ratio(tri):>6} | "
+                     f"{fmt_ms(_t(r)):>9} {ratio(r):>6} {f:8.2f} | {r['config']}")
     lines.append("ratio: k=0 fla/step (>= 1: not slower than fla), k>0 step/fla (target <= 1.8)")
     if out["skipped"]:
         lines.append(f"skipped for time: {len(out['skipped'])} cells")

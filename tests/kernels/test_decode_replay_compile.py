@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from mcserve.kernels.decode import DecodeBatch, LayerMemory  # noqa: E402
 from mcserve.kernels.decode.replay import ReplayLog, plan_replay  # noqa: E402
 from mcserve.kernels.decode.tuning import KernelConfig  # noqa: E402
 from mcserve.kernels.mc_spec import MCSpec  # noqa: E402
-from tests.kernels.test_decode_triton_compile import BIN, compile_sm90  # noqa: E402
+from tests.kernels.test_decode_triton_compile import BIN, resource_usage  # noqa: E402
 
 VARIANTS = {  # aggregation, config, (H, HV, dk, dv)
     "ssc-a-4-tiles": ("ssc", KernelConfig(block_v=8, num_warps=1, tiles_per_program=4), (16, 16, 128, 128)),
@@ -48,17 +47,7 @@ def launches(agg: str, cfg: KernelConfig, H: int, HV: int, dk: int, dv: int, B: 
 
 
 def check(agg: str, cfg: KernelConfig, shape: tuple, out: Path) -> list[dict]:
-    rows = []
-    for launch in launches(agg, cfg, *shape):
-        kernel = compile_sm90(launch)
-        cubin = out / f"{launch.kernel.__name__}.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
-                               check=True).stdout
-        rows.append(dict(kernel=launch.kernel.__name__, regs=int(re.search(r"REG:(\d+)", usage).group(1)),
-                         spill=int(re.search(r"LOCAL:(\d+)", usage).group(1)),
-                         stack=int(re.search(r"STACK:(\d+)", usage).group(1))))
-    return rows
+    return resource_usage(launches(agg, cfg, *shape), out)
 
 
 @pytest.mark.skipif(shutil.which(str(BIN / "ptxas")) is None, reason="no ptxas in the Triton wheel")

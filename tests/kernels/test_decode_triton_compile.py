@@ -73,8 +73,13 @@ def compile_sm90(launch: Launch):
 
 def check(agg: str, cfg: KernelConfig, HV: int, out: Path) -> list[dict]:
     """Compile every launch of one variant; registers, spills and vector loads per kernel."""
+    return resource_usage(launches(agg, cfg, HV=HV), out)
+
+
+def resource_usage(step_launches: list[Launch], out: Path) -> list[dict]:
+    """Compile each launch for sm_90; its registers, local memory (spills), stack and v4 loads."""
     rows = []
-    for launch in launches(agg, cfg, HV=HV):
+    for launch in step_launches:
         kernel = compile_sm90(launch)
         cubin = out / f"{launch.kernel.__name__}.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
