@@ -74,10 +74,6 @@ class _Step:
 
     budget: int
     decode: list[Sequence] = field(default_factory=list)
-    # decode[i]'s row when it was made while planning (a row in the middle of a segment, no table to
-    # send), else None: `_build` makes it last
-    rows: list[DecodeRow | None] = field(default_factory=list)
-    later: list[int] = field(default_factory=list)  # the i with rows[i] None
     chunks: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, end)
     resets: list[int] = field(default_factory=list)
     restores: list[SlotRestore] = field(default_factory=list)
@@ -103,9 +99,6 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by sort_key
         self._seqs: dict[int, Sequence] = {}
         self._step = 0
-        # make a mid-segment decode row while planning, in the pass over the running sequences (False:
-        # every row in `_build`, the general path; the same plans, tests compare the two)
-        self.fast_decode = True
 
     def get(self, seq_id: int) -> Sequence | None:
         return self._seqs.get(seq_id)
@@ -164,12 +157,7 @@ class Scheduler:
         st = _Step(budget=cfg.max_num_batched_tokens)
         prefilling: list[Sequence] = []
         C, max_len, maybe_holes = cfg.segment_size, cfg.max_model_len, self.cache.maybe_holes
-        seqs, rows, later, last = st.decode, st.rows, st.later, C - 1
-        # The row of a mid-segment sequence is made here when no table goes with it: nothing planned
-        # later can change it (a planned row is never preempted, its write block is -1, its table is
-        # the runner's). Boundary rows and rows with checkpoints to onload are made in `_build`, after
-        # the evictions of the whole plan.
-        fast = self.fast_decode and not self.decode_tables
+        rows = st.decode
         # per-row work of every step: a mid-segment row with nothing to onload makes no call. A copy of
         # `running`: a boundary row may preempt a later sequence (which is then skipped: not RUNNING)
         for seq in self.running.copy():
@@ -177,23 +165,14 @@ class Scheduler:
             if pos < seq.num_prefill_tokens:
                 prefilling.append(seq)
                 continue
-            sid = seq.seq_id
-            if seq.status is not RUNNING or (hold and sid in hold):
+            if seq.status is not RUNNING or (hold and seq.seq_id in hold):
                 continue
-            ids = seq.token_ids
-            assert pos == len(ids) - 1 and pos < max_len, seq
-            if pos % C == last or (maybe_holes and sid in maybe_holes):
-                if not self._prepare_decode(seq, pos, st):
-                    continue
-                later.append(len(rows))
-                rows.append(None)
-            elif fast:
-                rows.append(DecodeRow(sid, seq.slot, pos, ids[pos], (), -1))
-            else:
-                later.append(len(rows))
-                rows.append(None)
-            seqs.append(seq)
-        st.budget -= len(seqs)
+            assert pos == len(seq.token_ids) - 1 and pos < max_len, seq
+            if (pos % C == C - 1 or (maybe_holes and seq.seq_id in maybe_holes)) \
+                    and not self._prepare_decode(seq, pos, st):
+                continue
+            rows.append(seq)
+        st.budget -= len(rows)
         for seq in prefilling:
             if seq.status is RUNNING and st.budget > 0:
                 self._schedule_prefill(seq, st)
@@ -236,19 +215,16 @@ class Scheduler:
                 if len(seq.token_ids) - seq.num_pending >= max_len:
                     ended.append(seq)
         for row in plan.decode if not advanced else ():  # per-row work of every step: `_live`, `append_token` inlined
-            sid = row.seq_id
-            seq = seqs.get(sid)
+            seq = seqs.get(row.seq_id)
             if seq is None or seq.status is not RUNNING or seq.slot != row.slot:
                 continue
-            pos = row.position
-            assert seq.num_computed_tokens == pos, (seq, row)
-            seq.num_computed_tokens = pos + 1
+            assert seq.num_computed_tokens == row.position, (seq, row)
+            seq.num_computed_tokens += 1
             if row.write_block >= 0:
-                self._register(seq, pos // C)
-            ids = seq.token_ids
-            ids.append(tokens[sid])
+                self._register(seq, row.position // C)
+            seq.token_ids.append(tokens[row.seq_id])
             updated.append(seq)
-            if len(ids) - seq.num_pending >= max_len:
+            if len(seq.token_ids) - seq.num_pending >= max_len:
                 ended.append(seq)
         for chunk in plan.prefill:
             seq = self._live(chunk.seq_id, chunk.slot)
@@ -409,23 +385,18 @@ class Scheduler:
         # Built last: evictions while planning may have moved checkpoints of rows planned earlier.
         C, ids, tables = self.config.segment_size, self.cache.block_ids, self.decode_tables
         holed = self.cache.holed_tables if self.config.reads_checkpoints else None
-        decode = st.rows
-        # per-row work of every step: only rows not made while planning (boundaries, onloads, tables)
-        for i in st.later:
-            seq = st.decode[i]
+        decode = []
+        for seq in st.decode:  # per-row work of every step
             p, sid = seq.num_computed_tokens, seq.seq_id
             if p % C == C - 1:
                 write = ids(sid, p // C, p // C + 1)[0]
                 assert write >= 0, (seq, write)
             else:
                 write = -1
-            decode[i] = DecodeRow(sid, seq.slot, p, seq.token_ids[p], ids(sid, 0, p // C) if tables else (), write)
-        if holed:  # only a table with a hole is looked at: its reads are table[:p // C] (the rest is the pinned write)
-            for seq in st.decode:
-                sid = seq.seq_id
-                if sid in holed and seq.inexact_from is None:
-                    p = seq.num_computed_tokens
-                    self._check_holes(seq, ids(sid, 0, p // C), p)
+            # only a table with a hole is looked at: its reads are table[:p // C] (the rest is the pinned write)
+            if holed and sid in holed and seq.inexact_from is None:
+                self._check_holes(seq, ids(sid, 0, p // C), p)
+            decode.append(DecodeRow(sid, seq.slot, p, seq.token_ids[p], ids(sid, 0, p // C) if tables else (), write))
         prefill = []
         for seq, start, end in st.chunks:
             writes, reads = ids(seq.seq_id, start // C, end // C), ids(seq.seq_id, 0, start // C)
