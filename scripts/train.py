@@ -39,10 +39,18 @@ from mctrain.checkpoint import (  # noqa: E402
     train_config,
 )
 from mctrain.corpus import EOT, KV_TOKEN, QUERY_TOKEN, read_corpus  # noqa: E402
-from mctrain.evaluation import heldout_nll, masked_nll, quick_recall_acc, token_bytes  # noqa: E402
+from mctrain.evaluation import (  # noqa: E402
+    heldout_nll,
+    masked_nll,
+    quick_recall_acc,
+    repeat_gain,
+    repeat_windows,
+    token_bytes,
+)
 from mctrain.fla_backward import FLA_BACKWARDS, use_fla_backward  # noqa: E402
 from mctrain.mc_forward import check_backend, default_backend  # noqa: E402
 from mctrain.recall import RecallTask  # noqa: E402
+from mctrain.repeat import RepeatTask  # noqa: E402
 from mctrain.schedule import CosineSchedule, plan_total_steps  # noqa: E402
 from mctrain.token_data import META_FILE, TokenData, build_token_data  # noqa: E402
 from mctrain.train_state import add_state_args, load_state, save_state  # noqa: E402
@@ -90,6 +98,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--recall-weight", type=float, default=1.0)
     ap.add_argument("--chat-frac", type=float, default=0.0, help="fraction of each batch that is chat windows "
                     "(needs the chat arrays of scripts/build_chat_data.py in --data-dir)")
+    ap.add_argument("--repeat-frac", type=float, default=0.0, help="fraction of each batch that is text with a "
+                    "span written twice (mctrain.repeat: teaches copying from the context and reading the cache)")
+    ap.add_argument("--repeat-max-span", type=int, default=480, help="longest repeated span, tokens")
+    ap.add_argument("--init-from", help="a serving checkpoint (e.g. server/data/default_model) to start from "
+                    "instead of fresh weights: same config shapes and the same tokenizer as --data-dir, else an "
+                    "error; the optimizer and schedule start fresh")
     ap.add_argument("--decay-init", default="fla", choices=list(DECAY_INITS), help="how A_log and dt_bias start "
                     "(mctrain.checkpoint.DECAY_INITS)")
     ap.add_argument("--evals", type=int, default=8, help="held-out evaluations over the run (and at the end)")
@@ -159,6 +173,23 @@ def pick_backend(choice: str, device: torch.device, args: argparse.Namespace) ->
     return ("fla", how) if ok else ("torch", f"torch core (fallback: {how} failed the check)")
 
 
+def load_weights(model: torch.nn.Module, src: Path, tokenizer_dir: Path) -> None:
+    """Start `model` from the serving checkpoint `src`: the same tensors by name and shape (an error
+    names any that differ) and a tokenizer identical to the training data's."""
+    from mcserve.server.model.loader import load_model
+
+    mine, theirs = tokenizer_dir / "tokenizer.json", src / "tokenizer.json"
+    if not theirs.is_file() or theirs.read_bytes() != mine.read_bytes():
+        raise SystemExit(f"--init-from {src}: its tokenizer.json is not the one of the training data ({mine})")
+    state = load_model(src, dtype="float32", device="cpu").state_dict()
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(state)) + [n for n in own if n in state and own[n].shape != state[n].shape]
+    if bad:
+        raise SystemExit(f"--init-from {src}: tensors differ from this model's config: {bad[:8]}")
+    model.load_state_dict(state)
+    print(f"started from the weights of {src}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     data = prepare_data(args)
@@ -180,13 +211,16 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = train_config(args.size, data.vocab_size, tok.token_to_id(EOT), args.aggregation, args.segment_size,
                        args.top_k, args.state_init)
     model = init_model(cfg, args.seed, args.decay_init)
+    if args.init_from:
+        load_weights(model, Path(args.init_from), data.tokenizer_dir)
     model.to(device).train()
     n_params = count_parameters(model)
     graph = use_graph(args.cuda_graph, device)
     opt = make_optimizer(model, args.lr, args.weight_decay, device, capturable=graph)
     chat = ChatData.load(args.data_dir) if args.chat_frac > 0 or (Path(args.data_dir) / CHAT_META).is_file() else None
+    repeat = RepeatTask(max_span=args.repeat_max_span)
     sampler = BatchSampler(data, task, args.batch_size, args.seq_len, args.recall_frac, args.recall_max_pairs,
-                           args.seed, chat, args.chat_frac)
+                           args.seed, chat, args.chat_frac, args.repeat_frac, repeat)
     eval_windows = data.heldout_windows(args.seq_len + 1, args.eval_windows)
     chat_windows = chat.heldout_windows(args.seq_len + 1)[: 4 * args.eval_windows] if chat is not None else []
     bytes_of = token_bytes(tok)
@@ -196,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_recall = [task.make(rng, held[s:s + args.seq_len].astype(np.int64), n,
                              args.seq_len - 24 - task.length_needed(n, n), 16)
                    for n in fits for s in rng.integers(0, len(held) - args.seq_len, 8)]
+    eval_repeat = repeat_windows(repeat, held, args.seq_len + 1, 8) if model.spec.reads_cache else []
     log = Logger(out / "log.jsonl", append=bool(args.resume))
 
     def report(row: dict) -> None:
@@ -231,13 +266,16 @@ def main(argv: list[str] | None = None) -> dict:
         acc = quick_recall_acc(model, eval_recall, autocast_dtype=amp, backend=backend)
         chat_loss = (masked_nll(model, chat_windows, autocast_dtype=amp, backend=backend)["loss"] if chat_windows
                      else None)
+        rep = repeat_gain(model, eval_repeat, autocast_dtype=amp, backend=backend) if eval_repeat else None
         model.train()
         row = dict(event="eval", step=step, heldout_loss=res["loss"], heldout_ppl=res["ppl"], heldout_bpb=res["bpb"],
-                   recall_acc=acc, chat_heldout_loss=chat_loss, eval_s=time.time() - t0, elapsed=time.time() - t_start)
+                   recall_acc=acc, chat_heldout_loss=chat_loss, repeat=rep, eval_s=time.time() - t0,
+                   elapsed=time.time() - t_start)
         log.write(**row)
         chat_txt = "" if chat_loss is None else f" chat ppl {math.exp(chat_loss):.2f}"
-        print(f"\n[eval step {step}] held-out ppl {res['ppl']:.2f} bpb {res['bpb']:.3f} recall {acc:.3f}{chat_txt}",
-              flush=True)
+        rep_txt = "" if rep is None else f" repeat copy nll {rep['own']:.3f} (as none {rep['none']:.3f})"
+        print(f"\n[eval step {step}] held-out ppl {res['ppl']:.2f} bpb {res['bpb']:.3f} recall {acc:.3f}{chat_txt}"
+              f"{rep_txt}", flush=True)
         return row
 
     def sync() -> None:

@@ -1,4 +1,5 @@
-"""Training batches: random text windows, a fraction of them turned into associative-recall sequences."""
+"""Training batches: random text windows, fractions of them turned into associative-recall sequences,
+chat windows and repeated-span windows."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from mctrain.chat_data import ChatData
 from mctrain.recall import RecallTask
+from mctrain.repeat import RepeatTask
 from mctrain.token_data import TokenData
 
 
@@ -33,7 +35,9 @@ class Batch:
 class BatchSampler:
     """Rows [0, round(batch * recall_frac)) of every batch are recall sequences, scored on their answers
     only; the next round(batch * chat_frac) rows are chat windows, scored on the assistant's tokens;
-    the other rows are plain text, scored on every token. Deterministic for a seed."""
+    the next round(batch * repeat_frac) rows are text windows with a span written twice
+    (mctrain.repeat), scored on every token; the other rows are plain text, scored on every token.
+    Deterministic for a seed; with repeat_frac 0 the batches are those of a sampler without it."""
 
     data: TokenData
     task: RecallTask
@@ -44,11 +48,14 @@ class BatchSampler:
     seed: int
     chat: ChatData | None = None
     chat_frac: float = 0.0
+    repeat_frac: float = 0.0
+    repeat: RepeatTask = field(default_factory=RepeatTask)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.recall_frac <= 1 or not 0 <= self.chat_frac <= 1 or self.recall_frac + self.chat_frac > 1:
-            raise ValueError(f"recall_frac and chat_frac must be in [0, 1] with a sum <= 1, got "
-                             f"{self.recall_frac}, {self.chat_frac}")
+        fracs = (self.recall_frac, self.chat_frac, self.repeat_frac)
+        if not all(0 <= f <= 1 for f in fracs) or sum(fracs) > 1:
+            raise ValueError(f"recall_frac, chat_frac and repeat_frac must be in [0, 1] with a sum <= 1, got "
+                             f"{self.recall_frac}, {self.chat_frac}, {self.repeat_frac}")
         if self.chat_frac > 0 and self.chat is None:
             raise ValueError(f"chat_frac {self.chat_frac} needs chat data")
         self.rng = np.random.default_rng(self.seed)
@@ -60,6 +67,11 @@ class BatchSampler:
     @property
     def chat_rows(self) -> slice:
         return slice(self.recall_rows, self.recall_rows + round(self.batch_size * self.chat_frac))
+
+    @property
+    def repeat_rows(self) -> slice:
+        start = self.chat_rows.stop
+        return slice(start, min(self.batch_size, start + round(self.batch_size * self.repeat_frac)))
 
     def next(self) -> Batch:
         B, T = self.batch_size, self.seq_len
@@ -75,6 +87,8 @@ class BatchSampler:
         if chat.stop > chat.start:
             ids[chat], mask = self.chat.sample_windows(self.rng, chat.stop - chat.start, T + 1)
             lm[chat] = mask[:, 1:]  # a target is scored where the token it asks for is
+        for r in range(self.repeat_rows.start, self.repeat_rows.stop):
+            ids[r] = self.repeat.sample(self.rng, ids[r]).ids
         ids_t = torch.from_numpy(ids)
         return Batch(ids_t[:, :-1].contiguous(), ids_t[:, 1:].contiguous(), torch.from_numpy(lm),
                      torch.from_numpy(recall), chat_rows=chat)

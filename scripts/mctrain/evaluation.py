@@ -15,9 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mcserve.kernels.mc_spec import MCSpec
 from mcserve.server.model.model import MCGatedDeltaNetForCausalLM
 from mctrain.mc_forward import default_backend, hidden_states, logits
 from mctrain.recall import RecallSeq, RecallTask
+from mctrain.repeat import RepeatTask
 
 DISTANCE_EDGES = (0, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -67,9 +69,11 @@ def heldout_nll(model: MCGatedDeltaNetForCausalLM, windows: list[tuple[str, np.n
 
 @torch.no_grad()
 def masked_nll(model: MCGatedDeltaNetForCausalLM, windows: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 16,
-               autocast_dtype: torch.dtype | None = torch.bfloat16, backend: str | None = None) -> dict:
+               autocast_dtype: torch.dtype | None = torch.bfloat16, backend: str | None = None,
+               spec: MCSpec | None = None) -> dict:
     """Mean next-token NLL over the scored targets of (ids [W], mask [W]) windows: target t (= ids[t+1])
-    counts where mask[t+1] (the chat data's assistant tokens). Returns {"loss", "ppl", "tokens"}."""
+    counts where mask[t+1] (the chat data's assistant tokens). `spec` serves the weights with another
+    aggregation (e.g. `none`). Returns {"loss", "ppl", "tokens"}."""
     device = model.device
     backend = backend or default_backend(device)
     total, count = 0.0, 0
@@ -78,7 +82,7 @@ def masked_nll(model: MCGatedDeltaNetForCausalLM, windows: list[tuple[np.ndarray
         ids = torch.from_numpy(np.stack([w for w, _ in part])).to(device)
         mask = torch.from_numpy(np.stack([m[1:] for _, m in part]).astype(np.float32)).to(device)
         with autocast_for(device, autocast_dtype):
-            lg = logits(model, hidden_states(model, ids[:, :-1], backend))
+            lg = logits(model, hidden_states(model, ids[:, :-1], backend, spec))
         nll = F.cross_entropy(lg.float().transpose(1, 2), ids[:, 1:], reduction="none")
         total += float((nll * mask).sum())
         count += int(mask.sum())
@@ -189,3 +193,33 @@ def quick_recall_acc(model: MCGatedDeltaNetForCausalLM, seqs: list[RecallSeq],
         hits += int((pred == s.answers).sum())
         total += len(s.answers)
     return hits / max(total, 1)
+
+
+def repeat_windows(task: RepeatTask, heldout: np.ndarray, window: int, n: int, seed: int = 4321,
+                   gap: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n held-out text windows of `window` tokens, each with the longest span that fits written twice
+    (gap `gap`, at most an eighth of the window), as (ids, mask) for `masked_nll`: the mask holds the
+    second copy's tokens after its first (those a model that copies can predict)."""
+    rng = np.random.default_rng(seed)
+    gap = min(gap, window // 8)
+    span = min(task.max_span, (window - gap) // 2)
+    out = []
+    for start in rng.integers(0, len(heldout) - window, n):
+        seq = task.make(heldout[start:start + window].astype(np.int64), span, gap, 0)
+        mask = np.zeros(window, dtype=bool)
+        mask[seq.copy_start + 1: seq.copy_start + span] = True
+        out.append((seq.ids, mask))
+    return out
+
+
+def repeat_gain(model: MCGatedDeltaNetForCausalLM, windows: list[tuple[np.ndarray, np.ndarray]],
+                autocast_dtype: torch.dtype | None = torch.bfloat16, backend: str | None = None) -> dict:
+    """NLL of the repeated spans' second copies served with the model's own aggregation and as `none`:
+    {own, none, gain = none - own} (nats per token; a positive gain: the cache helps)."""
+    spec = model.spec
+    own = masked_nll(model, windows, autocast_dtype=autocast_dtype, backend=backend)["loss"]
+    if not spec.reads_cache:
+        return dict(own=own, none=own, gain=0.0)
+    plain = MCSpec("none", spec.segment_size, spec.top_k, spec.state_init)
+    none = masked_nll(model, windows, autocast_dtype=autocast_dtype, backend=backend, spec=plain)["loss"]
+    return dict(own=own, none=none, gain=none - own)

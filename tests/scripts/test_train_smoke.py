@@ -148,3 +148,104 @@ def test_replan_lengthens_a_time_budget_run_whose_steps_got_faster(data_dir, tmp
     plans = [r for r in plans if r["event"] == "plan"]
     assert len(plans) >= 2 and plans[1]["replanned_from"] == plans[0]["total_steps"]
     assert plans[-1]["total_steps"] > plans[0]["total_steps"] and summary["planned_steps"] == plans[-1]["total_steps"]
+
+
+def test_repeat_task_writes_the_span_twice_and_fits_every_window():
+    from mctrain.repeat import RepeatTask
+
+    task = RepeatTask(min_span=4, max_span=40, max_gap=8)
+    text = np.arange(100, 165)
+    seq = task.make(text, span=10, gap=3, start=5)
+    assert seq.copy_start == 18 and seq.span == 10
+    assert (seq.ids[18:28] == text[5:15]).all() and (seq.ids[:18] == text[:18]).all()
+    assert (seq.ids[28:] == text[28:]).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        task.make(text, span=30, gap=6, start=0)
+    rng = np.random.default_rng(0)
+    spans = []
+    for W in (9, 33, 65, 200):
+        for _ in range(200):
+            s = task.sample(rng, np.arange(W))
+            c, L = s.copy_start, s.span
+            assert 1 <= L <= 40 and c + L <= W
+            start = int(np.flatnonzero(np.arange(W) == s.ids[c])[0])  # the text is arange: ids name positions
+            assert (s.ids[c:c + L] == np.arange(start, start + L)).all() and start + L <= c
+            assert c - (start + L) <= 8  # the gap
+            spans.append(L)
+    assert min(spans) <= 5 and max(spans) >= 30  # log-uniform over the whole range where it fits
+    with pytest.raises(ValueError):
+        RepeatTask(min_span=5, max_span=4)
+
+
+def test_batches_repeat_rows_copy_a_span_and_leave_the_other_rows_as_they_were(data_dir):
+    from mctrain.batches import BatchSampler
+    from mctrain.recall import RecallTask
+    from mctrain.repeat import RepeatTask
+
+    data = TokenData.load(data_dir)
+    task = RecallTask(data.vocab_size, kv_id=3, query_id=4)
+    kw = dict(batch_size=10, seq_len=64, recall_frac=0.2, max_pairs=8, seed=3)
+    plain = BatchSampler(data, task, **kw).next()
+    sampler = BatchSampler(data, task, **kw, repeat_frac=0.3, repeat=RepeatTask(min_span=12, max_span=30))
+    assert sampler.repeat_rows == slice(2, 5)
+    got = sampler.next()
+    rows = [0, 1, 5, 6, 7, 8, 9]
+    assert torch.equal(got.inputs[rows], plain.inputs[rows]) and torch.equal(got.lm_mask, plain.lm_mask)
+    full = torch.cat([got.inputs, got.targets[:, -1:]], 1).numpy()
+    before = torch.cat([plain.inputs, plain.targets[:, -1:]], 1).numpy()
+    for r in range(2, 5):
+        changed = np.flatnonzero(full[r] != before[r])
+        assert len(changed) > 0 and changed[-1] - changed[0] < 30  # one span overwritten
+        a, b = changed[0], changed[-1] + 1
+        assert any((full[r][s:s + b - a] == full[r][a:b]).all() for s in range(0, a - (b - a) + 1))
+    with pytest.raises(ValueError, match="sum <= 1"):
+        BatchSampler(data, task, **dict(kw, recall_frac=0.8), repeat_frac=0.3)
+
+
+def test_repeat_gain_is_the_loss_served_as_none_minus_the_own_aggregation(data_dir):
+    from mctrain.checkpoint import init_model, train_config
+    from mctrain.evaluation import masked_nll, repeat_gain, repeat_windows
+    from mctrain.repeat import RepeatTask
+
+    data = TokenData.load(data_dir)
+    held = data.heldout
+    wins = repeat_windows(RepeatTask(max_span=200), held, 81, 3, gap=5)
+    ids, mask = wins[0]
+    assert (ids[43:81] == ids[0:38]).all() and mask.sum() == 37 and mask[44:81].all() and not mask[:44].any()
+    ssc = init_model(train_config("tiny", data.vocab_size, 0, "ssc", 16, 2), seed=1).eval()
+    none = init_model(train_config("tiny", data.vocab_size, 0, "none", 16, 2), seed=1).eval()
+    got = repeat_gain(ssc, wins, autocast_dtype=None, backend="torch")
+    assert got["own"] == pytest.approx(masked_nll(ssc, wins, autocast_dtype=None, backend="torch")["loss"])
+    # the same GDN weights without a router: what the ssc model computes served as `none`
+    assert got["none"] == pytest.approx(masked_nll(none, wins, autocast_dtype=None, backend="torch")["loss"], rel=1e-5)
+    assert got["gain"] == pytest.approx(got["none"] - got["own"]) and abs(got["gain"]) > 1e-6
+    assert repeat_gain(none, wins, autocast_dtype=None, backend="torch")["gain"] == 0.0
+
+
+def test_init_from_starts_at_the_given_weights_and_refuses_another_shape(data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["--data-dir", str(data_dir), "--aggregation", "ssc", "--segment-size", "16", "--seq-len", "32",
+            "--batch-size", "4", "--warmup", "1", "--evals", "1", "--eval-windows", "1", "--recall-max-pairs", "4",
+            "--log-every", "1", "--device", "cpu", "--save-dtype", "fp32"]
+    train.main([*args, "--size", "tiny", "--steps", "3", "--lr", "1e-2", "--out", str(tmp_path / "a")])
+    src = tmp_path / "a" / "model"
+    # lr 1e-30: AdamW moves nothing visible (weight decay is scaled by the lr too), so the result is the source
+    train.main([*args, "--size", "tiny", "--steps", "1", "--lr", "1e-30", "--repeat-frac", "0.5", "--init-from",
+                str(src), "--seed", "5", "--out", str(tmp_path / "b")])
+    a = load_file(src / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-20) for k in a)
+    fresh = train.main([*args, "--size", "tiny", "--steps", "1", "--lr", "1e-30", "--seed", "5",
+                        "--out", str(tmp_path / "c")])
+    c = load_file(tmp_path / "c" / "model" / "model.safetensors")
+    assert not all(torch.allclose(a[k], c[k], rtol=0, atol=1e-20) for k in a) and fresh["steps"] == 1
+    with pytest.raises(SystemExit, match="tensors differ"):
+        train.main([*args, "--size", "default", "--steps", "1", "--init-from", str(src), "--out", str(tmp_path / "d")])
+    (tmp_path / "e").mkdir()
+    for f in src.iterdir():
+        (tmp_path / "e" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "e" / "tokenizer.json").write_text((src / "tokenizer.json").read_text().replace('"a"', '"A"', 1))
+    with pytest.raises(SystemExit, match="tokenizer"):
+        train.main([*args, "--size", "tiny", "--steps", "1", "--init-from", str(tmp_path / "e"),
+                    "--out", str(tmp_path / "f")])
