@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
                              args.seq_len - 24 - task.length_needed(n, n), 16)
                    for n in fits for s in rng.integers(0, len(held) - args.seq_len, 8)]
     eval_repeat = repeat_windows(repeat, held, args.seq_len + 1, 8) if model.spec.reads_cache else []
+    # a 32-token span repeated 32 tokens later: its second copy's loss falls far below text's once the
+    # model copies from its context at all (the online state suffices at this distance)
+    eval_copy = repeat_windows(RepeatTask(max_span=32), held, args.seq_len + 1, 8)
     log = Logger(out / "log.jsonl", append=bool(args.resume))
 
     def report(row: dict) -> None:
@@ -267,13 +270,15 @@ def main(argv: list[str] | None = None) -> dict:
         chat_loss = (masked_nll(model, chat_windows, autocast_dtype=amp, backend=backend)["loss"] if chat_windows
                      else None)
         rep = repeat_gain(model, eval_repeat, autocast_dtype=amp, backend=backend) if eval_repeat else None
+        copy32 = masked_nll(model, eval_copy, autocast_dtype=amp, backend=backend)["loss"]
         model.train()
         row = dict(event="eval", step=step, heldout_loss=res["loss"], heldout_ppl=res["ppl"], heldout_bpb=res["bpb"],
-                   recall_acc=acc, chat_heldout_loss=chat_loss, repeat=rep, eval_s=time.time() - t0,
+                   recall_acc=acc, chat_heldout_loss=chat_loss, repeat=rep, copy32_loss=copy32, eval_s=time.time() - t0,
                    elapsed=time.time() - t_start)
         log.write(**row)
         chat_txt = "" if chat_loss is None else f" chat ppl {math.exp(chat_loss):.2f}"
-        rep_txt = "" if rep is None else f" repeat copy nll {rep['own']:.3f} (as none {rep['none']:.3f})"
+        rep_txt = f" copy32 nll {copy32:.3f}" + ("" if rep is None else
+                                                f" repeat copy nll {rep['own']:.3f} (as none {rep['none']:.3f})")
         print(f"\n[eval step {step}] held-out ppl {res['ppl']:.2f} bpb {res['bpb']:.3f} recall {acc:.3f}{chat_txt}"
               f"{rep_txt}", flush=True)
         return row
