@@ -34,8 +34,10 @@ from mcserve.server.engine.sampling_params import SamplingParams  # noqa: E402
 from mcserve.server.model.loader import load_model  # noqa: E402
 from mcserve.server.text.tokenizer import Tokenizer  # noqa: E402
 
-# held-out public-domain text (tests/server/data/heldout_sample.txt), and the same text twice
+# held-out public-domain text spliced from two documents (tests/server/data/heldout_sample.txt), the
+# same text twice, and one held-out document per public-domain source (scripts/build_mc_probe.py)
 MC_PROBES = ("tests/server/data/heldout_sample.txt", "tests/server/data/mc_repeat_sample.txt")
+MC_DOCUMENTS = "tests/server/data/mc_heldout_sources.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,12 +88,14 @@ def mc_probes(model_dir: str, tok: Tokenizer, device: torch.device) -> dict:
     own = load_model(model_dir, dtype="float32" if device.type == "cpu" else "auto", device=device)
     none = load_model(model_dir, dtype="float32" if device.type == "cpu" else "auto", device=device,
                       aggregation="none")
+    texts = [(Path(f).name, Path(f).read_text(encoding="utf-8"), "repeat" in f) for f in MC_PROBES if Path(f).is_file()]
+    if Path(MC_DOCUMENTS).is_file():
+        docs = json.loads(Path(MC_DOCUMENTS).read_text(encoding="utf-8"))["samples"]
+        texts += [(f"{Path(MC_DOCUMENTS).stem}:{name}", text, False) for name, text in docs.items()]
     out = {}
-    for f in MC_PROBES:
-        if not Path(f).is_file():
-            continue
-        ids = tok.encode(Path(f).read_text(encoding="utf-8"), add_special_tokens=False)
-        start = len(ids) // 2 if "repeat" in f else 0
+    for label, text, repeat in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        start = len(ids) // 2 if repeat else 0
         row = dict(tokens=len(ids), scored_from=start)
         for name, model in (("own", own), ("none", none)):
             lg = serving_logits(model, ids)
@@ -99,7 +103,7 @@ def mc_probes(model_dir: str, tok: Tokenizer, device: torch.device) -> dict:
                                                     reduction="none")[start:]
             row[name] = float(nll.mean())
         row["none_minus_own"] = row["none"] - row["own"]
-        out[Path(f).name] = row
+        out[label] = row
     return dict(aggregation=own.spec.aggregation, probes=out, recall=recall_probe(own, none, tok))
 
 
