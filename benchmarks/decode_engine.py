@@ -20,9 +20,7 @@ back to back (its pure GPU time) and 10 replays under the profiler; after this t
 closed and freed (the replays advanced its positions), and the GPU memory it held must be back
 before the next row (`left_gib`; a runner that outlives its engine is reported with what holds it).
 Both profiles' top-kernel tables (key_averages by self CUDA time, 25 rows) go to
-decode_engine_kernels.txt, one section per row. Batches of at most --small-batch-gemv rows (default
-1) run a second time with the experimental fused small-batch GEMV (rows "none (gemv)", "ssc k=4
-(gemv)": RunnerOptions.small_batch_gemv, kernels/triton_gemv.py) against cuBLAS + the glue kernels.
+decode_engine_kernels.txt, one section per row.
 --decode-matmul both runs each row with the engine's default matmuls (auto: per matmul the faster of
 cuBLAS and kernels/triton_mm.py as measured on the card, kernels/configs/matmul_<card>.json) and
 again with cuBLAS only (rows "... (cublas)"); the JSON records each row's plan.
@@ -40,7 +38,7 @@ its kernels on first use), ms per step = (time of 1 + S new tokens - time of 1 n
 S = --fla-tokens; skipped with the reason when fla or transformers is missing. Results are written
 after every row (markdown + JSON + kernel tables), so a run cut short keeps what it measured; a row
 that fails (out of memory) is recorded and the others still run. Expected on an H200: ~2-3 minutes
-for our 12 rows, plus at most --fla-seconds (120) for fla's.
+for our 10 rows, plus at most --fla-seconds (120) for fla's.
 """
 
 from __future__ import annotations
@@ -191,8 +189,7 @@ def gib(device: torch.device) -> float:
 
 
 def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_steps: int, device,
-             label: str, tables: list[str], gemv: bool = False, overlap: bool = False,
-             decode_matmul: str = "auto") -> dict:
+             label: str, tables: list[str], overlap: bool = False, decode_matmul: str = "auto") -> dict:
     C = model.spec.segment_size
     n_ckpt = (prompt_len - 1) // C
     warm = 3
@@ -204,8 +201,7 @@ def run_ours(model, tokenizer, batch: int, prompt_len: int, steps: int, profile_
     t = time.perf_counter()
     engine = LLMEngine(model, tokenizer, cfg, ckpt_dtype=torch.bfloat16 if device.type == "cuda" else None, seed=0,
                        runner=RunnerOptions("auto" if device.type == "cuda" else "cuda", cuda_graph_sizes=(batch,),
-                                            small_batch_gemv=batch if gemv else 0, async_scheduling=overlap,
-                                            decode_matmul=decode_matmul))
+                                            async_scheduling=overlap, decode_matmul=decode_matmul))
     build_s = time.perf_counter() - t
     assert (engine.pipeline is not None) == overlap, (overlap, engine.pipeline)  # the mode the row is named for
     runner_ref = weakref.ref(engine.runner)
@@ -298,9 +294,6 @@ def main() -> None:
     ap.add_argument("--fla-batches", help="default 1,16,64 (--quick: 1); '' to skip fla + HF generate")
     ap.add_argument("--fla-seconds", type=float, default=120.0, help="time limit of all fla rows together")
     ap.add_argument("--fla-tokens", type=int, default=8, help="timed new tokens per fla row")
-    ap.add_argument("--small-batch-gemv", type=int, default=1,
-                    help="batches of at most this many rows (<= 4) also run with the fused small-batch GEMV "
-                         "(RunnerOptions.small_batch_gemv); 0: not")
     ap.add_argument("--async-scheduling", choices=("off", "on", "both"), default="off",
                     help="rows with the engine's async scheduling (the engine's default on a GPU): off (the serial "
                          "engine), on (instead), both (side by side)")
@@ -320,7 +313,6 @@ def main() -> None:
     if device.type == "cpu":  # a dry run of the script: the tiny preset, segment 16 (4 checkpoints at 65+)
         args.preset, args.prompt_len, args.fla_batches = "tiny", 70, ""
     segment = 256 if args.preset == "1.3b" else 16
-    gemv_rows = args.small_batch_gemv if device.type == "cuda" else 0  # the torch path on CPU has no GEMV
     out = Path(args.out) if args.out else None
     tokenizer = Tokenizer.from_dir(default_model_dir())
     bw = copy_bandwidth(device)
@@ -337,17 +329,15 @@ def main() -> None:
         k = min(mc.get("top_k", 0), (args.prompt_len - 1) // segment)
         say(f"model {agg}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
             f"{gib(device):.1f} GiB allocated")
-        # a batch of <= --small-batch-gemv rows runs twice: cuBLAS + glue kernels, then the fused GEMV
         modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.async_scheduling]
         mms = {"auto": ("auto",), "cublas": ("cublas",), "both": ("auto", "cublas")}[args.decode_matmul]
-        cells = ([(b, False, a, mm) for b in batches for a in modes for mm in mms]
-                 + [(b, True, a, "auto") for b in batches if b <= gemv_rows for a in modes])
-        for b, gemv, overlap, mm in cells:
-            name = (agg + (" (gemv)" if gemv else "") + (" (async)" if overlap else "")
+        cells = [(b, a, mm) for b in batches for a in modes for mm in mms]
+        for b, overlap, mm in cells:
+            name = (agg + (" (async)" if overlap else "")
                     + (" (cublas)" if mm == "cublas" and args.decode_matmul == "both" else ""))
             try:
                 r = run_ours(model, tokenizer, b, args.prompt_len, args.steps, 6, device, f"B={b} {name}", tables,
-                             gemv, overlap, mm)
+                             overlap, mm)
             except Exception as e:  # one row failing (memory) must not lose the others
                 say(f"B={b} {name}: failed {e!r}")
                 summary["rows"].append({"batch": b, "aggregation": name, "error": repr(e)})

@@ -102,23 +102,15 @@ class _Layer:
 
 class DecodeStep:
     def __init__(self, model: MCGatedDeltaNetForCausalLM, decode_fn: DecodeFn, glue: Glue = TORCH_GLUE,
-                 small_batch_rows: int = 0, matmuls: MatmulTable | None = None) -> None:
-        """small_batch_rows: batches of at most this many rows (<= triton_gemv.MAX_ROWS) run their
-        matmuls as kernels/triton_gemv.py's weight-streaming kernel with the norms, residual adds
-        and SwiGLU folded in (experimental; Triton only). matmuls: a card's measured table
-        (kernels/triton_mm.py): each matmul of a batch size runs the Triton config the table picks
-        for it, or cuBLAS; the o and down projections may take split-K configs, whose fp32 sums the
-        Triton add_norm rounds to the stream's dtype before adding (Triton glue only)."""
+                 matmuls: MatmulTable | None = None) -> None:
+        """matmuls: a card's measured table (kernels/triton_mm.py): each matmul of a batch size runs
+        the Triton config the table picks for it, or cuBLAS; the o and down projections may take
+        split-K configs, whose fp32 sums the Triton add_norm rounds to the stream's dtype before
+        adding (Triton glue only)."""
         self.model, self.decode_fn, self.glue = model, decode_fn, glue
-        self.small_batch_rows = small_batch_rows
         assert matmuls is None or glue.name == "triton", "Triton matmuls need the Triton glue (fp32 partial sums)"
         self.matmuls = matmuls
         self._plans: dict[tuple[int, torch.dtype], tuple[MMConfig | None, ...]] = {}
-        if small_batch_rows:
-            from mcserve.kernels import triton_gemv
-
-            assert small_batch_rows <= triton_gemv.MAX_ROWS, small_batch_rows
-            self._gemv = triton_gemv.gemv
         cfg = model.cfg
         self.layers = []
         for block in model.model.layers:
@@ -158,14 +150,12 @@ class DecodeStep:
         H, HV, dk, dv = cfg.num_heads, cfg.num_v_heads_, cfg.head_dim, cfg.head_v_dim
         kd, hv, cols, m2 = cfg.key_dim, cfg.num_v_heads_, self._cols, 2 * cfg.mlp_size
         blocks = m.model.layers
-        small = B <= self.small_batch_rows  # fixed per graph bucket
         mm_in, mm_o, mm_gu, mm_down, mm_head = self.plan(B, m.model.embeddings.weight.dtype)
         x = m.model.embeddings(tokens)
-        h = None if small else glue.add_norm(x, None, blocks[0].attn_norm)[1]
+        h = glue.add_norm(x, None, blocks[0].attn_norm)[1]
         for li, (block, lw) in enumerate(zip(blocks, self.layers, strict=True)):
             attn = block.attn
-            n_in = block.attn_norm
-            p = self._gemv(x, lw.w_in, norm=(n_in.weight, n_in.eps)) if small else _linear(h, lw.w_in, mm_in)  # [B, P]
+            p = _linear(h, lw.w_in, mm_in)  # [B, P]
             qkv = p[:, :cols.g]
             qkv = glue.conv(qkv, states.conv[li], batch.slots, lw.w_conv, lw.b_conv, ckpts.conv[:, li],
                             batch.write_blocks) if lw.w_conv is not None else F.silu(qkv)
@@ -179,18 +169,10 @@ class DecodeStep:
             gate = p[:, cols.g:cols.u].view(B, HV, dv) if cfg.use_gate else None
             o = glue.gated_norm(y, gate, attn.o_norm).reshape(B, -1)
             nxt = blocks[li + 1].attn_norm if li + 1 < len(blocks) else m.model.norm
-            if small:
-                x = self._gemv(o, attn.o_proj.weight, residual=x)
-                n = block.mlp_norm
-                act = self._gemv(x, lw.w_gate_up, norm=(n.weight, n.eps), swiglu=m2 // 2)
-                x = self._gemv(act, block.mlp.down_proj.weight, residual=x)
-                continue
             x, h = glue.add_norm(x, _linear(o, attn.o_proj.weight, mm_o), block.mlp_norm)
             act = glue.swiglu(_linear(h, lw.w_gate_up, mm_gu)[:, :m2])  # the padding columns left out
             x, h = glue.add_norm(x, _linear(act, block.mlp.down_proj.weight, mm_down), nxt)
         w = m.model.embeddings.weight if m.lm_head is None else m.lm_head.weight
-        if small:
-            return self._gemv(x, w, norm=(m.model.norm.weight, m.model.norm.eps)).float()
         return _linear(h, w, mm_head).float()
 
 

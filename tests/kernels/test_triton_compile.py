@@ -1,8 +1,8 @@
-"""The prefill's Triton kernels and the decode step's glue (row gather, conv step, small-batch GEMV)
-compile for the H200 (sm_90) at the served shapes, and ptxas spills no registers: the interpreter
-tests run their logic on CPU, but only the compiler checks loop-carried types, dot shapes and
-dtypes, and register use. Runs tests/kernels/triton_compile_check.py in a
-fresh process without TRITON_INTERPRET, with Triton's bundled ptxas; no GPU needed."""
+"""The prefill's Triton kernels and the decode step's glue (row gather, conv step) compile for the
+H200 (sm_90) at the served shapes, and ptxas spills no registers: the interpreter tests run their
+logic on CPU, but only the compiler checks loop-carried types, dot shapes and dtypes, and register
+use. Runs tests/kernels/triton_compile_check.py in a fresh process without TRITON_INTERPRET, with
+Triton's bundled ptxas; no GPU needed."""
 
 from __future__ import annotations
 

@@ -153,20 +153,6 @@ def step_kernels() -> None:
     check(compile_kernel(_gather_kernel, types, dict(BW=8, HAS_UTIL=True), num_warps=1))
 
 
-def gemv_kernel(m: int, k: int, mode: str) -> None:
-    """kernels/triton_gemv.py at the 1.3b preset's matmuls (hidden 2048, value dim 3072, MLP 5632)."""
-    import triton as tr
-
-    from mcserve.kernels.triton_gemv import _gemv_kernel
-
-    types = {"x": "*bf16", "w": "*bf16", "y": "*bf16", "r": "*bf16", "nw": "*bf16", "M": "i32", "N": "i32",
-             "eps": "fp32", **strides("s_x", "s_w", "s_y", "s_r")}
-    bm = tr.next_power_of_2(m)
-    check(compile_kernel(_gemv_kernel, types, dict(K=k, BM=bm, BN=8 if mode == "swiglu" else 16,
-                                                   BK=min(512 // bm, tr.next_power_of_2(k)), NORM=mode == "norm",
-                                                   RESID=mode == "residual", SWIGLU=mode == "swiglu")))
-
-
 def mm_kernels() -> None:
     """kernels/triton_mm.py with every config the committed H200 table picks, at the batch block it
     picks it for, split-K (fp32 atomics) or not."""
@@ -204,8 +190,6 @@ VARIANTS = {
     "grouped fp32": (grouped_kernel, ("fp32", True)),
     **{f"norm D={d} gate={g}": (norm_kernels, (d, g)) for d, g in [(2048, 0), (512, 1), (512, 2)]},
     "step glue": (step_kernels, ()),
-    **{f"gemv M={m} K={k} {mode}": (gemv_kernel, (m, k, mode))
-       for m in (1, 4) for k, mode in [(2048, "norm"), (3072, "residual"), (2048, "swiglu"), (5632, "residual")]},
 }
 
 

@@ -79,13 +79,12 @@ class CudaModelRunner(ModelRunner):
     def __init__(self, model: MCGatedDeltaNetForCausalLM, config: EngineConfig, ckpt_dtype: torch.dtype | None = None,
                  seed: int | None = None, vocab_size: int | None = None, masks: TokenMasks | None = None,
                  enforce_eager: bool = False, cuda_graph_sizes: list[int] | None = None,
-                 decode_path: str | None = None, pad_eager: bool = False, small_batch_rows: int = 0,
-                 decode_matmul: str = "auto") -> None:
+                 decode_path: str | None = None, pad_eager: bool = False, decode_matmul: str = "auto") -> None:
         """decode_path: "triton" (default on CUDA; its fused glue too) or "torch" (default on CPU). CUDA
         graphs need CUDA and are off with `enforce_eager`; `cuda_graph_sizes` replaces the default batch
         buckets. pad_eager: eager steps run padded to their bucket as a graph would (tests, on CPU).
-        small_batch_rows: `DecodeStep`'s (the Triton path only). decode_matmul: "auto" = the card's
-        measured matmul table on the Triton path on CUDA (`RunnerOptions.decode_matmul`), "cublas"."""
+        decode_matmul: "auto" = the card's measured matmul table on the Triton path on CUDA
+        (`RunnerOptions.decode_matmul`), "cublas"."""
         self.model, self.masks, self.config = model, masks, config
         self.device = model.device
         self.spec = spec = model.spec
@@ -115,7 +114,7 @@ class CudaModelRunner(ModelRunner):
             matmuls = triton_mm.table_for(torch.cuda.get_device_name(self.device))
         self.matmul_table = matmuls.source if matmuls is not None else None
         self.step_fn = DecodeStep(model, get_decode_path(path), triton_glue() if path == "triton" else TORCH_GLUE,
-                                  small_batch_rows=small_batch_rows if path == "triton" else 0, matmuls=matmuls)
+                                  matmuls=matmuls)
         self.prefill_kernels = select_kernels(self.device, spec, model.dtype)
         self.graphs = DecodeGraphs(self._forward, batch_buckets(config.max_num_seqs, cuda_graph_sizes),
                                    width_buckets(width), enabled=cuda and not enforce_eager, pad_eager=pad_eager)

@@ -30,8 +30,6 @@ class RunnerOptions:
         torch decode path without graphs: how its host logic is tested).
     enforce_eager: no CUDA graphs (every decode step launched op by op).
     cuda_graph_sizes: the batch sizes to capture graphs for (None: 1, 2, 4, 8, 16, 32, ..., max_num_seqs).
-    small_batch_gemv: decode steps of at most this many rows (<= 4) run their matmuls as the fused
-        weight-streaming Triton kernel (kernels/triton_gemv.py; experimental, CUDA runner on Triton).
     async_scheduling: the engine launches a decode-only step before it processes the previous step's
         outputs (server/engine/pipeline.py). None (the default) = where steps really overlap: a runner
         that `overlaps` (the CUDA runner) on a CUDA device, serial otherwise; True = with any runner that
@@ -45,7 +43,6 @@ class RunnerOptions:
     kind: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
-    small_batch_gemv: int = 0
     async_scheduling: bool | None = None
     decode_matmul: str = "auto"
 
@@ -56,8 +53,6 @@ class RunnerOptions:
         if sizes is not None and (not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
                                                    for s in sizes)):
             raise ConfigError(f"cuda_graph_sizes must be positive integers, got {sizes!r}")
-        if not 0 <= self.small_batch_gemv <= 4:
-            raise ConfigError(f"small_batch_gemv must be 0 to 4 rows, got {self.small_batch_gemv!r}")
         if self.decode_matmul not in DECODE_MATMULS:
             raise ConfigError(f"decode_matmul must be one of {list(DECODE_MATMULS)}, got {self.decode_matmul!r}")
         if not (self.async_scheduling is None or isinstance(self.async_scheduling, bool)):
@@ -99,4 +94,4 @@ def make_runner(model: MCGatedDeltaNetForCausalLM, config: EngineConfig, *, ckpt
     sizes = list(options.cuda_graph_sizes) if options.cuda_graph_sizes is not None else None
     return CudaModelRunner(model, config, ckpt_dtype, seed=seed, vocab_size=vocab_size, masks=masks,
                            enforce_eager=options.enforce_eager, cuda_graph_sizes=sizes,
-                           small_batch_rows=options.small_batch_gemv, decode_matmul=options.decode_matmul)
+                           decode_matmul=options.decode_matmul)
