@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_recall = [task.make(rng, held[s:s + args.seq_len].astype(np.int64), n,
                              args.seq_len - 24 - task.length_needed(n, n), 16)
                    for n in fits for s in rng.integers(0, len(held) - args.seq_len, 8)]
-    eval_repeat = repeat_windows(repeat, held, args.seq_len + 1, 8) if model.spec.reads_cache else []
+    eval_repeat = repeat_windows(repeat, held, args.seq_len + 1, 8)  # `none` models: a gain of 0
     # a 32-token span repeated 32 tokens later: its second copy's loss falls far below text's once the
     # model copies from its context at all (the online state suffices at this distance)
     eval_copy = repeat_windows(RepeatTask(max_span=32), held, args.seq_len + 1, 8)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         acc = quick_recall_acc(model, eval_recall, autocast_dtype=amp, backend=backend)
         chat_loss = (masked_nll(model, chat_windows, autocast_dtype=amp, backend=backend)["loss"] if chat_windows
                      else None)
-        rep = repeat_gain(model, eval_repeat, autocast_dtype=amp, backend=backend) if eval_repeat else None
+        rep = repeat_gain(model, eval_repeat, autocast_dtype=amp, backend=backend)
         copy32 = masked_nll(model, eval_copy, autocast_dtype=amp, backend=backend)["loss"]
         model.train()
         row = dict(event="eval", step=step, heldout_loss=res["loss"], heldout_ppl=res["ppl"], heldout_bpb=res["bpb"],
@@ -277,8 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
                    elapsed=time.time() - t_start)
         log.write(**row)
         chat_txt = "" if chat_loss is None else f" chat ppl {math.exp(chat_loss):.2f}"
-        rep_txt = f" copy32 nll {copy32:.3f}" + ("" if rep is None else
-                                                f" repeat copy nll {rep['own']:.3f} (as none {rep['none']:.3f})")
+        rep_txt = f" copy32 nll {copy32:.3f} repeat copy nll {rep['own']:.3f} (as none {rep['none']:.3f})"
         print(f"\n[eval step {step}] held-out ppl {res['ppl']:.2f} bpb {res['bpb']:.3f} recall {acc:.3f}{chat_txt}"
               f"{rep_txt}", flush=True)
         return row

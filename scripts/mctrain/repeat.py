@@ -8,9 +8,9 @@ Every target is scored as language modelling. Past the first token of the second
 token is in the context, L + g tokens back: a model that copies from its memory predicts it, one
 that does not pays the text's usual loss. With L up to hundreds of tokens the span outgrows what one
 recurrent state holds, so the checkpoints cached while the first copy went by are what can still
-hold it: this is the data that teaches the chat model to read its cache (its loss on
-tests/server/data/mc_repeat_sample.txt, a text twice) and to copy from earlier in the context (a
-definition's headword from the question).
+hold it. Meant to teach the chat model to copy from earlier in the context (a definition's headword
+from the question) and to read its cache for it; two fine-tuning runs on it did not get there
+(docs/MODEL.md, "Fine-tuning the shipped model on repeated spans").
 """
 
 from __future__ import annotations
