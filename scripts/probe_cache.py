@@ -3,13 +3,17 @@
 
     python scripts/probe_cache.py splice --model server/data/default_model
     python scripts/probe_cache.py copy --model server/data/default_model --data-dir .chat_data
+    python scripts/probe_cache.py sources --model server/data/default_model --data-dir .chat_data
 
 splice: the loss with the model's own aggregation and served as `none` on the two parts of
 tests/server/data/heldout_sample.txt (Austen, then the World English Bible), on the Bible part alone,
 and on pairs of the probe documents of tests/server/data/mc_heldout_sources.json (the first 512
 tokens of one, then of another; the gain on the second, with and without the first before it).
 copy: held-out spans of 8, 32, 128 and 400 tokens written twice 16 tokens apart (6 windows each):
-the loss on the first copy and on the second (a model that copies predicts the second far better).
+the loss on the first copy and on the second (a model that copies predicts the second far better),
+and the cache's gain on held-out repeated spans (`mctrain.evaluation.repeat_gain`, 8 windows).
+sources: the cache's gain on the first 1,024 held-out tokens of every source of the corpus, the ones
+not in the committed probe file included.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mctrain.evaluation import serving_logits  # noqa: E402
+from mctrain.evaluation import repeat_gain, repeat_windows, serving_logits  # noqa: E402
 from mctrain.repeat import RepeatTask  # noqa: E402
 from mctrain.token_data import TokenData  # noqa: E402
 
@@ -80,23 +84,41 @@ def copy(own, data_dir: str) -> None:
             first.append(x[64:63 + span].mean())
             second.append(x[seq.copy_start:seq.copy_start + span - 1].mean())
         print(f"span {span}: first copy {np.mean(first):.3f}, second copy {np.mean(second):.3f}")
+    for W, span in ((1025, 480), (1025, 200), (1601, 750)):
+        g = repeat_gain(own, repeat_windows(RepeatTask(max_span=span), held, W, 8), autocast_dtype=None,
+                        backend="torch")
+        print(f"repeat gain, {W}-token windows, span {span}: own {g['own']:.4f} none {g['none']:.4f} "
+              f"gain {g['gain']:+.4f}")
+
+
+def sources(own, none, tok: Tokenizer, data_dir: str) -> None:
+    held = json.loads((Path(data_dir) / "heldout_text.json").read_text(encoding="utf-8"))
+    gains = []
+    for name, text in sorted(held.items()):
+        ids = tok.encode(text, add_special_tokens=False)[:1024]
+        gains.append(float(nll(none, ids).mean() - nll(own, ids).mean()))
+        print(f"{name:>20}: gain {gains[-1]:+.4f}")
+    print(f"mean gain {np.mean(gains):+.4f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=["splice", "copy"])
+    ap.add_argument("probe", choices=["splice", "copy", "sources"])
     ap.add_argument("--model", default="server/data/default_model")
-    ap.add_argument("--data-dir", help="copy: scripts/build_chat_data.py's folder (held-out tokens)")
+    ap.add_argument("--data-dir", help="copy, sources: scripts/build_chat_data.py's folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     own = load_model(args.model, dtype="float32", device="cpu")
     if args.probe == "splice":
         splice(own, load_model(args.model, dtype="float32", device="cpu", aggregation="none"),
                Tokenizer.from_dir(args.model))
-    else:
-        if not args.data_dir:
-            raise SystemExit("copy needs --data-dir")
+    elif not args.data_dir:
+        raise SystemExit(f"{args.probe} needs --data-dir")
+    elif args.probe == "copy":
         copy(own, args.data_dir)
+    else:
+        sources(own, load_model(args.model, dtype="float32", device="cpu", aggregation="none"),
+                Tokenizer.from_dir(args.model), args.data_dir)
 
 
 if __name__ == "__main__":
